@@ -1,0 +1,255 @@
+"""Python API: ``prune()`` and ``evaluate_perplexity()``; the CLI calls these and nothing else.
+
+>>> import oneshot
+>>> report = oneshot.prune(model, tokenizer, method="wanda", sparsity=0.5)   # doctest: +SKIP
+>>> print(report.summary())                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
+from oneshot.config import CalibrationConfig, PruneConfig
+from oneshot.driver import LayerRecord, PhaseTimes, prune_sequential, resolve_device
+from oneshot.errors import ConfigError, DataError, ModelError
+from oneshot.loading import context_length, load_model
+from oneshot.writer import check_output_dir, save_pruned
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class Report:
+    """What a pruning run did: per-layer records, phase times and the resolved config."""
+
+    config: PruneConfig
+    layers: list[LayerRecord]
+    times: PhaseTimes
+    seconds: float
+    blocks: str
+    model: str = ""
+    out_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Share of zero weights over all pruned layers, weighted by their size."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def mean_relative_error(self) -> float:
+        """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens."""
+        return sum(r.relative_error for r in self.layers) / len(self.layers) if self.layers else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, as saved in ``oneshot_report.json``."""
+        return {
+            "model": self.model,
+            "method": self.config.method,
+            "target_sparsity": self.config.sparsity,
+            "nm": None if self.config.nm is None else f"{self.config.nm[0]}:{self.config.nm[1]}",
+            "achieved_sparsity": self.achieved_sparsity,
+            "mean_relative_error": self.mean_relative_error,
+            "seconds": self.seconds,
+            "phase_seconds": dataclasses.asdict(self.times),
+            "blocks": self.blocks,
+            "out_dir": self.out_dir,
+            "layers": [dataclasses.asdict(r) for r in self.layers],
+            **self.extra,
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        pattern = f"{self.config.nm[0]}:{self.config.nm[1]}" if self.config.nm else f"{self.config.sparsity:.0%}"
+        damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
+        lines = [
+            f"method {self.config.method} at {pattern}: {len(self.layers)} linear layers in {self.blocks}",
+            f"achieved sparsity {self.achieved_sparsity:.4%}, mean relative error {self.mean_relative_error:.4g}",
+            f"time {self.seconds:.1f}s (capture {self.times.capture:.1f}, forwards {self.times.forward:.1f}, "
+            f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
+            f"propagate {self.times.propagate:.1f})",
+        ]
+        if damped:
+            lines.append(f"{len(damped)} layers needed extra damping (see the report)")
+        if self.out_dir:
+            lines.append(f"saved to {self.out_dir}")
+        return "\n".join(lines)
+
+
+def _resolve_seqlen(model: nn.Module, requested: int | None) -> int:
+    ctx = context_length(model)
+    if requested is None:
+        return min(DEFAULT_SEQLEN, ctx) if ctx else DEFAULT_SEQLEN
+    if ctx is not None and requested > ctx:
+        raise ConfigError(f"--seqlen {requested} exceeds the model's context length {ctx}; use --seqlen {ctx} or less")
+    return requested
+
+
+def _as_calibration(
+    calibration: str | os.PathLike[str] | CalibrationConfig | CalibrationSet | torch.Tensor | None,
+    config: PruneConfig,
+) -> CalibrationConfig | CalibrationSet:
+    if calibration is None:
+        return config.calibration
+    if isinstance(calibration, (CalibrationConfig, CalibrationSet)):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationSet(calibration.long())
+    return dataclasses.replace(config.calibration, source=str(calibration))
+
+
+def prune(
+    model: nn.Module | str | os.PathLike[str],
+    tokenizer: Any = None,
+    *,
+    method: str | None = None,
+    sparsity: float | None = None,
+    nm: str | tuple[int, int] | None = None,
+    calibration: str | os.PathLike[str] | CalibrationConfig | CalibrationSet | torch.Tensor | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    config: PruneConfig | None = None,
+    sparsities: dict[str, float] | None = None,
+    **options: Any,
+) -> Report:
+    """Prune a model in place (or load one from a folder / hub name / .gguf) and return a :class:`Report`.
+
+    ``calibration`` is a source (``"bundled"``, a file, a hub dataset name), a
+    :class:`CalibrationConfig`, a ready :class:`CalibrationSet`, or a ``[N, T]`` tensor of token
+    ids. Other keyword ``options`` are :class:`PruneConfig` fields (``block_size``, ``damp``,
+    ``batch_size``, ``device``, ``skip_layers``, ``quiet``...). ``config`` replaces all of them.
+    With ``out`` the pruned model is saved there (see :func:`oneshot.writer.save_pruned`).
+    """
+    start = time.perf_counter()
+    if config is None:
+        fields: dict[str, Any] = {"sparsity": sparsity, "nm": nm, **options}
+        if method is not None:
+            fields["method"] = method
+        if isinstance(calibration, CalibrationConfig):
+            fields["calibration"] = calibration
+        config = PruneConfig(**fields)
+    elif method is not None or sparsity is not None or nm is not None or options:
+        raise ConfigError("pass either config=PruneConfig(...) or individual options, not both")
+    out_path = check_output_dir(out, overwrite) if out is not None else None
+
+    name = ""
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        model, loaded_tokenizer = load_model(model, config.dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
+    name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+    source = _as_calibration(calibration, config)
+    if isinstance(source, CalibrationConfig):
+        if tokenizer is None:
+            raise ConfigError("a tokenizer is needed to build calibration data; pass tokenizer= or token ids")
+        seqlen = _resolve_seqlen(model, source.seqlen)
+        calib = build_calibration(tokenizer, source, seqlen)
+    else:
+        calib = source
+        _resolve_seqlen(model, calib.seqlen)
+    if not config.quiet:
+        log.info("calibrating on %d samples x %d tokens", calib.nsamples, calib.seqlen)
+
+    was_training = model.training
+    model.eval()
+    try:
+        sweep = prune_sequential(model, calib, config, sparsities=sparsities)
+    finally:
+        model.train(was_training)
+    report = Report(
+        config=config,
+        layers=sweep.layers,
+        times=sweep.times,
+        seconds=time.perf_counter() - start,
+        blocks=sweep.blocks_name,
+        model=name,
+        extra={"calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen}},
+    )
+    if out_path is not None:
+        t0 = time.perf_counter()
+        report.out_dir = str(out_path)
+        save_pruned(model, tokenizer, out_path, report.to_dict(), config.to_dict(), overwrite=overwrite)
+        report.extra["write_seconds"] = time.perf_counter() - t0
+        report.seconds = time.perf_counter() - start
+    return report
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    data: str | os.PathLike[str],
+    *,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    quiet: bool = False,
+) -> float:
+    """Perplexity over non-overlapping ``seqlen``-token windows of a text file (or ``"bundled"``).
+
+    Each window starts with the tokenizer's sequence prefix (BOS where the model uses one; Gemma
+    needs it), and every text token after the first of the window is scored. ``max_windows`` limits
+    the evaluation to the first windows of the text.
+    """
+    from oneshot.calibration.data import bundled_text
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "generate"):
+        raise ModelError("perplexity needs a causal language model (a *ForCausalLM)")
+    if str(data) == "bundled":
+        text = bundled_text()
+    else:
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise DataError(f"evaluation file {data} does not exist; pass a text file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    seqlen = _resolve_seqlen(model, seqlen)
+    prefix, _ = special_tokens(tokenizer)
+    tokens = tokenize_text(tokenizer, text)
+    body = seqlen - len(prefix)
+    nwin = tokens.numel() // body
+    if max_windows is not None:
+        nwin = min(nwin, max_windows)
+    if nwin == 0:
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    windows = tokens[: nwin * body].reshape(nwin, body)  # [W, body]
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix).expand(nwin, -1), windows], dim=1)  # [W, seqlen]
+    dev = resolve_device(device)
+    home = next(model.parameters()).device
+    model.to(dev)
+    nll, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, nwin, batch_size), desc="perplexity", disable=True if quiet else None):
+                ids = windows[start : start + batch_size].to(dev)
+                logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, T, V]
+                first = max(len(prefix) - 1, 0)  # predictions of text tokens only
+                pred = logits[:, first:-1]
+                target = ids[:, first + 1 :]
+                loss = torch.nn.functional.cross_entropy(
+                    pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
+                )
+                nll += float(loss)
+                count += target.numel()
+    finally:
+        model.to(home)
+    return math.exp(nll / count)

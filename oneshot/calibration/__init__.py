@@ -1,0 +1,1 @@
+"""Calibration data sources, streaming statistics and the hooks that feed them."""

@@ -1,0 +1,96 @@
+"""Forward hooks that feed layer inputs into accumulators.
+
+``collect(modules, factories)`` is a context manager: while it is open, every forward call of a
+watched module flattens its input to ``[tokens, d]`` (dropping padding positions) and updates that
+module's accumulators. Modules that receive the very same input tensor in a forward pass (q/k/v,
+gate/up) share one set of accumulators, so a Hessian is computed once per distinct input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneshot.calibration.stats import Accumulator
+
+AccumulatorFactory = Callable[[int, torch.device], Accumulator]
+
+
+def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[..., T, d]`` activations -> ``[tokens, d]``, keeping only positions where ``token_mask`` is 1.
+
+    ``token_mask`` is the calibration batch's ``[B, T]`` attention mask (or None: keep all).
+    """
+    d = x.shape[-1]
+    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:-1]) == tuple(token_mask.shape):
+        return x[token_mask.to(x.device).bool()]  # [tokens, d]
+    return x.reshape(-1, d)
+
+
+class Collector:
+    """State of an open :func:`collect` block; ask it for each module's finalised statistics."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory]) -> None:
+        self.modules = dict(modules)
+        self.factories = dict(factories)
+        self.token_mask: torch.Tensor | None = None
+        self._accs: dict[str, dict[str, Accumulator]] = {}
+        self._alias: dict[str, str] = {}  # module -> module whose accumulators it shares
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, module), this batch
+        self._first_batch = True
+        self.seconds = 0.0  # time spent updating statistics
+
+    def next_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Call before each calibration batch's forward pass with that batch's ``[B, T]`` mask."""
+        if self._seen:
+            self._first_batch = False
+        self._seen.clear()
+        self.token_mask = token_mask
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            if name in self._alias:
+                return
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                if self._first_batch and name not in self._accs:
+                    self._alias[name] = seen[1]
+                    return
+            else:
+                self._seen[id(x)] = (x, name)  # holding x keeps its id unique for this batch
+            t0 = time.perf_counter()
+            rows = flatten_tokens(x.detach(), self.token_mask)
+            accs = self._accs.get(name)
+            if accs is None:
+                accs = {key: make(rows.shape[-1], rows.device) for key, make in self.factories.items()}
+                self._accs[name] = accs
+            for acc in accs.values():
+                acc.update(rows)
+            self.seconds += time.perf_counter() - t0
+
+        return hook
+
+    def stats(self, name: str) -> dict[str, Accumulator]:
+        """The accumulators of module ``name`` (shared ones for modules with identical inputs)."""
+        key = self._alias.get(name, name)
+        if key not in self._accs:
+            raise RuntimeError(f"module {name} received no input during calibration")
+        return self._accs[key]
+
+
+@contextmanager
+def collect(modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory]) -> Iterator[Collector]:
+    """Gather statistics of each module's input while the block is open; hooks removed on exit."""
+    collector = Collector(modules, factories)
+    handles = [module.register_forward_pre_hook(collector._hook(name)) for name, module in modules.items()]
+    try:
+        yield collector
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,160 @@
+"""Streaming statistics of a layer's inputs: ``update(x[tokens, d])`` then ``finalize()``.
+
+All accumulate in float32 (float64 for the mean/variance merge) whatever the model dtype, and
+count tokens so that results do not depend on how the calibration set was batched.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Accumulator(Protocol):
+    """A statistic gathered over the token rows fed to a layer."""
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of rows ``x`` of shape ``[tokens, d]``."""
+
+    @property
+    def count(self) -> int:
+        """Number of token rows seen so far."""
+        ...
+
+
+class Hessian:
+    """Running ``X Xᵀ`` (``[d, d]``, fp32): the layer-wise least-squares Hessian up to a factor 2.
+
+    ``finalize()`` returns the mean ``Σ x xᵀ / n``; solvers only need it up to scale because
+    damping is relative to its diagonal.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)  # [d, d]
+        self._count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[tokens, d]``."""
+        x = x.to(self.sum.device, torch.float32)
+        self.sum.addmm_(x.T, x)  # [d, d] += [d, t] @ [t, d]
+        self._count += int(x.shape[0])
+
+    @property
+    def count(self) -> int:
+        """Token rows seen."""
+        return self._count
+
+    def finalize(self) -> torch.Tensor:
+        """Mean ``X Xᵀ / n`` ``[d, d]``."""
+        return self.sum / max(self._count, 1)
+
+
+class ColumnSqNorm:
+    """Per-input-channel sum of squares ``Σ_t x_tj²`` (``[d]``): Wanda's ``‖X_j‖₂²``."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dtype=torch.float32, device=device)  # [d]
+        self._count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[tokens, d]``."""
+        x = x.to(self.sum.device, torch.float32)
+        self.sum += (x * x).sum(dim=0)
+        self._count += int(x.shape[0])
+
+    @property
+    def count(self) -> int:
+        """Token rows seen."""
+        return self._count
+
+    def finalize(self) -> torch.Tensor:
+        """``‖X_j‖₂²`` per column ``[d]`` (a sum, not a mean, as in the Wanda paper)."""
+        return self.sum.clone()
+
+
+class MeanVar:
+    """Per-channel mean and (population) variance, merged batch by batch with Chan et al.'s formula.
+
+    Chan, Golub & LeVeque (1979): for two parts with counts n_a, n_b, means μ_a, μ_b and sums of
+    squared deviations M_a, M_b: δ = μ_b − μ_a, μ = μ_a + δ n_b / n, M = M_a + M_b + δ² n_a n_b / n.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)  # [d]
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)  # [d]
+        self._count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[tokens, d]``."""
+        nb = int(x.shape[0])
+        if nb == 0:
+            return
+        x = x.to(self.mean.device, torch.float64)
+        mean_b = x.mean(dim=0)
+        m2_b = ((x - mean_b) ** 2).sum(dim=0)
+        na = self._count
+        n = na + nb
+        delta = mean_b - self.mean
+        self.mean += delta * (nb / n)
+        self.m2 += m2_b + delta * delta * (na * nb / n)
+        self._count = n
+
+    @property
+    def count(self) -> int:
+        """Token rows seen."""
+        return self._count
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean [d], variance [d])`` in float32; variance is the population variance (÷ n)."""
+        var = self.m2 / max(self._count, 1)
+        return self.mean.float(), var.float()
+
+
+class TokenSample:
+    """A deterministic subsample of input rows (every ``stride``-th token, at most ``max_rows``).
+
+    Used to report each layer's relative reconstruction error ``‖(W − W′) X‖² / ‖W X‖²`` for any
+    method at a small fraction of the cost of a full Hessian.
+    """
+
+    def __init__(self, dim: int, stride: int = 8, max_rows: int = 4096) -> None:
+        self.dim = dim
+        self.stride = stride
+        self.max_rows = max_rows
+        self._rows: list[torch.Tensor] = []
+        self._kept = 0
+        self._count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[tokens, d]``; keeps rows whose global index is a multiple of ``stride``."""
+        first = (-self._count) % self.stride
+        self._count += int(x.shape[0])
+        room = self.max_rows - self._kept
+        if room <= 0:
+            return
+        picked = x[first :: self.stride][:room].detach().to("cpu", torch.float32)
+        self._rows.append(picked)
+        self._kept += int(picked.shape[0])
+
+    @property
+    def count(self) -> int:
+        """Token rows seen (not kept)."""
+        return self._count
+
+    def finalize(self) -> torch.Tensor:
+        """The kept rows ``[rows, d]``."""
+        if not self._rows:
+            return torch.zeros(0, self.dim)
+        return torch.cat(self._rows)
+
+
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    """``‖(W − W′) Xᵀ‖²_F / ‖W Xᵀ‖²_F`` for rows ``x`` ``[tokens, in]``; 0 when there are no rows."""
+    if x.numel() == 0:
+        return 0.0
+    x = x.to(weight.device, torch.float32)
+    dense = x @ weight.T  # [t, out]
+    diff = x @ (weight - pruned).T  # [t, out]
+    denom = float((dense * dense).sum())
+    return float((diff * diff).sum()) / denom if denom > 0 else 0.0

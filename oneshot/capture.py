@@ -1,0 +1,141 @@
+"""Capture what every transformer block is called with, for each calibration batch.
+
+One pass of the model per batch, with each block's ``forward`` temporarily replaced by a recorder:
+the recorder stores the block's positional and keyword arguments (attention mask, position
+embeddings, cache position, ...), passes its input hidden states through unchanged, and the last
+block raises :class:`StopForward` so the head never runs. Blocks therefore cost nothing here, yet
+each block keeps its *own* kwargs: Gemma 3 alternates sliding-window and global masks and position
+embeddings, GPT-2 and BERT pass arguments positionally. Block 0's hidden-state input is kept as the
+start of the layer-by-layer sweep. Patches are undone in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneshot.calibration.data import CalibrationSet
+
+
+class StopForward(Exception):
+    """Raised by the last block's recorder to end the capture forward pass early."""
+
+
+@dataclass
+class BlockCall:
+    """How one block is called: positional args after the hidden states, and kwargs."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_kw: str | None = None  # the kwarg name of the hidden states if not passed positionally
+
+    def run(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Call ``block`` on ``hidden`` with these arguments (moved to ``device``); return hidden states."""
+        args = to_device(self.args, device)
+        kwargs = to_device(self.kwargs, device)
+        hidden = hidden.to(device)
+        out = block(*args, **{self.hidden_kw: hidden}, **kwargs) if self.hidden_kw else block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class CapturedInputs:
+    """Per calibration batch: block 0's input hidden states, the token mask, and every block's call."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch [B, T, d]
+    token_masks: list[torch.Tensor | None] = field(default_factory=list)  # per batch [B, T]
+    calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device`` (others unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments that switch off caches / extra outputs, where the model's forward takes them."""
+    params = inspect.signature(model.forward).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    wanted = {"use_cache": False, "output_attentions": False, "output_hidden_states": False}
+    return {k: v for k, v in wanted.items() if k in params or (accepts_any and k == "use_cache")}
+
+
+def capture_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calib: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    storage: torch.device | None = None,
+) -> CapturedInputs:
+    """Run the model's stem on each calibration batch and record every block's call arguments.
+
+    ``storage`` is where captured tensors are kept (default: CPU, so only one block's activations
+    need to sit on the compute device).
+    """
+    storage = storage or torch.device("cpu")
+    captured = CapturedInputs()
+    structure: dict[str, Any] = {}
+    last = len(blocks) - 1
+
+    def recorder(index: int, block: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden_kw = None
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden_kw = "hidden_states"
+                hidden, rest = kwargs.pop(hidden_kw), ()
+            call = BlockCall(to_device(rest, storage), to_device(kwargs, storage), hidden_kw)
+            captured.calls[-1].append(call)
+            if index == 0:
+                captured.hidden.append(hidden.detach().to(storage))
+                if "kind" not in structure:  # learn once how this block family returns its output
+                    out = original(*args, **({hidden_kw: hidden} if hidden_kw else {}), **kwargs)
+                    structure["kind"] = ("tuple", len(out)) if isinstance(out, (tuple, list)) else ("tensor", 1)
+            if index == last:
+                raise StopForward
+            kind, length = structure["kind"]
+            return (hidden,) + (None,) * (length - 1) if kind == "tuple" else hidden
+
+        return forward
+
+    call_kwargs = model_call_kwargs(model)
+    patched: list[nn.Module] = []
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i, block, block.forward)
+            patched.append(block)
+        with torch.no_grad():
+            for ids, mask in calib.batches(batch_size):
+                captured.calls.append([])
+                captured.token_masks.append(mask)
+                with contextlib.suppress(StopForward):
+                    model(
+                        input_ids=ids.to(device),
+                        attention_mask=None if mask is None else mask.to(device),
+                        **call_kwargs,
+                    )
+                if len(captured.calls[-1]) != len(blocks):
+                    raise RuntimeError(
+                        f"the model called {len(captured.calls[-1])} of its {len(blocks)} blocks during "
+                        "capture; blocks skipped at inference (layer drop, early exit) are not supported"
+                    )
+    finally:
+        for block in patched:
+            del block.forward
+    return captured

@@ -1,0 +1,136 @@
+"""Frozen, validated run configuration: the one source of truth for the CLI and the Python API.
+
+The CLI maps its options onto these dataclasses and the API builds them from keyword arguments;
+either way a :class:`PruneConfig` is validated once in ``__post_init__`` and then flows one way
+through loading, calibration, pruning and writing. Its ``to_dict()`` is saved next to the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from oneshot.errors import ConfigError
+
+#: dtypes a model may be loaded and pruned in (the solvers always work in float32).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Parse an N:M pattern such as ``"2:4"`` (at most N non-zeros in every M consecutive weights).
+
+    >>> parse_nm("2:4")
+    (2, 4)
+    """
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        n, m = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(value))
+        if match is None:
+            raise ConfigError(
+                f"N:M pattern {value!r} is not of the form N:M; use e.g. --nm 2:4 "
+                "(keep 2 of every 4 weights) or --nm 4:8"
+            )
+        n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(
+            f"N:M pattern {n}:{m} is invalid: N must satisfy 0 < N < M "
+            "(N weights are kept in every group of M); use e.g. 2:4 or 4:8"
+        )
+    return (n, m)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration text comes from and how it is cut into samples.
+
+    ``source`` is ``"bundled"`` (a public-domain novel shipped with oneshot), a local ``.txt``,
+    ``.jsonl`` or ``.parquet`` file, or a Hugging Face dataset name (``dataset_config``, ``split``
+    and ``text_field`` then select the text). ``nsamples`` windows of ``seqlen`` tokens are drawn
+    at seeded random offsets. ``seqlen=None`` means min(2048, the model's context length).
+    """
+
+    source: str = "bundled"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError("calibration source is empty; pass --calib bundled, a file or a dataset name")
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        if self.seqlen is not None and self.seqlen < 1:
+            raise ConfigError(f"--seqlen must be at least 1 (got {self.seqlen})")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that defines one pruning run.
+
+    ``sparsity`` is the fraction of weights set to zero in every pruned linear layer. With an N:M
+    pattern (``nm=(2, 4)``) the sparsity is implied (1 - N/M) and may be omitted; a different
+    explicit value is an error.
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    nm: tuple[int, int] | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    block_size: int = 128
+    damp: float = 0.01
+    max_damp_retries: int = 4
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    skip_layers: tuple[str, ...] = ()
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from oneshot.methods.registry import METHODS  # local: registry imports the methods
+
+        if self.method not in METHODS:
+            known = ", ".join(sorted(METHODS))
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {known}")
+        nm = parse_nm(self.nm)
+        object.__setattr__(self, "nm", nm)
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ConfigError(
+                    f"--sparsity {self.sparsity} contradicts --nm {nm[0]}:{nm[1]} (which means "
+                    f"{implied:.2f}); drop --sparsity when using --nm"
+                )
+            object.__setattr__(self, "sparsity", implied)
+        if self.sparsity is None:
+            raise ConfigError("no sparsity given; pass --sparsity (e.g. 0.5) or --nm (e.g. 2:4)")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ConfigError(f"--sparsity must be in [0, 1) (got {self.sparsity}); e.g. 0.5 zeroes half the weights")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        if self.block_size < 1:
+            raise ConfigError(f"block size must be at least 1 (got {self.block_size})")
+        if not self.damp > 0:
+            raise ConfigError(f"damping must be positive (got {self.damp}); the usual value is 0.01")
+        if self.max_damp_retries < 0:
+            raise ConfigError(f"max_damp_retries must be >= 0 (got {self.max_damp_retries})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the resolved configuration (saved next to the output)."""
+        data = dataclasses.asdict(self)
+        if self.nm is not None:
+            data["nm"] = f"{self.nm[0]}:{self.nm[1]}"
+        return data

@@ -1,0 +1,135 @@
+"""Load a model and tokenizer from a local folder, a Hugging Face hub name or a ``.gguf`` file.
+
+The model class is the one named in the checkpoint's ``config.architectures`` (so a BERT encoder,
+a token classifier and a causal LM all load as what they are), falling back to
+``AutoModelForCausalLM``. GGUF checkpoints are dequantised once and cached as a plain safetensors
+folder under ``$ONESHOT_CACHE`` (default ``~/.cache/oneshot``), because transformers refuses to
+``save_pretrained`` a model loaded from GGUF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneshot.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """The folder where oneshot caches converted checkpoints (``$ONESHOT_CACHE``)."""
+    return Path(os.environ.get("ONESHOT_CACHE", Path.home() / ".cache" / "oneshot"))
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Dequantise a GGUF file into a plain model, converting once and caching the result."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf-v2" / f"{path.stem}-{key}"
+    if not (cached / "config.json").exists():
+        log.info("converting %s to safetensors (once; cached in %s)", path.name, cached)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # A GGUF-loaded model is flagged as quantised and cannot be saved: rebuild a plain one.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the dequantised weights are plain floats
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict(), strict=False)
+        plain.tie_weights()
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if cached.exists():
+                shutil.rmtree(cached)
+            tmp.rename(cached)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        del model, plain
+    config = AutoConfig.from_pretrained(cached)
+    model = _model_class(config).from_pretrained(cached, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(cached)
+
+
+def load_model(name_or_path: str | os.PathLike[str], dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file or a hub name.
+
+    Raises :class:`ModelError` with a hint when the path does not exist or loading fails.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch_dtype = _DTYPES[dtype]
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelError(
+                    f"{name} is a file but not a .gguf checkpoint; pass a model folder "
+                    "(with config.json), a .gguf file or a Hugging Face hub name"
+                )
+            model, tokenizer = _load_gguf(path, torch_dtype)
+        else:
+            if not (path / "config.json").exists():
+                raise ModelError(
+                    f"{name} has no config.json; pass a folder written by save_pretrained, "
+                    "a .gguf file or a Hugging Face hub name"
+                )
+            config = AutoConfig.from_pretrained(path)
+            model = _model_class(config).from_pretrained(path, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    elif _looks_local(name):
+        raise ModelError(f"model path {name} does not exist; check the path or pass a hub name")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+            model = _model_class(config).from_pretrained(name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as exc:
+            raise ModelError(
+                f"could not load {name!r}: it is not a local folder and the hub did not provide it "
+                f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "check the name, your network, or pass a local folder"
+            ) from exc
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config, if it declares one."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

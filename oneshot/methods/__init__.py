@@ -1,0 +1,1 @@
+"""Pruning methods: pure functions of tensors, registered in :mod:`oneshot.methods.registry`."""

@@ -1,0 +1,56 @@
+"""Types shared by the pruning methods: their result and the statistics they consume.
+
+A method is a pure function of tensors: it takes a float32 ``[out, in]`` weight and the layer's
+input statistics, and returns a :class:`PruneResult`. No modules, no device moves, no mutation of
+its inputs, so each one can be checked on random matrices against an exact oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of one linear layer's input over the calibration tokens.
+
+    ``hessian`` is the mean ``X Xᵀ`` ``[in, in]``; ``col_sq_norm`` is ``‖X_j‖₂²`` ``[in]``;
+    ``count`` the number of tokens. Each is None when the method did not ask for it.
+    """
+
+    hessian: torch.Tensor | None = None
+    col_sq_norm: torch.Tensor | None = None
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A pruned layer: new ``weight`` ``[out, in]``, boolean ``mask`` of kept weights ``[out, in]``.
+
+    ``bias`` is set by methods that compensate into the bias; ``loss`` is the method's own estimate
+    of the error it introduced (e.g. the OBS saliency sum); ``info`` carries solver facts such as
+    the damping actually used.
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    bias: torch.Tensor | None = None
+    loss: float | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Method-independent knobs forwarded from the run config."""
+
+    nm: tuple[int, int] | None = None
+    block_size: int = 128
+    damp: float = 0.01
+    max_damp_retries: int = 4
+
+
+#: The callable a registry entry wraps: ``(W [out, in], stats, sparsity, options) -> PruneResult``.
+LayerPruner = Callable[[torch.Tensor, LayerStats, float, MethodOptions], PruneResult]

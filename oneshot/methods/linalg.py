@@ -1,0 +1,45 @@
+"""Damped inverse-Hessian factorisation shared by the second-order methods (SparseGPT, OBS)."""
+
+from __future__ import annotations
+
+import torch
+
+from oneshot.errors import NumericalError
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Handle dead inputs: columns never activated (``H_jj = 0``) get ``H_jj = 1`` and ``W[:, j] = 0``.
+
+    Returns copies ``(H [in, in], W [out, in], dead [in] bool)``; the inputs are not modified.
+    """
+    h = hessian.to(torch.float32).clone()  # [in, in]
+    w = weight.to(torch.float32).clone()  # [out, in]
+    dead = torch.diagonal(h) == 0  # [in]
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w, dead
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
+
+    Frantar & Alistarh, SparseGPT (2023) §3.3/Alg. 1: the rows of U give the sequential OBS
+    updates. If a factorisation fails, damping is multiplied by 10, at most ``max_retries`` times;
+    the relative damping finally used is returned. Never falls back to the identity.
+    """
+    mean_diag = float(torch.diagonal(hessian).mean())
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    rel = damp
+    for _ in range(max_retries + 1):
+        damped = hessian + (rel * mean_diag) * eye  # [in, in]
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)  # [in, in]
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, rel
+        rel *= 10.0
+    raise NumericalError(
+        f"Cholesky factorisation failed even with relative damping {rel / 10:g} after {max_retries} "
+        "retries; the calibration Hessian is degenerate: use more calibration samples or a larger --damp"
+    )

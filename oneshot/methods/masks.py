@@ -1,0 +1,56 @@
+"""Vectorised pruning masks from saliency scores (higher score = more important).
+
+Every mask removes an exact count of weights. Ties are broken deterministically by position (a
+stable sort), which matters for models dequantised from GGUF, whose weights sit on a coarse grid.
+Masks are boolean with True = keep.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights to remove at ``sparsity`` (rounded to nearest)."""
+    return min(numel, int(round(numel * sparsity)))
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of the last dim of ``scores`` with its ``k`` lowest entries removed (stable)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+        keep.scatter_(-1, order, False)
+    return keep
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    """Remove the lowest-scoring ``sparsity`` share of weights, within each row or over the whole layer.
+
+    ``scores`` is ``[out, in]``; returns a keep-mask of the same shape.
+    """
+    if per_row:
+        return _lowest(scores, prune_count(scores.shape[1], sparsity))
+    flat = _lowest(scores.reshape(1, -1), prune_count(scores.numel(), sparsity))
+    return flat.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of each row.
+
+    ``scores`` is ``[out, in]`` with ``in`` divisible by ``m``.
+    """
+    rows, cols = scores.shape
+    if cols % m != 0:
+        raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}")
+    grouped = scores.reshape(rows, cols // m, m)  # [out, in/m, m]
+    return _lowest(grouped, m - n).reshape(rows, cols)
+
+
+def select_mask(
+    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool = True
+) -> torch.Tensor:
+    """N:M mask when ``nm`` is given, else an unstructured one (per row or per layer)."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return unstructured_mask(scores, sparsity, per_row=per_row)

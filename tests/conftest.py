@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models of each supported family, built from configs in code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCAB = 128
+
+
+def _tiny_configs() -> dict[str, Callable[[], nn.Module]]:
+    import transformers as tf
+
+    def llama() -> nn.Module:
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        return tf.LlamaForCausalLM(cfg)
+
+    def gemma3() -> nn.Module:
+        cfg = tf.Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
+        return tf.Gemma3ForCausalLM(cfg)
+
+    def opt() -> nn.Module:
+        cfg = tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        )
+        return tf.OPTForCausalLM(cfg)
+
+    def gpt2() -> nn.Module:
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256)
+        return tf.GPT2LMHeadModel(cfg)
+
+    def neox() -> nn.Module:
+        cfg = tf.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+        return tf.GPTNeoXForCausalLM(cfg)
+
+    def bert() -> nn.Module:
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+        return tf.BertForMaskedLM(cfg)
+
+    return {"llama": llama, "gemma3": gemma3, "opt": opt, "gpt2": gpt2, "neox": neox, "bert": bert}
+
+
+FAMILIES = ["llama", "gemma3", "opt", "gpt2", "neox", "bert"]
+
+
+@pytest.fixture
+def tiny_model() -> Callable[[str], nn.Module]:
+    """Build a tiny random model of the named family with a fixed seed, in eval mode."""
+
+    def build(family: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = _tiny_configs()[family]()
+        return model.eval()
+
+    return build
+
+
+@pytest.fixture
+def random_layer() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(W [out, in], X [tokens, in], H = XᵀX/tokens)`` with correlated inputs, seeded."""
+
+    def make(out: int = 32, inp: int = 64, tokens: int = 512, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(out, inp, generator=gen)
+        mix = torch.randn(inp, inp, generator=gen) / inp**0.5
+        scales = torch.rand(inp, generator=gen) * 3 + 0.1
+        x = (torch.randn(tokens, inp, generator=gen) @ (torch.eye(inp) + mix)) * scales
+        return w, x, x.T @ x / tokens
+
+    return make

@@ -1,0 +1,66 @@
+"""Streaming statistics equal their batch formulas; padding never enters them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oneshot.calibration.hooks import collect, flatten_tokens
+from oneshot.calibration.stats import ColumnSqNorm, Hessian, MeanVar, TokenSample, relative_error
+
+
+def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, sizes))
+
+
+def test_streaming_equals_batch() -> None:
+    x = torch.randn(300, 12, dtype=torch.float64) * 3 + 5
+    h, c, mv = Hessian(12), ColumnSqNorm(12), MeanVar(12)
+    for part in _split(x, [1, 50, 7, 142, 100]):
+        for acc in (h, c, mv):
+            acc.update(part.float())
+    xf = x.float()
+    torch.testing.assert_close(h.finalize(), xf.T @ xf / 300, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(c.finalize(), xf.square().sum(0), rtol=1e-5, atol=1e-3)
+    mean, var = mv.finalize()
+    torch.testing.assert_close(mean, x.mean(0).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, x.var(0, unbiased=False).float(), rtol=1e-5, atol=1e-5)
+    assert h.count == c.count == mv.count == 300
+
+
+def test_token_sample_stride_is_global() -> None:
+    x = torch.arange(100, dtype=torch.float32).unsqueeze(1)
+    s = TokenSample(1, stride=8, max_rows=10)
+    for part in _split(x, [3, 30, 67]):
+        s.update(part)
+    assert s.finalize().squeeze(1).tolist() == [float(i) for i in range(0, 80, 8)]
+    assert s.count == 100
+
+
+def test_relative_error() -> None:
+    w = torch.randn(4, 6)
+    x = torch.randn(20, 6)
+    assert relative_error(w, w, x) == 0.0
+    assert abs(relative_error(w, torch.zeros_like(w), x) - 1.0) < 1e-6
+
+
+def test_padding_is_excluded_and_shared_inputs_counted_once() -> None:
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rows = flatten_tokens(x, mask)
+    assert rows.shape == (8, 4)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    class Two(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a(t), b(t)], -1)
+
+    with collect({"a": a, "b": b}, {"h": lambda d, dev: Hessian(d, dev)}) as col:
+        col.next_batch(mask)
+        Two()(x)
+        col.next_batch(mask)
+        Two()(x)
+    ha, hb = col.stats("a")["h"], col.stats("b")["h"]
+    assert ha is hb  # same input tensor -> one accumulator
+    assert ha.count == 16
+    torch.testing.assert_close(ha.finalize(), rows.T @ rows / 8)
