@@ -19,7 +19,7 @@ $(STAMP): setup.cfg constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/python -m benchmarks.demo
 
 test: install
 	$(BIN)/python -m pytest -q -ra
@@ -33,7 +33,7 @@ lint: install
 	$(BIN)/mypy oneshot
 
 bench: install
-	$(BIN)/python benchmarks/perplexity.py
+	$(BIN)/python -m benchmarks.perplexity
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -196,15 +196,16 @@ def prune(
 def evaluate_perplexity(
     model: nn.Module,
     tokenizer: Any,
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
     *,
+    text: str | None = None,
     seqlen: int = 512,
     max_windows: int | None = None,
     batch_size: int = 4,
     device: str = "auto",
     quiet: bool = False,
 ) -> float:
-    """Perplexity over non-overlapping ``seqlen``-token windows of a text file (or ``"bundled"``).
+    """Perplexity over non-overlapping ``seqlen``-token windows of a text file, ``"bundled"``, or ``text``.
 
     Each window starts with the tokenizer's sequence prefix (BOS where the model uses one; Gemma
     needs it), and every text token after the first of the window is scored. ``max_windows`` limits
@@ -214,7 +215,11 @@ def evaluate_perplexity(
 
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "generate"):
         raise ModelError("perplexity needs a causal language model (a *ForCausalLM)")
-    if str(data) == "bundled":
+    if text is not None:
+        pass
+    elif data is None:
+        raise DataError("pass a text file (data=...) or the text itself (text=...)")
+    elif str(data) == "bundled":
         text = bundled_text()
     else:
         path = Path(data).expanduser()

@@ -18,8 +18,12 @@ from oneshot.methods.registry import list_methods
 
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    # transformers is chatty about loading; keep its warnings, drop its info
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers is chatty about loading; keep its errors, drop its info and (with --quiet) its bars
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        transformers.logging.disable_progress_bar()
 
 
 def _run(fn: Any) -> Any:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.hooks import AccumulatorFactory, collect
-from oneshot.calibration.stats import ColumnSqNorm, Hessian, TokenSample, relative_error
+from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, TokenSample, relative_error
 from oneshot.capture import capture_inputs
 from oneshot.config import PruneConfig
 from oneshot.layers import as_matrix, find_blocks, find_linears, from_matrix
@@ -30,11 +30,11 @@ from oneshot.methods.registry import METHODS, STAT_COL_NORM, STAT_HESSIAN, Metho
 
 log = logging.getLogger(__name__)
 
-_SAMPLE = "sample"
+SAMPLE = "sample"
 STAT_FACTORIES: dict[str, AccumulatorFactory] = {
     STAT_HESSIAN: lambda d, dev: Hessian(d, dev),
     STAT_COL_NORM: lambda d, dev: ColumnSqNorm(d, dev),
-    _SAMPLE: lambda d, dev: TokenSample(d),
+    SAMPLE: lambda d, dev: TokenSample(d),
 }
 
 #: Called after each block with (block index, that block's outputs per calibration batch).
@@ -98,6 +98,88 @@ def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+#: Called for each linear layer of the current block during a sweep:
+#: (qualified name, block index, module, that layer's accumulators by statistic name).
+LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
+
+
+def sweep(
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    needs: tuple[str, ...],
+    visit: LayerVisitor,
+    *,
+    times: PhaseTimes | None = None,
+    observer: BlockObserver | None = None,
+    desc: str = "blocks",
+) -> str:
+    """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
+
+    For each block: forward all batches with hooks gathering the statistics named in ``needs``
+    (plus a token sample), call ``visit`` for each linear layer (it may rewrite the weights), then
+    re-run the block to produce the next block's inputs, so later blocks see what ``visit`` did.
+    Layers matching ``config.skip_layers`` are not visited. Returns the blocks' qualified name.
+    """
+    times = times if times is not None else PhaseTimes()
+    device = resolve_device(config.device)
+    blocks_name, blocks = find_blocks(model)
+    factories = {key: STAT_FACTORIES[key] for key in (*needs, SAMPLE)}
+    home = next(blocks[0].parameters()).device
+
+    t0 = time.perf_counter()
+    _move_outside(model, blocks, device)
+    blocks[0].to(device)
+    captured = capture_inputs(model, blocks, calib, config.batch_size, device)
+    times.capture += time.perf_counter() - t0
+    hidden = captured.hidden
+
+    try:
+        bar = tqdm(blocks, desc=desc, unit="block", disable=True if config.quiet else None)
+        for i, block in enumerate(bar):
+            block.to(device)
+            linears = {
+                name: module
+                for name, module in find_linears(block).items()
+                if not _skipped(f"{blocks_name}.{i}.{name}", config.skip_layers)
+            }
+            t0 = time.perf_counter()
+            with torch.no_grad(), collect(linears, factories) as collector:
+                for b, h in enumerate(hidden):
+                    collector.next_batch(captured.token_masks[b])
+                    captured.calls[b][i].run(block, h, device)
+            times.statistics += collector.seconds
+            times.forward += time.perf_counter() - t0 - collector.seconds
+
+            t0 = time.perf_counter()
+            for name, module in linears.items():
+                visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+            times.solve += time.perf_counter() - t0
+            del collector
+
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                hidden = [captured.calls[b][i].run(block, h, device).to(h.device) for b, h in enumerate(hidden)]
+            times.propagate += time.perf_counter() - t0
+            if observer is not None:
+                observer(i, hidden)
+            block.to(home)
+    finally:
+        _move_outside(model, blocks, home)
+    return blocks_name
+
+
+def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
+    """Finalise a layer's accumulators into the :class:`LayerStats` a method consumes."""
+    hessian = accs.get(STAT_HESSIAN)
+    col = accs.get(STAT_COL_NORM)
+    return LayerStats(
+        hessian=hessian.finalize() if isinstance(hessian, Hessian) else None,
+        col_sq_norm=col.finalize() if isinstance(col, ColumnSqNorm) else None,
+        count=accs[SAMPLE].count,
+    )
+
+
 def prune_sequential(
     model: nn.Module,
     calib: CalibrationSet,
@@ -118,70 +200,31 @@ def prune_sequential(
         nm=config.nm, block_size=config.block_size, damp=config.damp, max_damp_retries=config.max_damp_retries
     )
     device = resolve_device(config.device)
-    blocks_name, blocks = find_blocks(model)
-    result = SweepResult(blocks_name=blocks_name)
-    factories = {key: STAT_FACTORIES[key] for key in (*spec.needs, _SAMPLE)}
-    home = next(blocks[0].parameters()).device
+    result = SweepResult(blocks_name="")
 
-    t0 = time.perf_counter()
-    _move_outside(model, blocks, device)
-    blocks[0].to(device)
-    captured = capture_inputs(model, blocks, calib, config.batch_size, device)
-    result.times.capture = time.perf_counter() - t0
-    hidden = captured.hidden
-
-    bar = tqdm(blocks, desc=f"{spec.name}", unit="block", disable=True if config.quiet else None)
-    for i, block in enumerate(bar):
-        block.to(device)
-        linears = {
-            name: module
-            for name, module in find_linears(block).items()
-            if not _skipped(f"{blocks_name}.{i}.{name}", config.skip_layers)
-        }
+    def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
         t0 = time.perf_counter()
-        with torch.no_grad(), collect(linears, factories) as collector:
-            for b, h in enumerate(hidden):
-                collector.next_batch(captured.token_masks[b])
-                captured.calls[b][i].run(block, h, device)
-        result.times.statistics += collector.seconds
-        result.times.forward += time.perf_counter() - t0 - collector.seconds
+        weight = as_matrix(module).to(device)  # [out, in]
+        target = float(sparsities.get(full, sparsity)) if sparsities else sparsity
+        pruned = spec.run(weight, layer_stats(accs), target, options)
+        from_matrix(module, pruned.weight, pruned.bias)
+        sample = accs[SAMPLE]
+        record = LayerRecord(
+            name=full,
+            block=block,
+            shape=(int(weight.shape[0]), int(weight.shape[1])),
+            target_sparsity=target,
+            achieved_sparsity=float((pruned.weight == 0).sum()) / pruned.weight.numel(),
+            relative_error=relative_error(
+                weight, pruned.weight, sample.finalize() if isinstance(sample, TokenSample) else torch.zeros(0)
+            ),
+            seconds=time.perf_counter() - t0,
+            damp=pruned.info.get("damp"),
+        )
+        result.layers.append(record)
+        log.debug("%s: sparsity %.4f, rel. error %.3g", full, record.achieved_sparsity, record.relative_error)
 
-        for name, module in linears.items():
-            t0 = time.perf_counter()
-            full = f"{blocks_name}.{i}.{name}"
-            accs = collector.stats(name)
-            stats = LayerStats(
-                hessian=accs[STAT_HESSIAN].finalize() if STAT_HESSIAN in accs else None,  # type: ignore[attr-defined]
-                col_sq_norm=accs[STAT_COL_NORM].finalize() if STAT_COL_NORM in accs else None,  # type: ignore[attr-defined]
-                count=accs[_SAMPLE].count,
-            )
-            weight = as_matrix(module).to(device)  # [out, in]
-            target = float(sparsities.get(full, sparsity)) if sparsities else sparsity
-            pruned = spec.run(weight, stats, target, options)
-            from_matrix(module, pruned.weight, pruned.bias)
-            seconds = time.perf_counter() - t0
-            result.times.solve += seconds
-            sample = accs[_SAMPLE].finalize()  # type: ignore[attr-defined]
-            record = LayerRecord(
-                name=full,
-                block=i,
-                shape=(int(weight.shape[0]), int(weight.shape[1])),
-                target_sparsity=target,
-                achieved_sparsity=float((pruned.weight == 0).sum()) / pruned.weight.numel(),
-                relative_error=relative_error(weight, pruned.weight, sample),
-                seconds=seconds,
-                damp=pruned.info.get("damp"),
-            )
-            result.layers.append(record)
-            log.debug("%s: sparsity %.4f, rel. error %.3g", full, record.achieved_sparsity, record.relative_error)
-        del collector
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            hidden = [captured.calls[b][i].run(block, h, device).to(h.device) for b, h in enumerate(hidden)]
-        result.times.propagate += time.perf_counter() - t0
-        if observer is not None:
-            observer(i, hidden)
-        block.to(home)
-    _move_outside(model, blocks, home)
+    result.blocks_name = sweep(
+        model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name
+    )
     return result

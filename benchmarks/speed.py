@@ -1,0 +1,109 @@
+"""Where the time goes when pruning SmolLM2-135M: load, forwards, statistics, solve, propagate, write.
+
+The baseline is the model's own dense forward over the same calibration set, timed in the same
+process; each method's whole run is reported as a ratio to it (absolute seconds on a shared
+2-core machine are noisy, ratios much less so).
+
+    .venv/bin/python -m benchmarks.speed                       # 64 x 512 tokens, wanda + sparsegpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import oneshot
+from benchmarks.common import machine, shared_file, smollm2_gguf, write_results
+from oneshot.calibration.data import build_calibration
+from oneshot.capture import model_call_kwargs
+from oneshot.config import CalibrationConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--name", default="speed_smollm2")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    model, tokenizer = oneshot.load_model(smollm2_gguf())
+    load_s = time.perf_counter() - t0
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = CalibrationConfig(source=str(shared_file("austen", "emma.txt")), nsamples=args.nsamples, seqlen=args.seqlen)
+    calib = build_calibration(tokenizer, cfg, args.seqlen)
+
+    def dense_forward() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for ids, _ in calib.batches(args.batch_size):
+                model(input_ids=ids, **model_call_kwargs(model))
+        return time.perf_counter() - start
+
+    baseline = dense_forward()
+    rows: list[dict[str, Any]] = []
+    for method in args.methods.split(","):
+        model.load_state_dict(dense)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = oneshot.prune(
+                model,
+                tokenizer,
+                method=method,
+                sparsity=0.5,
+                calibration=calib,
+                out=Path(tmp) / "m",
+                batch_size=args.batch_size,
+                quiet=True,
+            )
+        t = report.times
+        row = {
+            "method": method,
+            "load": load_s,
+            "capture": t.capture,
+            "forwards": t.forward,
+            "statistics": t.statistics,
+            "solve": t.solve,
+            "propagate": t.propagate,
+            "write": report.extra.get("write_seconds", 0.0),
+            "total": report.seconds,
+            "ratio_to_dense_forward": report.seconds / baseline,
+        }
+        rows.append(row)
+        print(row, flush=True)
+    baseline_again = dense_forward()  # the machine's speed drifts: show it
+
+    command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cols = ["load", "capture", "forwards", "statistics", "solve", "propagate", "write", "total"]
+    lines = [
+        "# Pruning time by phase, SmolLM2-135M, 50% unstructured",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: "
+        f"{machine()['platform']}, {machine()['cpu_threads']} threads, torch {machine()['torch']}.  ",
+        f"Baseline: one dense forward of the whole model over the calibration set = {baseline:.1f}s "
+        f"(again after the runs: {baseline_again:.1f}s). `forwards` are the statistics-gathering block "
+        "forwards without the hook time; `statistics` is the hook time; `total` also includes building "
+        "nothing else but the run's own bookkeeping (the model is already loaded; `load` is listed once).",
+        "",
+        "| method | " + " | ".join(cols) + " | total / dense forward |",
+        "|---|" + "---|" * (len(cols) + 1),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + f" | {r['ratio_to_dense_forward']:.2f}x |"
+        )
+    payload = {"command": command, "machine": machine(), "baseline_seconds": [baseline, baseline_again], "rows": rows}
+    write_results(args.name, payload, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
