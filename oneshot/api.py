@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.driver import LayerRecord, PhaseTimes, prune_sequential, resolve_device
+from oneshot.driver import LayerRecord, PhaseTimes, owl_allocation, prunable_layers, prune_sequential, resolve_device
 from oneshot.errors import ConfigError, DataError, ModelError
 from oneshot.loading import context_length, load_model
+from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.writer import check_output_dir, save_pruned
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,13 @@ class Report:
             f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
             f"propagate {self.times.propagate:.1f})",
         ]
+        owl = self.extra.get("owl")
+        if owl:
+            values = [b["sparsity"] for b in owl["blocks"]]
+            lines.append(
+                f"OWL (M={owl['m']:g}, λ={owl['lambda']:g}): block sparsities {min(values):.3f}-{max(values):.3f}, "
+                f"statistics sweep {owl['seconds']:.1f}s"
+            )
         if damped:
             lines.append(f"{len(damped)} layers needed extra damping (see the report)")
         if self.out_dir:
@@ -125,7 +133,7 @@ def prune(
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     config: PruneConfig | None = None,
-    sparsities: dict[str, float] | None = None,
+    sparsities: dict[str, float | None] | None = None,
     **options: Any,
 ) -> Report:
     """Prune a model in place (or load one from a folder / hub name / .gguf) and return a :class:`Report`.
@@ -135,6 +143,9 @@ def prune(
     ids. Other keyword ``options`` are :class:`PruneConfig` fields (``block_size``, ``damp``,
     ``batch_size``, ``device``, ``skip_layers``, ``quiet``...). ``config`` replaces all of them.
     With ``out`` the pruned model is saved there (see :func:`oneshot.writer.save_pruned`).
+    ``owl=True`` (with ``owl_m``, ``owl_lambda``) allocates per-block sparsities by outlier ratio
+    first; ``sparsity_map={glob: sparsity | "skip"}`` then overrides layers by name, and
+    ``sparsities`` (exact layer names) overrides both.
     """
     start = time.perf_counter()
     if config is None:
@@ -171,10 +182,32 @@ def prune(
 
     was_training = model.training
     model.eval()
+    extra: dict[str, Any] = {"calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen}}
     try:
-        sweep = prune_sequential(model, calib, config, sparsities=sparsities)
+        names = prunable_layers(model, config)
+        if config.sparsity_map:  # validate the map before any expensive work
+            apply_sparsity_map(uniform(list(names), float(config.sparsity or 0.0)), config.sparsity_map)
+        allocation: dict[str, float | None] | None = None
+        if config.owl:
+            t0 = time.perf_counter()
+            owl = owl_allocation(model, calib, config)
+            allocation = dict(owl.sparsities)
+            extra["owl"] = {
+                "m": config.owl_m,
+                "lambda": config.owl_lambda,
+                "seconds": time.perf_counter() - t0,
+                "blocks": owl.blocks,
+            }
+        if config.sparsity_map:
+            base = allocation or uniform(list(names), float(config.sparsity or 0.0))
+            allocation = apply_sparsity_map(base, config.sparsity_map)
+        if sparsities:
+            allocation = {**(allocation or {}), **sparsities}
+        sweep = prune_sequential(model, calib, config, sparsities=allocation)
     finally:
         model.train(was_training)
+    if sweep.skipped:
+        extra["skipped_layers"] = sweep.skipped
     report = Report(
         config=config,
         layers=sweep.layers,
@@ -182,7 +215,7 @@ def prune(
         seconds=time.perf_counter() - start,
         blocks=sweep.blocks_name,
         model=name,
-        extra={"calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen}},
+        extra=extra,
     )
     if out_path is not None:
         t0 = time.perf_counter()

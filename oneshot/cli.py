@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from oneshot.config import DTYPES, CalibrationConfig, PruneConfig
-from oneshot.errors import OneshotError
+from oneshot.errors import ConfigError, OneshotError
+from oneshot.methods.allocation import parse_sparsity_map
 from oneshot.methods.registry import list_methods
 
 
@@ -31,6 +32,22 @@ def _run(fn: Any) -> Any:
         return fn()
     except OneshotError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _read_map(path: Path | None) -> tuple[tuple[str, float | str], ...]:
+    if path is None:
+        return ()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # json and yaml raise different types
+        raise ConfigError(f"--sparsity-map {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    return parse_sparsity_map(raw, f"--sparsity-map {path}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,6 +89,16 @@ def main() -> None:
 @click.option("--block-size", type=int, default=128, show_default=True, help="SparseGPT lazy-update block width.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Relative Hessian damping (SparseGPT).")
 @click.option("--skip", "skip", multiple=True, help="Glob of layer names to leave dense (repeatable).")
+@click.option("--owl", is_flag=True, help="Outlier-weighted layerwise sparsity: blocks with more outliers pruned less.")
+@click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL outlier threshold M (× mean score).")
+@click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL max deviation from --sparsity.")
+@click.option(
+    "--sparsity-map",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='JSON/YAML {layer glob: sparsity or "skip"}, applied after OWL; later entries win.',
+)
+@click.option("--obs-memory-mb", type=int, default=1024, show_default=True, help="OBS working memory per batch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
 def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     """Prune MODEL (a folder, a .gguf file or a hub name) and save it to --out.
@@ -82,8 +109,10 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     oneshot_config.json (the resolved run configuration).
 
     \b
-    Example:
+    Examples:
       oneshot prune ./SmolLM2.gguf --method sparsegpt --sparsity 0.5 --nsamples 64 --seqlen 512 --out ./pruned
+      oneshot prune ./model --method wanda --sparsity 0.7 --owl --out ./pruned-owl
+      oneshot prune ./model --method obs --sparsity 0.5 --sparsity-map map.json --out ./pruned-obs
     """
     from oneshot.api import prune as api_prune
 
@@ -110,6 +139,11 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
             device=opts["device"],
             dtype=opts["dtype"],
             skip_layers=tuple(opts["skip"]),
+            owl=opts["owl"],
+            owl_m=opts["owl_m"],
+            owl_lambda=opts["owl_lambda"],
+            sparsity_map=_read_map(opts["sparsity_map"]),
+            obs_memory_mb=opts["obs_memory_mb"],
             quiet=opts["quiet"],
         )
         report = api_prune(model, config=config, out=out, overwrite=overwrite)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from oneshot.errors import ConfigError
+from oneshot.methods.allocation import parse_sparsity_map
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,6 +93,11 @@ class PruneConfig:
     device: str = "auto"
     dtype: str = "float32"
     skip_layers: tuple[str, ...] = ()
+    owl: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    sparsity_map: tuple[tuple[str, float | str], ...] = ()
+    obs_memory_mb: int = 1024
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -127,10 +134,31 @@ class PruneConfig:
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        if self.owl:
+            if nm is not None:
+                raise ConfigError("--owl allocates unstructured sparsity per block; it cannot be combined with --nm")
+            if not self.owl_m > 0:
+                raise ConfigError(f"--owl-m must be positive (got {self.owl_m}); the paper uses 5 (3-10 work)")
+            if not 0 <= self.owl_lambda < self.sparsity:
+                raise ConfigError(
+                    f"--owl-lambda must be in [0, sparsity) = [0, {self.sparsity}) (got {self.owl_lambda}); "
+                    "the paper uses 0.08"
+                )
+            if self.sparsity + self.owl_lambda >= 1.0:
+                raise ConfigError(
+                    f"--sparsity {self.sparsity} + --owl-lambda {self.owl_lambda} reaches 1; use a smaller --owl-lambda"
+                )
+        if isinstance(self.sparsity_map, Mapping):
+            object.__setattr__(self, "sparsity_map", parse_sparsity_map(self.sparsity_map))
+        else:
+            object.__setattr__(self, "sparsity_map", parse_sparsity_map(dict(self.sparsity_map)))
+        if self.obs_memory_mb < 1:
+            raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the resolved configuration (saved next to the output)."""
         data = dataclasses.asdict(self)
         if self.nm is not None:
             data["nm"] = f"{self.nm[0]}:{self.nm[1]}"
+        data["sparsity_map"] = dict(self.sparsity_map)
         return data

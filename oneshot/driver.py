@@ -24,7 +24,8 @@ from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, TokenSample, relative_error
 from oneshot.capture import capture_inputs
 from oneshot.config import PruneConfig
-from oneshot.layers import as_matrix, find_blocks, find_linears, from_matrix
+from oneshot.layers import as_matrix, find_blocks, find_linears, from_matrix, weight_numel
+from oneshot.methods.allocation import outlier_ratio, owl_sparsities
 from oneshot.methods.base import LayerStats, MethodOptions
 from oneshot.methods.registry import METHODS, STAT_COL_NORM, STAT_HESSIAN, MethodSpec
 
@@ -73,6 +74,7 @@ class SweepResult:
     blocks_name: str
     layers: list[LayerRecord] = field(default_factory=list)
     times: PhaseTimes = field(default_factory=PhaseTimes)
+    skipped: list[str] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,26 +188,34 @@ def prune_sequential(
     config: PruneConfig,
     *,
     method: MethodSpec | None = None,
-    sparsities: Mapping[str, float] | None = None,
+    sparsities: Mapping[str, float | None] | None = None,
     observer: BlockObserver | None = None,
 ) -> SweepResult:
     """Prune ``model`` in place, block by block, with ``config.method`` (or an explicit ``method``).
 
     ``sparsities`` maps qualified layer names to a sparsity that overrides ``config.sparsity``
-    (layer-wise allocation). Layers matching ``config.skip_layers`` globs are left dense.
+    (layer-wise allocation; None = leave dense). Layers matching ``config.skip_layers`` globs are
+    left dense too.
     """
     spec = method or METHODS[config.method]
     sparsity = float(config.sparsity or 0.0)
     options = MethodOptions(
-        nm=config.nm, block_size=config.block_size, damp=config.damp, max_damp_retries=config.max_damp_retries
+        nm=config.nm,
+        block_size=config.block_size,
+        damp=config.damp,
+        max_damp_retries=config.max_damp_retries,
+        memory_budget=config.obs_memory_mb << 20,
     )
     device = resolve_device(config.device)
     result = SweepResult(blocks_name="")
 
     def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        target = sparsities.get(full, sparsity) if sparsities else sparsity
+        if target is None:  # "skip" in a sparsity map
+            result.skipped.append(full)
+            return
         t0 = time.perf_counter()
         weight = as_matrix(module).to(device)  # [out, in]
-        target = float(sparsities.get(full, sparsity)) if sparsities else sparsity
         pruned = spec.run(weight, layer_stats(accs), target, options)
         from_matrix(module, pruned.weight, pruned.bias)
         sample = accs[SAMPLE]
@@ -228,3 +238,60 @@ def prune_sequential(
         model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name
     )
     return result
+
+
+def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
+    """Qualified names of the linear layers a run would prune (not skipped), with their sizes."""
+    blocks_name, blocks = find_blocks(model)
+    return {
+        f"{blocks_name}.{i}.{name}": weight_numel(module)
+        for i, block in enumerate(blocks)
+        for name, module in find_linears(block).items()
+        if not _skipped(f"{blocks_name}.{i}.{name}", config.skip_layers)
+    }
+
+
+@dataclass(frozen=True)
+class OwlAllocation:
+    """OWL's result: per-layer sparsities and, per block, its outlier ratio and sparsity."""
+
+    sparsities: dict[str, float]
+    blocks: list[dict[str, float]]
+
+
+def owl_allocation(model: nn.Module, calib: CalibrationSet, config: PruneConfig) -> OwlAllocation:
+    """One dense, statistics-only sweep: each block's outlier ratio -> per-block sparsity (OWL).
+
+    Scores are Wanda's ``|W_ij|·‖X_j‖`` over all linear layers of the block; the ratio is the
+    share above ``config.owl_m`` times their mean. Nothing is pruned during the sweep.
+    """
+    counts: dict[int, list[float]] = {}  # block -> [outliers, scores, parameters]
+    block_layers: dict[int, list[str]] = {}
+    pending: list[torch.Tensor] = []
+
+    def visit(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        col = layer_stats(accs).col_sq_norm
+        assert col is not None
+        scores = as_matrix(module).abs() * col.sqrt().unsqueeze(0)  # [out, in]
+        pending.append(scores.flatten())
+        block_layers.setdefault(block, []).append(full)
+
+    def finish_block(block: int, outputs: list[torch.Tensor]) -> None:
+        if not pending:
+            return
+        scores = torch.cat(pending)
+        pending.clear()
+        counts[block] = [outlier_ratio(scores, config.owl_m), float(scores.numel())]
+
+    sweep(model, calib, config, (STAT_COL_NORM,), visit, observer=finish_block, desc="owl statistics")
+    order = sorted(counts)
+    ratios = [counts[b][0] for b in order]
+    block_sparsity = owl_sparsities(
+        ratios, [int(counts[b][1]) for b in order], float(config.sparsity or 0.0), config.owl_lambda
+    )
+    sparsities = {name: s for b, s in zip(order, block_sparsity, strict=True) for name in block_layers[b]}
+    blocks = [
+        {"block": b, "outlier_ratio": r, "sparsity": s, "parameters": counts[b][1]}
+        for b, r, s in zip(order, ratios, block_sparsity, strict=True)
+    ]
+    return OwlAllocation(sparsities=sparsities, blocks=blocks)

@@ -67,6 +67,11 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
+def weight_numel(module: nn.Module) -> int:
+    """Number of weights in a linear layer."""
+    return int(_tensor(module, "weight").numel())
+
+
 def as_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float32 ``[out, in]`` copy (Conv1D's ``[in, out]`` is transposed)."""
     weight = _tensor(module, "weight").detach()

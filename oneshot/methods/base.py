@@ -50,6 +50,7 @@ class MethodOptions:
     block_size: int = 128
     damp: float = 0.01
     max_damp_retries: int = 4
+    memory_budget: int = 1 << 30  # bytes of per-row inverse Hessians (OBS)
 
 
 #: The callable a registry entry wraps: ``(W [out, in], stats, sparsity, options) -> PruneResult``.

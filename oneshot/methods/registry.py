@@ -12,6 +12,7 @@ import torch
 
 from oneshot.methods.base import LayerPruner, LayerStats, MethodOptions, PruneResult
 from oneshot.methods.magnitude import magnitude
+from oneshot.methods.obs import obs
 from oneshot.methods.sparsegpt import sparsegpt
 from oneshot.methods.wanda import wanda
 
@@ -56,6 +57,18 @@ def _sparsegpt(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodO
     )
 
 
+def _obs(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+    return obs(
+        w,
+        _require(stats.hessian, STAT_HESSIAN, "obs"),
+        sparsity,
+        nm=opt.nm,
+        damp=opt.damp,
+        max_damp_retries=opt.max_damp_retries,
+        memory_budget=opt.memory_budget,
+    )
+
+
 METHODS: dict[str, MethodSpec] = {
     "magnitude": MethodSpec("magnitude", _magnitude, (), "smallest |W| per layer; needs no calibration data"),
     "wanda": MethodSpec("wanda", _wanda, (STAT_COL_NORM,), "|W|·‖X_j‖ per output row (Sun et al. 2023); fast"),
@@ -63,7 +76,13 @@ METHODS: dict[str, MethodSpec] = {
         "sparsegpt",
         _sparsegpt,
         (STAT_HESSIAN,),
-        "OBS updates with blocked inverse-Hessian Cholesky (Frantar & Alistarh 2023); most accurate",
+        "OBS updates with blocked inverse-Hessian Cholesky (Frantar & Alistarh 2023); accurate and fast",
+    ),
+    "obs": MethodSpec(
+        "obs",
+        _obs,
+        (STAT_HESSIAN,),
+        "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
     ),
 }
 

@@ -1,0 +1,91 @@
+"""Layer-wise sparsity allocation: uniform, OWL (outlier-weighted), and user sparsity maps.
+
+OWL: Yin et al., "Outlier Weighed Layerwise Sparsity (OWL)" (ICML 2024), §3. A block's outlier
+ratio D_l is the share of its Wanda scores ``|W_ij|·‖X_j‖`` above M times their mean; blocks with
+more outliers are pruned less. The published code maps D linearly onto keep-ratios spanning 2λ and
+centres them on the *plain* mean, which is only right when blocks have equal size. Here the
+sparsities are centred on the **parameter-weighted** mean, so the model as a whole hits the target
+exactly, and the spread is shrunk if needed so every block stays inside [S − λ, S + λ].
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from oneshot.errors import ConfigError
+
+#: A sparsity map value: a sparsity in [0, 1) or "skip" (leave the layer dense).
+MapValue = float | str
+
+
+def uniform(names: Sequence[str], sparsity: float) -> dict[str, float | None]:
+    """Every layer gets ``sparsity``."""
+    return dict.fromkeys(names, sparsity)
+
+
+def outlier_ratio(scores: torch.Tensor, m: float) -> float:
+    """Share of ``scores`` strictly greater than ``m`` times their mean (OWL's D_l)."""
+    flat = scores.flatten().float()
+    return float((flat > m * flat.mean()).sum()) / max(flat.numel(), 1)
+
+
+def owl_sparsities(ratios: Sequence[float], params: Sequence[int], target: float, lam: float) -> list[float]:
+    """Per-block sparsities from outlier ratios D_l.
+
+    Sparsity decreases linearly with D_l, the parameter-weighted mean equals ``target`` exactly,
+    and every value lies in ``[target − lam, target + lam]``. Equal ratios give uniform sparsity.
+    """
+    if len(ratios) != len(params) or not ratios:
+        raise ValueError("need one outlier ratio and one parameter count per block")
+    d = torch.tensor(ratios, dtype=torch.float64)
+    w = torch.tensor(params, dtype=torch.float64)
+    w = w / w.sum()
+    spread = d.max() - d.min()
+    if float(spread) == 0.0 or lam == 0.0:
+        return [target] * len(ratios)
+    t = (d - d.min()) / spread  # [0, 1]: 1 = most outliers
+    centred = t - (w * t).sum()  # weighted mean 0
+    # OWL's spread is 2λ over the observed range; shrink it if centring pushes a block past ±λ.
+    scale = min(2.0 * lam, lam / float(centred.abs().max()))
+    sparsity = target - scale * centred
+    return [float(s) for s in sparsity]
+
+
+def apply_sparsity_map(
+    sparsities: Mapping[str, float | None], mapping: Sequence[tuple[str, MapValue]]
+) -> dict[str, float | None]:
+    """Override per-layer sparsities with ``(glob, value)`` entries, later entries winning.
+
+    ``value`` is a sparsity in [0, 1) or ``"skip"`` (None in the result: leave dense). A glob that
+    matches no layer is an error, since it is almost always a typo.
+    """
+    result = dict(sparsities)
+    for pattern, value in mapping:
+        hits = [name for name in result if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            example = next(iter(result), "model.layers.0.mlp.down_proj")
+            raise ConfigError(
+                f"sparsity map entry {pattern!r} matches no prunable layer; layer names look like {example!r} "
+                "(globs: * and ?)"
+            )
+        for name in hits:
+            result[name] = None if value == "skip" else float(value)
+    return result
+
+
+def parse_sparsity_map(raw: object, source: str = "sparsity map") -> tuple[tuple[str, MapValue], ...]:
+    """Validate a mapping ``{glob: sparsity | "skip"}`` (from JSON/YAML or Python) into ordered pairs."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f'{source} must be a mapping of layer-name globs to a sparsity or "skip"')
+    pairs: list[tuple[str, MapValue]] = []
+    for key, value in raw.items():
+        if value == "skip":
+            pairs.append((str(key), "skip"))
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            raise ConfigError(f'{source}: value for {key!r} must be a sparsity in [0, 1) or "skip" (got {value!r})')
+        pairs.append((str(key), float(value)))
+    return tuple(pairs)

@@ -1,0 +1,110 @@
+"""Exact OBS: greedy optimal-brain-surgeon pruning of each output row (the ExactOBS of OBC).
+
+Frantar, Singh & Alistarh, "Optimal Brain Compression" (2022), §4 / Alg. 1. Each row's loss
+``(w − w′)ᵀ H (w − w′)`` is separable across rows, so every row is handled independently with its
+own copy of ``H⁻¹``: repeatedly remove the weight ``q`` with the smallest saliency
+``w_q² / [H⁻¹]_qq``, compensate the rest of the row with ``δw = −w_q / [H⁻¹]_qq · H⁻¹[:, q]``
+(Hassibi & Stork 1993), and downdate ``H⁻¹ ← H⁻¹ − H⁻¹[:, q] H⁻¹[q, :] / [H⁻¹]_qq`` so that it is
+the inverse Hessian of the remaining weights. Rows are processed in batches whose size follows a
+memory budget (each row holds an ``[in, in]`` matrix). Cost is O(rows · k · in²): slow by nature.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from oneshot.methods.base import PruneResult
+from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
+from oneshot.methods.masks import prune_count
+
+log = logging.getLogger(__name__)
+
+#: Default bytes of per-row inverse-Hessian copies held at once.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+def damped_inverse(hessian: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
+    """``(H + λI)⁻¹`` with the same relative damping and retry rule as SparseGPT."""
+    upper, used = inverse_cholesky_upper(hessian, damp, max_retries)  # (H + λI)⁻¹ = Uᵀ U
+    return upper.T @ upper, used
+
+
+def rows_per_batch(cols: int, memory_budget: int) -> int:
+    """How many rows' ``[cols, cols]`` float32 inverse Hessians fit in ``memory_budget`` bytes."""
+    return max(1, memory_budget // (cols * cols * 4))
+
+
+def obs_rows(
+    weight: torch.Tensor, hinv: torch.Tensor, removals: int, nm: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS on a batch of rows sharing ``hinv`` ``[in, in]``.
+
+    ``weight`` is ``[B, in]``; removes ``removals`` weights from each row (for N:M, exactly
+    ``M − N`` per group of M). Returns ``(pruned weights [B, in], removal order [B, removals])``.
+    """
+    w = weight.clone()  # [B, in]
+    rows, cols = w.shape
+    h = hinv.unsqueeze(0).repeat(rows, 1, 1)  # [B, in, in]
+    removed = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # [B, in]
+    order = torch.zeros(rows, removals, dtype=torch.long, device=w.device)  # [B, k]
+    batch = torch.arange(rows, device=w.device)
+    if nm is not None:
+        group_of = torch.arange(cols, device=w.device) // nm[1]  # [in]
+        per_group = torch.zeros(rows, cols // nm[1], dtype=torch.long, device=w.device)  # [B, in/m]
+    for step in range(removals):
+        diag = torch.diagonal(h, dim1=1, dim2=2)  # [B, in]
+        blocked = removed
+        if nm is not None:
+            blocked = blocked | (per_group[:, group_of] >= nm[1] - nm[0])
+        saliency = torch.where(blocked, torch.inf, w.square() / torch.where(blocked, 1.0, diag))  # [B, in]
+        q = torch.argmin(saliency, dim=1)  # [B]; first index on ties
+        hq = h[batch, :, q]  # [B, in]: column q of each row's H⁻¹
+        dq = diag[batch, q]  # [B]
+        w -= (w[batch, q] / dq).unsqueeze(1) * hq
+        h -= hq.unsqueeze(2) * hq.unsqueeze(1) / dq.view(-1, 1, 1)  # rank-one downdate
+        removed[batch, q] = True
+        w.masked_fill_(removed, 0.0)  # removed weights stay exactly zero despite rounding in H⁻¹
+        order[:, step] = q
+        if nm is not None:
+            per_group[batch, group_of[q]] += 1
+    return w, order
+
+
+def obs(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    max_damp_retries: int = 4,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> PruneResult:
+    """Prune each row of ``weight`` ``[out, in]`` to ``sparsity`` (or N:M) with exact greedy OBS.
+
+    ``hessian`` is ``[in, in]``. Each row loses exactly round(sparsity · in) weights.
+    """
+    h, w, dead = prepare_hessian(hessian, weight)  # [in, in], [out, in]
+    rows, cols = w.shape
+    if nm is not None:
+        if cols % nm[1] != 0:
+            raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={nm[1]}")
+        removals = (nm[1] - nm[0]) * (cols // nm[1])
+    else:
+        removals = prune_count(cols, sparsity)
+    hinv, damp_used = damped_inverse(h, damp, max_damp_retries)  # [in, in]
+    batch = rows_per_batch(cols, memory_budget)
+    out = torch.empty_like(w)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    start = time.perf_counter()
+    for r0 in range(0, rows, batch):
+        r1 = min(r0 + batch, rows)
+        out[r0:r1], order = obs_rows(w[r0:r1], hinv, removals, nm)
+        keep[r0:r1].scatter_(1, order, False)
+    log.info("obs: %d x %d layer in %.1fs (%d rows per batch)", rows, cols, time.perf_counter() - start, batch)
+    out[:, dead] = 0.0
+    keep[:, dead] = False
+    return PruneResult(weight=out, mask=keep, info={"damp": damp_used})

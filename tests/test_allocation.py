@@ -1,0 +1,166 @@
+"""OWL allocation and sparsity maps: oracles on the math, then through the driver and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import oneshot
+from oneshot.cli import main
+from oneshot.errors import ConfigError
+from oneshot.methods.allocation import apply_sparsity_map, outlier_ratio, owl_sparsities, parse_sparsity_map
+
+
+def test_outlier_ratio() -> None:
+    scores = torch.tensor([1.0] * 98 + [100.0, 100.0])  # mean 2.98
+    assert outlier_ratio(scores, 5.0) == pytest.approx(0.02)
+    assert outlier_ratio(torch.ones(10), 5.0) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_owl_weighted_mean_band_and_order(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    ratios = (torch.rand(12, generator=gen) * 0.05).tolist()
+    params = (torch.randint(1, 10, (12,), generator=gen) * 1000).tolist()  # unequal blocks
+    target, lam = 0.7, 0.08
+    s = owl_sparsities(ratios, params, target, lam)
+    weighted = sum(si * p for si, p in zip(s, params, strict=True)) / sum(params)
+    assert weighted == pytest.approx(target, abs=1e-12)
+    assert all(target - lam - 1e-12 <= si <= target + lam + 1e-12 for si in s)
+    assert max(s) - min(s) > lam  # the band is used, not collapsed
+    order = sorted(range(12), key=lambda i: ratios[i])
+    assert all(s[a] >= s[b] for a, b in zip(order, order[1:], strict=False))  # more outliers -> less sparsity
+
+
+def test_owl_equal_blocks_match_published_formula() -> None:
+    ratios = [0.01, 0.02, 0.04, 0.03]
+    s = owl_sparsities(ratios, [1, 1, 1, 1], 0.5, 0.08)
+    d = torch.tensor(ratios, dtype=torch.float64)
+    keep = (d - d.min()) / (d.max() - d.min()) * 0.16
+    published = 1 - (keep - keep.mean() + 0.5)
+    assert s == pytest.approx(published.tolist())
+
+
+def test_owl_uniform_when_no_spread() -> None:
+    assert owl_sparsities([0.02, 0.02], [5, 9], 0.6, 0.1) == [0.6, 0.6]
+
+
+def test_sparsity_map_overrides_and_errors() -> None:
+    names = ["m.layers.0.q", "m.layers.0.down", "m.layers.1.q", "m.layers.1.down"]
+    base = dict.fromkeys(names, 0.5)
+    out = apply_sparsity_map(base, parse_sparsity_map({"*.down": 0.3, "m.layers.1.*": "skip"}))
+    assert out == {"m.layers.0.q": 0.5, "m.layers.0.down": 0.3, "m.layers.1.q": None, "m.layers.1.down": None}
+    with pytest.raises(ConfigError, match="matches no prunable layer"):
+        apply_sparsity_map(base, (("*.gate", 0.1),))
+    with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
+        parse_sparsity_map({"*": 1.5})
+
+
+def test_owl_through_driver(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():  # make block 1 outlier-heavy so OWL has something to see
+        for lin in model.model.layers[1].modules():  # equal |W|: almost no outliers in block 1
+            if isinstance(lin, nn.Linear):
+                lin.weight.copy_(lin.weight.sign() * 0.02)
+    ids = torch.randint(4, 100, (8, 32), generator=torch.Generator().manual_seed(0))
+    report = oneshot.prune(
+        model, method="wanda", sparsity=0.6, owl=True, owl_m=3.0, owl_lambda=0.1, calibration=ids, quiet=True
+    )
+    blocks = report.extra["owl"]["blocks"]
+    assert len(blocks) == 3
+    by_block = {b["block"]: b for b in blocks}
+    assert by_block[1]["outlier_ratio"] == min(b["outlier_ratio"] for b in blocks)
+    assert by_block[1]["sparsity"] == max(b["sparsity"] for b in blocks)
+    ranked = sorted(blocks, key=lambda b: b["outlier_ratio"])
+    assert all(x["sparsity"] >= y["sparsity"] for x, y in zip(ranked, ranked[1:], strict=False))
+    weighted = sum(b["sparsity"] * b["parameters"] for b in blocks) / sum(b["parameters"] for b in blocks)
+    assert weighted == pytest.approx(0.6, abs=1e-9)
+    for r in report.layers:
+        assert r.target_sparsity == pytest.approx(by_block[r.block]["sparsity"])
+        assert abs(r.achieved_sparsity - r.target_sparsity) < 1 / 64  # per-row rounding only
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_sparsity_map_api_skip(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("opt")
+    dense = model.model.decoder.layers[2].fc1.weight.clone()
+    ids = torch.randint(4, 100, (4, 16))
+    report = oneshot.prune(
+        model,
+        method="magnitude",
+        sparsity=0.5,
+        calibration=ids,
+        quiet=True,
+        sparsity_map={"*.fc1": 0.25, "model.decoder.layers.2.*": "skip"},
+    )
+    assert torch.equal(model.model.decoder.layers[2].fc1.weight, dense)
+    fc1 = [r for r in report.layers if r.name.endswith("fc1")]
+    assert fc1 and all(r.target_sparsity == 0.25 for r in fc1)
+    assert len(report.extra["skipped_layers"]) == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "0.5", "--owl", "--owl-lambda", "0.5"], "--owl-lambda must be in [0, sparsity)"),
+        (["--sparsity", "0.5", "--owl", "--owl-m", "0"], "--owl-m must be positive"),
+        (["--nm", "2:4", "--owl"], "cannot be combined with --nm"),
+        (["--sparsity", "0.5", "--sparsity-map", "MAP"], "matches no prunable layer"),
+    ],
+)
+def test_cli_owl_and_map_errors(
+    extra: list[str], message: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    src = tiny_checkpoint("llama")
+    bad_map = tmp_path / "map.json"
+    bad_map.write_text(json.dumps({"*.no_such_layer": 0.2}))
+    extra = [str(bad_map) if e == "MAP" else e for e in extra]
+    res = CliRunner().invoke(
+        main, ["prune", str(src), "--out", str(tmp_path / "o"), "--seqlen", "32", "--nsamples", "2", "--quiet", *extra]
+    )
+    assert res.exit_code != 0
+    assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_obs_owl_and_yaml_map(tiny_checkpoint: Callable[[str], Path], tmp_path: Path, text_file: Path) -> None:
+    src = tiny_checkpoint("gpt2")
+    ymap = tmp_path / "map.yaml"
+    ymap.write_text("'transformer.h.0.*': skip\n")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(src),
+            "--method",
+            "obs",
+            "--sparsity",
+            "0.5",
+            "--owl",
+            "--owl-m",
+            "2",
+            "--sparsity-map",
+            str(ymap),
+            "--calib",
+            str(text_file),
+            "--seqlen",
+            "32",
+            "--nsamples",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "oneshot_report.json").read_text())
+    assert report["method"] == "obs" and len(report["owl"]["blocks"]) == 3
+    assert all(name.startswith("transformer.h.0.") for name in report["skipped_layers"])
+    assert not any(r["name"].startswith("transformer.h.0.") for r in report["layers"])
