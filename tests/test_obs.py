@@ -58,8 +58,8 @@ def test_obs_exact_row_counts_and_batching(random_layer: Layer) -> None:
     w, _, h = random_layer(9, 20, seed=1)
     full = obs(w, h, 0.6)
     assert ((full.weight == 0).sum(1) == 12).all()
-    tiny_budget = obs(w, h, 0.6, memory_budget=20 * 20 * 4 * 2)  # two rows per batch
-    assert rows_per_batch(20, 20 * 20 * 4 * 2) == 2
+    tiny_budget = obs(w, h, 0.6, memory_budget=12 * 20 * 4 * 2)  # two rows per batch
+    assert rows_per_batch(20, 12, 12 * 20 * 4 * 2) == 2
     torch.testing.assert_close(tiny_budget.weight, full.weight)
 
 

@@ -6,7 +6,8 @@ own copy of ``H⁻¹``: repeatedly remove the weight ``q`` with the smallest sal
 ``w_q² / [H⁻¹]_qq``, compensate the rest of the row with ``δw = −w_q / [H⁻¹]_qq · H⁻¹[:, q]``
 (Hassibi & Stork 1993), and downdate ``H⁻¹ ← H⁻¹ − H⁻¹[:, q] H⁻¹[q, :] / [H⁻¹]_qq`` so that it is
 the inverse Hessian of the remaining weights. Rows are processed in batches whose size follows a
-memory budget (each row holds an ``[in, in]`` matrix). Cost is O(rows · k · in²): slow by nature.
+memory budget. The per-row downdates are kept as low-rank factors (see :func:`obs_rows`), so the
+cost is O(rows · k² · in) flops and memory traffic rather than O(rows · k · in²): still slow by nature.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def damped_inverse(hessian: torch.Tensor, damp: float, max_retries: int) -> tupl
     return upper.T @ upper, used
 
 
-def rows_per_batch(cols: int, memory_budget: int) -> int:
-    """How many rows' ``[cols, cols]`` float32 inverse Hessians fit in ``memory_budget`` bytes."""
-    return max(1, memory_budget // (cols * cols * 4))
+def rows_per_batch(cols: int, removals: int, memory_budget: int) -> int:
+    """How many rows' ``[removals, cols]`` float32 downdate factors fit in ``memory_budget`` bytes."""
+    return max(1, memory_budget // (max(removals, 1) * cols * 4))
 
 
 def obs_rows(
@@ -44,10 +45,15 @@ def obs_rows(
 
     ``weight`` is ``[B, in]``; removes ``removals`` weights from each row (for N:M, exactly
     ``M − N`` per group of M). Returns ``(pruned weights [B, in], removal order [B, removals])``.
+
+    Each row's downdated inverse is kept implicitly as ``H⁻¹ − Σ_s v_s v_sᵀ`` with
+    ``v_s = H⁻¹_s[:, q_s] / sqrt([H⁻¹_s]_qq)``: the diagonal is updated in O(in) per step and only
+    column q is rebuilt (O(step · in)), instead of rewriting an ``[in, in]`` matrix per row per step.
     """
     w = weight.clone()  # [B, in]
     rows, cols = w.shape
-    h = hinv.unsqueeze(0).repeat(rows, 1, 1)  # [B, in, in]
+    diag = torch.diagonal(hinv).unsqueeze(0).repeat(rows, 1)  # [B, in]
+    factors = torch.zeros(rows, removals, cols, dtype=w.dtype, device=w.device)  # [B, k, in]
     removed = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # [B, in]
     order = torch.zeros(rows, removals, dtype=torch.long, device=w.device)  # [B, k]
     batch = torch.arange(rows, device=w.device)
@@ -55,18 +61,22 @@ def obs_rows(
         group_of = torch.arange(cols, device=w.device) // nm[1]  # [in]
         per_group = torch.zeros(rows, cols // nm[1], dtype=torch.long, device=w.device)  # [B, in/m]
     for step in range(removals):
-        diag = torch.diagonal(h, dim1=1, dim2=2)  # [B, in]
         blocked = removed
         if nm is not None:
             blocked = blocked | (per_group[:, group_of] >= nm[1] - nm[0])
         saliency = torch.where(blocked, torch.inf, w.square() / torch.where(blocked, 1.0, diag))  # [B, in]
         q = torch.argmin(saliency, dim=1)  # [B]; first index on ties
-        hq = h[batch, :, q]  # [B, in]: column q of each row's H⁻¹
-        dq = diag[batch, q]  # [B]
-        w -= (w[batch, q] / dq).unsqueeze(1) * hq
-        h -= hq.unsqueeze(2) * hq.unsqueeze(1) / dq.view(-1, 1, 1)  # rank-one downdate
+        col = hinv[q]  # [B, in]: column q of H⁻¹ (symmetric)
+        if step:
+            past = factors[:, :step]  # [B, s, in]
+            col = col - torch.bmm(past[batch, :, q].unsqueeze(1), past).squeeze(1)  # [B, in]
+        dq = col[batch, q]  # [B]
+        w -= (w[batch, q] / dq).unsqueeze(1) * col
+        v = col / dq.sqrt().unsqueeze(1)  # [B, in]
+        factors[:, step] = v
+        diag -= v.square()
         removed[batch, q] = True
-        w.masked_fill_(removed, 0.0)  # removed weights stay exactly zero despite rounding in H⁻¹
+        w.masked_fill_(removed, 0.0)  # removed weights stay exactly zero despite rounding
         order[:, step] = q
         if nm is not None:
             per_group[batch, group_of[q]] += 1
@@ -96,7 +106,7 @@ def obs(
     else:
         removals = prune_count(cols, sparsity)
     hinv, damp_used = damped_inverse(h, damp, max_damp_retries)  # [in, in]
-    batch = rows_per_batch(cols, memory_budget)
+    batch = rows_per_batch(cols, removals, memory_budget)
     out = torch.empty_like(w)
     keep = torch.ones_like(w, dtype=torch.bool)
     start = time.perf_counter()
