@@ -64,3 +64,13 @@ def test_padding_is_excluded_and_shared_inputs_counted_once() -> None:
     assert ha is hb  # same input tensor -> one accumulator
     assert ha.count == 16
     torch.testing.assert_close(ha.finalize(), rows.T @ rows / 8)
+
+
+def test_calibration_batches_trim_trailing_padding() -> None:
+    from oneshot.calibration.data import CalibrationSet
+
+    ids = torch.arange(24).reshape(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    batches = CalibrationSet(ids, mask).batches(2)
+    assert [tuple(b[0].shape) for b in batches] == [(2, 4), (2, 3)]
+    assert torch.equal(batches[1][1], mask[2:, :3])

@@ -57,13 +57,31 @@ class CalibrationSet:
         return int(self.input_ids.shape[1])
 
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Split into ``(ids [B, T], mask [B, T] | None)`` batches, in order."""
+        """Split into ``(ids [B, T_b], mask [B, T_b] | None)`` batches, in order.
+
+        Trailing columns that are padding in every row of a batch are cut off (right-padded
+        sentences sorted by length then cost only their own length).
+        """
         out = []
         for start in range(0, self.nsamples, batch_size):
             ids = self.input_ids[start : start + batch_size]
             mask = None if self.attention_mask is None else self.attention_mask[start : start + batch_size]
+            if mask is not None:
+                used = torch.nonzero(mask.any(dim=0)).flatten()
+                end = int(used[-1]) + 1 if used.numel() else 1
+                ids, mask = ids[:, :end], mask[:, :end]
             out.append((ids, mask))
         return out
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, texts: list[str] | list[list[str]], max_length: int = 128) -> CalibrationSet:
+        """Sentences (strings, or lists of words) -> right-padded ids and mask, sorted by length."""
+        words = bool(texts) and isinstance(texts[0], list)
+        enc = tokenizer(
+            texts, is_split_into_words=words, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        order = torch.argsort(enc["attention_mask"].sum(1), descending=True, stable=True)
+        return cls(enc["input_ids"][order], enc["attention_mask"][order])
 
 
 def bundled_text() -> str:

@@ -1,0 +1,67 @@
+"""The NER benchmark's data handling and entity-level F1, on hand-made cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ner import entities, f1_score, iob1_to_iob2, read_conll
+
+
+def test_iob1_to_iob2() -> None:
+    assert iob1_to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG", "I-MISC"]) == [
+        "B-PER",
+        "I-PER",
+        "O",
+        "B-LOC",
+        "B-LOC",
+        "B-ORG",
+        "B-MISC",
+    ]
+
+
+def test_entities_conlleval_rules() -> None:
+    assert entities(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
+    assert entities(["I-PER", "I-PER"]) == {("PER", 0, 2)}  # I- after O starts a chunk
+    assert entities(["B-PER", "I-LOC"]) == {("PER", 0, 1), ("LOC", 1, 2)}  # type change splits
+    assert entities(["B-PER", "B-PER"]) == {("PER", 0, 1), ("PER", 1, 2)}
+    assert entities(["O", "O"]) == set()
+
+
+def test_f1_hand_computed() -> None:
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "B-MISC"]]
+    # gold 3 entities, pred 3, correct 2 -> P = R = F1 = 2/3
+    scores = f1_score(gold, pred)
+    assert scores["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)
+    partial = f1_score([["B-PER", "I-PER"]], [["B-PER", "O"]])  # boundary error counts as wrong
+    assert partial["f1"] == 0.0
+
+
+def test_read_conll(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    path.write_text(
+        "-DOCSTART- -X- -X- O\n\nEU NNP I-NP I-ORG\nrejects VBZ I-VP O\nGerman JJ I-NP I-MISC\n\n"
+        "Peter NNP I-NP I-PER\nBlackburn NNP I-NP I-PER\n\n\n"
+    )
+    sents = read_conll(path)
+    assert [s.words for s in sents] == [["EU", "rejects", "German"], ["Peter", "Blackburn"]]
+    assert sents[1].tags == ["B-PER", "I-PER"]
+
+
+def test_shared_conll_counts() -> None:
+    from conftest import SHARED
+
+    test = SHARED / "conll2003" / "test.txt"
+    if not test.exists():
+        pytest.skip("shared CoNLL-2003 not present")
+    sents = read_conll(test)
+    assert len(sents) == 3453
+    counts: dict[str, int] = {}
+    for s in sents:
+        for kind, _, _ in entities(s.tags):
+            counts[kind] = counts.get(kind, 0) + 1
+    assert counts == {"PER": 1617, "LOC": 1668, "ORG": 1661, "MISC": 702}  # published statistics
