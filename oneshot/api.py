@@ -22,10 +22,19 @@ from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.driver import LayerRecord, PhaseTimes, owl_allocation, prunable_layers, prune_sequential, resolve_device
+from oneshot.driver import (
+    LayerRecord,
+    PhaseTimes,
+    owl_allocation,
+    prunable_layers,
+    prune_sequential,
+    prune_structured,
+    resolve_device,
+)
 from oneshot.errors import ConfigError, DataError, ModelError
 from oneshot.loading import context_length, load_model
 from oneshot.methods.allocation import apply_sparsity_map, uniform
+from oneshot.methods.registry import METHODS
 from oneshot.writer import check_output_dir, save_pruned
 
 log = logging.getLogger(__name__)
@@ -77,6 +86,20 @@ class Report:
 
     def summary(self) -> str:
         """A few human-readable lines."""
+        structured = self.extra.get("structured")
+        if structured:
+            units = structured["blocks"]
+            sizes = sorted({f"{u['target']} {u['before']}->{u['after']}" for u in units})
+            lines = [
+                f"method structured ({structured['score']}, ratio {structured['ratio']:g}, target "
+                f"{structured['target']}, bias compensation {'on' if structured['bias_compensation'] else 'off'})",
+                f"per block: {', '.join(sizes)}; parameters {structured['params_before']:,} -> "
+                f"{structured['params_after']:,} ({structured['params_after'] / structured['params_before']:.1%})",
+                f"time {self.seconds:.1f}s",
+            ]
+            if self.out_dir:
+                lines.append(f"saved to {self.out_dir}")
+            return "\n".join(lines)
         pattern = f"{self.config.nm[0]}:{self.config.nm[1]}" if self.config.nm else f"{self.config.sparsity:.0%}"
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
@@ -183,6 +206,28 @@ def prune(
     was_training = model.training
     model.eval()
     extra: dict[str, Any] = {"calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen}}
+    if METHODS[config.method].structured:
+        try:
+            structured = prune_structured(model, calib, config)
+        finally:
+            model.train(was_training)
+        extra["structured"] = {
+            "ratio": config.ratio,
+            "score": config.score,
+            "target": config.target,
+            "bias_compensation": config.bias_compensation,
+            "params_before": structured.params_before,
+            "params_after": structured.params_after,
+            "blocks": [dataclasses.asdict(u) for u in structured.units],
+        }
+        return _finish(
+            Report(config, [], structured.times, 0.0, structured.blocks_name, name, extra=extra),
+            model,
+            tokenizer,
+            out_path,
+            overwrite,
+            start,
+        )
     try:
         names = prunable_layers(model, config)
         if config.sparsity_map:  # validate the map before any expensive work
@@ -208,19 +253,19 @@ def prune(
         model.train(was_training)
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
-    report = Report(
-        config=config,
-        layers=sweep.layers,
-        times=sweep.times,
-        seconds=time.perf_counter() - start,
-        blocks=sweep.blocks_name,
-        model=name,
-        extra=extra,
-    )
+    report = Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, name, extra=extra)
+    return _finish(report, model, tokenizer, out_path, overwrite, start)
+
+
+def _finish(
+    report: Report, model: nn.Module, tokenizer: Any, out_path: Path | None, overwrite: bool, start: float
+) -> Report:
+    """Stamp the total time and save the model when an output folder was given."""
+    report.seconds = time.perf_counter() - start
     if out_path is not None:
         t0 = time.perf_counter()
         report.out_dir = str(out_path)
-        save_pruned(model, tokenizer, out_path, report.to_dict(), config.to_dict(), overwrite=overwrite)
+        save_pruned(model, tokenizer, out_path, report.to_dict(), report.config.to_dict(), overwrite=overwrite)
         report.extra["write_seconds"] = time.perf_counter() - t0
         report.seconds = time.perf_counter() - start
     return report

@@ -99,6 +99,22 @@ def main() -> None:
     help='JSON/YAML {layer glob: sparsity or "skip"}, applied after OWL; later entries win.',
 )
 @click.option("--obs-memory-mb", type=int, default=1024, show_default=True, help="OBS working memory per batch.")
+@click.option("--ratio", type=float, default=None, help="structured: share of units to remove in every block.")
+@click.option(
+    "--score",
+    type=click.Choice(["fluctuation", "variance", "magnitude"]),
+    default="fluctuation",
+    show_default=True,
+    help="structured: unit score (fluctuation = Var(x_j)·‖W_:,j‖², FLAP).",
+)
+@click.option("--no-bias-compensation", is_flag=True, help="structured: do not fold removed units' mean into the bias.")
+@click.option(
+    "--target",
+    type=click.Choice(["mlp", "attention", "both"]),
+    default="mlp",
+    show_default=True,
+    help="structured: remove MLP neurons, attention heads (LLaMA-style configs), or both.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
 def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     """Prune MODEL (a folder, a .gguf file or a hub name) and save it to --out.
@@ -113,6 +129,7 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
       oneshot prune ./SmolLM2.gguf --method sparsegpt --sparsity 0.5 --nsamples 64 --seqlen 512 --out ./pruned
       oneshot prune ./model --method wanda --sparsity 0.7 --owl --out ./pruned-owl
       oneshot prune ./model --method obs --sparsity 0.5 --sparsity-map map.json --out ./pruned-obs
+      oneshot prune ./model --method structured --ratio 0.2 --target mlp --out ./smaller
     """
     from oneshot.api import prune as api_prune
 
@@ -144,6 +161,10 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
             owl_lambda=opts["owl_lambda"],
             sparsity_map=_read_map(opts["sparsity_map"]),
             obs_memory_mb=opts["obs_memory_mb"],
+            ratio=opts["ratio"],
+            score=opts["score"],
+            bias_compensation=not opts["no_bias_compensation"],
+            target=opts["target"],
             quiet=opts["quiet"],
         )
         report = api_prune(model, config=config, out=out, overwrite=overwrite)

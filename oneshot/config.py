@@ -98,6 +98,10 @@ class PruneConfig:
     owl_lambda: float = 0.08
     sparsity_map: tuple[tuple[str, float | str], ...] = ()
     obs_memory_mb: int = 1024
+    ratio: float | None = None
+    score: str = "fluctuation"
+    bias_compensation: bool = True
+    target: str = "mlp"
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +120,9 @@ class PruneConfig:
                     f"{implied:.2f}); drop --sparsity when using --nm"
                 )
             object.__setattr__(self, "sparsity", implied)
+        if METHODS[self.method].structured:
+            self._check_structured()
+            object.__setattr__(self, "sparsity", 0.0 if self.sparsity is None else self.sparsity)
         if self.sparsity is None:
             raise ConfigError("no sparsity given; pass --sparsity (e.g. 0.5) or --nm (e.g. 2:4)")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -154,6 +161,21 @@ class PruneConfig:
             object.__setattr__(self, "sparsity_map", parse_sparsity_map(dict(self.sparsity_map)))
         if self.obs_memory_mb < 1:
             raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
+
+    def _check_structured(self) -> None:
+        from oneshot.methods.structured import SCORES
+
+        if self.ratio is None or not 0.0 < float(self.ratio) < 1.0:
+            raise ConfigError(
+                f"--method structured needs --ratio in (0, 1), the share of units to remove (got {self.ratio}); "
+                "e.g. --ratio 0.2"
+            )
+        if self.score not in SCORES:
+            raise ConfigError(f"--score must be one of {', '.join(SCORES)} (got {self.score!r})")
+        if self.target not in ("mlp", "attention", "both"):
+            raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
+        if self.nm is not None or self.owl:
+            raise ConfigError("--method structured removes whole units; it takes no --nm or --owl")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the resolved configuration (saved next to the output)."""

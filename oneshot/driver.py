@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,13 +22,24 @@ from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.hooks import AccumulatorFactory, collect
-from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, TokenSample, relative_error
+from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample, relative_error
 from oneshot.capture import capture_inputs
 from oneshot.config import PruneConfig
+from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, find_blocks, find_linears, from_matrix, weight_numel
 from oneshot.methods.allocation import outlier_ratio, owl_sparsities
 from oneshot.methods.base import LayerStats, MethodOptions
-from oneshot.methods.registry import METHODS, STAT_COL_NORM, STAT_HESSIAN, MethodSpec
+from oneshot.methods.registry import METHODS, STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, MethodSpec
+from oneshot.methods.structured import (
+    channel_scores,
+    channels_of,
+    compensation,
+    keep_index,
+    lowest,
+    lowest_per_group,
+    unit_scores,
+)
+from oneshot.surgery import attention_role, mlp_role, param_count, slice_linear
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,7 @@ STAT_FACTORIES: dict[str, AccumulatorFactory] = {
     STAT_HESSIAN: lambda d, dev: Hessian(d, dev),
     STAT_COL_NORM: lambda d, dev: ColumnSqNorm(d, dev),
     SAMPLE: lambda d, dev: TokenSample(d),
+    STAT_MEANVAR: lambda d, dev: MeanVar(d, dev),
 }
 
 #: Called after each block with (block index, that block's outputs per calibration batch).
@@ -100,6 +113,10 @@ def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+#: Called once per block after its statistics forward and before propagation:
+#: (block index, block module, a lookup from linear-layer name to its accumulators).
+BlockVisitor = Callable[[int, nn.Module, Callable[[str], dict[str, Accumulator]]], None]
+
 #: Called for each linear layer of the current block during a sweep:
 #: (qualified name, block index, module, that layer's accumulators by statistic name).
 LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
@@ -114,6 +131,7 @@ def sweep(
     *,
     times: PhaseTimes | None = None,
     observer: BlockObserver | None = None,
+    block_visit: BlockVisitor | None = None,
     desc: str = "blocks",
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
@@ -156,6 +174,8 @@ def sweep(
             t0 = time.perf_counter()
             for name, module in linears.items():
                 visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+            if block_visit is not None:
+                block_visit(i, block, collector.stats)
             times.solve += time.perf_counter() - t0
             del collector
 
@@ -198,6 +218,9 @@ def prune_sequential(
     left dense too.
     """
     spec = method or METHODS[config.method]
+    if spec.run is None:
+        raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
+    run = spec.run
     sparsity = float(config.sparsity or 0.0)
     options = MethodOptions(
         nm=config.nm,
@@ -216,7 +239,7 @@ def prune_sequential(
             return
         t0 = time.perf_counter()
         weight = as_matrix(module).to(device)  # [out, in]
-        pruned = spec.run(weight, layer_stats(accs), target, options)
+        pruned = run(weight, layer_stats(accs), target, options)
         from_matrix(module, pruned.weight, pruned.bias)
         sample = accs[SAMPLE]
         record = LayerRecord(
@@ -295,3 +318,163 @@ def owl_allocation(model: nn.Module, calib: CalibrationSet, config: PruneConfig)
         for b, r, s in zip(order, ratios, block_sparsity, strict=True)
     ]
     return OwlAllocation(sparsities=sparsities, blocks=blocks)
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """Units removed from one block by structured pruning."""
+
+    block: int
+    target: str  # "mlp" or "attention"
+    before: int
+    after: int
+    removed: list[int]
+    compensated: bool
+
+
+@dataclass
+class StructuredResult:
+    """Output of :func:`prune_structured`."""
+
+    blocks_name: str
+    units: list[UnitRecord] = field(default_factory=list)
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    params_before: int = 0
+    params_after: int = 0
+
+
+def _bias_possible(block: nn.Module, layer: str, flag: str | None, config: object) -> bool:
+    return getattr(block.get_submodule(layer), "bias", None) is not None or (flag is not None and hasattr(config, flag))
+
+
+def prune_structured(
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, *, observer: BlockObserver | None = None
+) -> StructuredResult:
+    """Remove the same share of MLP neurons and/or attention heads from every block, in place.
+
+    Units are scored from the mean/variance of their channels at the input of the next
+    projection (over calibration tokens, blocks calibrated on the already pruned ones), the lowest
+    are removed, and (unless ``config.bias_compensation`` is off) their mean contribution is added
+    to the next projection's bias. The model config is updated so ``save_pretrained`` output
+    reloads with stock transformers.
+    """
+    ratio = float(config.ratio or 0.0)
+    model_config: Any = getattr(model, "config", None)
+    blocks_name, blocks = find_blocks(model)
+    targets = ("mlp", "attention") if config.target == "both" else (config.target,)
+    mlp = mlp_role(blocks[0]) if "mlp" in targets else None
+    attn = attention_role(blocks[0], model_config) if "attention" in targets else None
+    result = StructuredResult(blocks_name=blocks_name, params_before=param_count(model))
+
+    new_mlp_bias = new_attn_bias = False
+    if mlp is not None:
+        width = int(as_matrix(blocks[0].get_submodule(mlp.down)).shape[1])
+        remove_mlp = int(round(ratio * width))
+        if not 0 < remove_mlp < width:
+            raise ConfigError(f"--ratio {ratio} removes {remove_mlp} of {width} MLP neurons; choose a ratio in (0, 1)")
+        if config.bias_compensation:
+            if not _bias_possible(blocks[0], mlp.down, mlp.bias_flag, model_config):
+                raise ConfigError(
+                    f"{type(model).__name__}'s MLP has no bias and its config offers none, so the removed neurons' "
+                    "mean cannot be folded in; pass --no-bias-compensation"
+                )
+            new_mlp_bias = getattr(blocks[0].get_submodule(mlp.down), "bias", None) is None
+    if attn is not None:
+        heads = int(model_config.num_attention_heads)
+        kv = int(getattr(model_config, "num_key_value_heads", None) or heads)
+        head_dim = int(model_config.head_dim)
+        group = heads // kv
+        remove_per_group = int(round(ratio * group))
+        if not 0 < remove_per_group < group:
+            raise ConfigError(
+                f"--ratio {ratio} removes {remove_per_group} of the {group} query heads sharing each key/value head; "
+                f"choose a ratio between {0.5 / group:.2f} and {1 - 0.5 / group:.2f}"
+            )
+        new_heads = heads - kv * remove_per_group
+        hidden = int(getattr(model_config, "hidden_size", 0) or 0)
+        if hidden and hidden % new_heads:
+            raise ConfigError(
+                f"removing {remove_per_group} of every {group} query heads leaves {new_heads} heads, but transformers "
+                f"requires hidden_size ({hidden}) to be a multiple of the head count; choose another --ratio"
+            )
+        if config.bias_compensation:
+            if not _bias_possible(blocks[0], attn.out, attn.bias_flag, model_config):
+                raise ConfigError(
+                    f"{type(model).__name__}'s attention output has no bias and its config offers none; "
+                    "pass --no-bias-compensation"
+                )
+            new_attn_bias = getattr(blocks[0].get_submodule(attn.out), "bias", None) is None
+
+    def block_visit(i: int, block: nn.Module, stats: Callable[[str], dict[str, Accumulator]]) -> None:
+        if mlp is not None:
+            mean, var = _meanvar(stats(mlp.down))
+            w_down = as_matrix(block.get_submodule(mlp.down))  # [hidden, inter]
+            removed = lowest(channel_scores(var, w_down, config.score), remove_mlp)
+            delta = compensation(w_down, mean, removed) if config.bias_compensation else None
+            keep = keep_index(w_down.shape[1], removed)
+            for up in mlp.ups:
+                slice_linear(block, up, keep, "out", add_bias=new_mlp_bias)
+            slice_linear(block, mlp.down, keep, "in", bias_delta=delta, add_bias=new_mlp_bias)
+            result.units.append(
+                UnitRecord(i, "mlp", width, width - remove_mlp, removed.tolist(), config.bias_compensation)
+            )
+        if attn is not None:
+            mean, var = _meanvar(stats(attn.out))
+            w_out = as_matrix(block.get_submodule(attn.out))  # [hidden, heads * head_dim]
+            scores = unit_scores(channel_scores(var, w_out, config.score), head_dim)  # [heads]
+            removed_heads = lowest_per_group(scores, kv, remove_per_group)
+            channels = channels_of(removed_heads, head_dim)
+            delta = compensation(w_out, mean, channels) if config.bias_compensation else None
+            keep = keep_index(w_out.shape[1], channels)
+            slice_linear(block, attn.query, keep, "out", add_bias=new_attn_bias)
+            if new_attn_bias:  # the config flag gives k/v biases too: zeros keep them exact
+                for name in attn.kv:
+                    rows = as_matrix(block.get_submodule(name)).shape[0]
+                    slice_linear(block, name, torch.arange(rows), "out", add_bias=True)
+            slice_linear(block, attn.out, keep, "in", bias_delta=delta, add_bias=new_attn_bias)
+            module: Any = block.get_submodule(attn.module)
+            if hasattr(module, "num_key_value_groups"):
+                module.num_key_value_groups = group - remove_per_group
+            result.units.append(
+                UnitRecord(
+                    i,
+                    "attention",
+                    heads,
+                    heads - kv * remove_per_group,
+                    removed_heads.tolist(),
+                    config.bias_compensation,
+                )
+            )
+
+    def no_visit(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        return None
+
+    sweep(
+        model,
+        calib,
+        config,
+        (STAT_MEANVAR,),
+        no_visit,
+        times=result.times,
+        observer=observer,
+        block_visit=block_visit,
+        desc="structured",
+    )
+    if mlp is not None:
+        for key in mlp.size_keys:
+            setattr(model_config, key, width - remove_mlp)
+        if new_mlp_bias and mlp.bias_flag:
+            setattr(model_config, mlp.bias_flag, True)
+    if attn is not None:
+        model_config.num_attention_heads = heads - kv * remove_per_group
+        model_config.head_dim = head_dim
+        if new_attn_bias and attn.bias_flag:
+            setattr(model_config, attn.bias_flag, True)
+    result.params_after = param_count(model)
+    return result
+
+
+def _meanvar(accs: dict[str, Accumulator]) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = accs[STAT_MEANVAR]
+    assert isinstance(acc, MeanVar)
+    return acc.finalize()

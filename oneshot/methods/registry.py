@@ -19,6 +19,7 @@ from oneshot.methods.wanda import wanda
 #: Statistics a method may ask for; the driver maps each to an accumulator.
 STAT_HESSIAN = "hessian"
 STAT_COL_NORM = "col_sq_norm"
+STAT_MEANVAR = "meanvar"
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class MethodSpec:
     """A registered method: its callable, the statistics it needs, and a one-line description."""
 
     name: str
-    run: LayerPruner
+    run: LayerPruner | None
     needs: tuple[str, ...]
     summary: str
+    structured: bool = False  # removes whole units (driver.prune_structured) instead of weights
 
 
 def _require(stat: torch.Tensor | None, name: str, method: str) -> torch.Tensor:
@@ -83,6 +85,13 @@ METHODS: dict[str, MethodSpec] = {
         _obs,
         (STAT_HESSIAN,),
         "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
+    ),
+    "structured": MethodSpec(
+        "structured",
+        None,
+        (STAT_MEANVAR,),
+        "removes whole MLP neurons / attention heads by fluctuation, folds their mean into the bias",
+        structured=True,
     ),
 }
 

@@ -1,0 +1,68 @@
+"""Variance-based structured pruning with bias compensation: the pure tensor functions.
+
+A unit (an MLP neuron, an attention head) feeds channels ``j`` of the next projection ``W_out``.
+If unit j's activation barely varies over the calibration data, replacing it by its mean ``μ_j``
+changes the output by ``W_out[:, j] (x_j − μ_j)``, whose expected squared norm is
+``Var(x_j) · ‖W_out[:, j]‖²`` (the "fluctuation" score of FLAP: An et al., "Fluctuation-based
+Adaptive Structured Pruning for LLMs", AAAI 2024, §3.1). Removing the unit and adding
+``W_out[:, j] · μ_j`` to the next bias keeps the output's mean exactly (bias compensation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORES = ("fluctuation", "variance", "magnitude")
+
+
+def channel_scores(var: torch.Tensor, w_out: torch.Tensor, score: str) -> torch.Tensor:
+    """Per input channel of ``w_out`` ``[out, d]``: how much removing it (mean-replaced) costs.
+
+    ``fluctuation`` = Var(x_j)·‖W_:,j‖², ``variance`` = Var(x_j), ``magnitude`` = ‖W_:,j‖²
+    (a data-free baseline). ``var`` is ``[d]``.
+    """
+    col_sq = w_out.float().square().sum(dim=0)  # [d]
+    if score == "fluctuation":
+        return var.float() * col_sq
+    if score == "variance":
+        return var.float().clone()
+    if score == "magnitude":
+        return col_sq
+    raise ValueError(f"unknown structured score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def unit_scores(channel: torch.Tensor, width: int) -> torch.Tensor:
+    """Sum channel scores over units of ``width`` consecutive channels (1 = neurons, head_dim = heads)."""
+    return channel.reshape(-1, width).sum(dim=1)  # [units]
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the ``count`` lowest scores (ties: lower index first)."""
+    order = torch.sort(scores, stable=True).indices[:count]
+    return torch.sort(order).values
+
+
+def lowest_per_group(scores: torch.Tensor, groups: int, count: int) -> torch.Tensor:
+    """Remove ``count`` lowest units inside each of ``groups`` equal consecutive groups (GQA heads)."""
+    per = scores.numel() // groups
+    picked = [lowest(scores[g * per : (g + 1) * per], count) + g * per for g in range(groups)]
+    return torch.cat(picked)
+
+
+def compensation(w_out: torch.Tensor, mean: torch.Tensor, removed_channels: torch.Tensor) -> torch.Tensor:
+    """Bias change ``Σ_{j removed} W_out[:, j] μ_j`` (``[out]``) that keeps the output's mean."""
+    if removed_channels.numel() == 0:
+        return torch.zeros(w_out.shape[0], dtype=torch.float32, device=w_out.device)
+    return w_out.float()[:, removed_channels] @ mean.float()[removed_channels]  # [out]
+
+
+def channels_of(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Channel indices covered by ``units`` of ``width`` channels each."""
+    return (units.unsqueeze(1) * width + torch.arange(width, device=units.device)).flatten()
+
+
+def keep_index(total: int, removed: torch.Tensor) -> torch.Tensor:
+    """Sorted indices in ``range(total)`` not in ``removed``."""
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[removed.cpu()] = False
+    return torch.nonzero(keep).flatten()

@@ -1,0 +1,176 @@
+"""Structured pruning: oracles for bias compensation, physical shrinking and stock reloading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import VOCAB
+from torch import nn
+
+import oneshot
+from oneshot.calibration.data import CalibrationSet
+from oneshot.errors import ConfigError
+from oneshot.layers import find_blocks
+
+
+def _one_block(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            max_position_embeddings=128,
+        )
+        return tf.LlamaForCausalLM(cfg).eval()
+    if family == "opt":
+        cfg = tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        )
+        return tf.OPTForCausalLM(cfg).eval()
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=128)
+        ).eval()
+    cfg = tf.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    return tf.BertForMaskedLM(cfg).eval()
+
+
+def _outputs(model: nn.Module, module_name: str, ids: torch.Tensor) -> torch.Tensor:
+    """Output of a submodule (or of block 0 when module_name is empty) over all tokens, [tokens, d]."""
+    _, blocks = find_blocks(model)
+    target = blocks[0].get_submodule(module_name) if module_name else blocks[0]
+    got: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda m, a, o: got.append((o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return got[0].reshape(-1, got[0].shape[-1])
+
+
+CASES = [  # family, target, module whose output mean must be kept ("" = the whole block)
+    ("llama", "mlp", ""),
+    ("llama", "attention", "self_attn.o_proj"),
+    ("opt", "mlp", ""),
+    ("gpt2", "mlp", ""),
+    ("bert", "mlp", "output.dense"),
+]
+
+
+@pytest.mark.parametrize(("family", "target", "where"), CASES)
+def test_compensation_keeps_the_mean(family: str, target: str, where: str) -> None:
+    model = _one_block(family)
+    ids = torch.randint(4, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    before = _outputs(model, where, ids)
+    report = oneshot.prune(model, method="structured", ratio=0.34, target=target, calibration=ids, quiet=True)
+    after = _outputs(model, where, ids)
+    torch.testing.assert_close(after.mean(0), before.mean(0), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(after, before, atol=1e-3)  # something really was removed
+    assert report.extra["structured"]["params_after"] < report.extra["structured"]["params_before"]
+    # without compensation the mean moves
+    plain = _one_block(family)
+    oneshot.prune(
+        plain, method="structured", ratio=0.34, target=target, calibration=ids, quiet=True, bias_compensation=False
+    )
+    drift = float((_outputs(plain, where, ids).mean(0) - before.mean(0)).abs().max())
+    kept = float((after.mean(0) - before.mean(0)).abs().max())
+    assert drift > 10 * kept + 1e-6
+
+
+def test_constant_channel_removed_changes_nothing() -> None:
+    model = _one_block("opt")
+    fc1 = model.model.decoder.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight[7].zero_()
+        fc1.bias[7] = 2.0  # relu(2) = 2 for every token: zero variance
+    ids = torch.randint(4, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    report = oneshot.prune(model, method="structured", ratio=1 / 96, score="variance", calibration=ids, quiet=True)
+    assert report.extra["structured"]["blocks"][0]["removed"] == [7]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "target"), [("llama", "both"), ("opt", "mlp"), ("gpt2", "mlp"), ("bert", "mlp")])
+def test_smaller_model_reloads_with_stock_transformers(
+    family: str, target: str, tiny_model: Callable[[str], nn.Module], tmp_path: Path
+) -> None:
+    model = tiny_model(family)
+    if family == "llama":  # GQA with 2 query heads per key/value head and an explicit head_dim
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=16,
+                max_position_embeddings=128,
+            )
+        ).eval()
+    ids = torch.randint(4, VOCAB, (6, 20), generator=torch.Generator().manual_seed(3))
+    before = sum(p.numel() for p in model.parameters())
+    report = oneshot.prune(
+        model,
+        method="structured",
+        ratio=0.34,
+        target=target,
+        calibration=CalibrationSet(ids),
+        out=tmp_path / "small",
+        quiet=True,
+    )
+    reloaded = type(model).from_pretrained(tmp_path / "small").eval()
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    cfg = reloaded.config
+    mlp = next(u for u in report.extra["structured"]["blocks"] if u["target"] == "mlp")
+    width = {"opt": "ffn_dim", "gpt2": "n_inner"}.get(family, "intermediate_size")
+    assert getattr(cfg, width) == mlp["after"] == mlp["before"] - round(0.34 * mlp["before"])
+    if family == "llama":
+        assert cfg.num_attention_heads == 4 and cfg.num_key_value_heads == 4 and cfg.head_dim == 16
+        assert cfg.mlp_bias and cfg.attention_bias
+    assert sum(p.numel() for p in reloaded.parameters()) < before
+
+
+def test_structured_errors(tiny_model: Callable[[str], nn.Module]) -> None:
+    ids = torch.randint(4, VOCAB, (2, 8))
+    with pytest.raises(ConfigError, match="use --target mlp"):
+        oneshot.prune(
+            tiny_model("gpt2"), method="structured", ratio=0.25, target="attention", calibration=ids, quiet=True
+        )
+    with pytest.raises(ConfigError, match="--no-bias-compensation"):
+        oneshot.prune(tiny_model("gemma3"), method="structured", ratio=0.25, calibration=ids, quiet=True)
+    with pytest.raises(ConfigError, match="needs --ratio"):
+        oneshot.PruneConfig(method="structured")
+    with pytest.raises(ConfigError, match="between"):
+        oneshot.prune(
+            tiny_model("llama"), method="structured", ratio=0.05, target="attention", calibration=ids, quiet=True
+        )
+    oneshot.prune(
+        tiny_model("gemma3"), method="structured", ratio=0.25, calibration=ids, quiet=True, bias_compensation=False
+    )
