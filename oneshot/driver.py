@@ -343,8 +343,16 @@ class StructuredResult:
     params_after: int = 0
 
 
-def _bias_possible(block: nn.Module, layer: str, flag: str | None, config: object) -> bool:
-    return getattr(block.get_submodule(layer), "bias", None) is not None or (flag is not None and hasattr(config, flag))
+def _needs_new_bias(model: nn.Module, block: nn.Module, layer: str, flag: str | None, what: str) -> bool:
+    """Whether compensating into ``layer`` must create its bias; ConfigError if the config cannot express one."""
+    if getattr(block.get_submodule(layer), "bias", None) is not None:
+        return False
+    if flag is not None and hasattr(getattr(model, "config", None), flag):
+        return True
+    raise ConfigError(
+        f"{type(model).__name__}'s {what} has no bias and its config offers none, so the removed units' mean "
+        "cannot be folded in; pass --no-bias-compensation"
+    )
 
 
 def prune_structured(
@@ -373,12 +381,7 @@ def prune_structured(
         if not 0 < remove_mlp < width:
             raise ConfigError(f"--ratio {ratio} removes {remove_mlp} of {width} MLP neurons; choose a ratio in (0, 1)")
         if config.bias_compensation:
-            if not _bias_possible(blocks[0], mlp.down, mlp.bias_flag, model_config):
-                raise ConfigError(
-                    f"{type(model).__name__}'s MLP has no bias and its config offers none, so the removed neurons' "
-                    "mean cannot be folded in; pass --no-bias-compensation"
-                )
-            new_mlp_bias = getattr(blocks[0].get_submodule(mlp.down), "bias", None) is None
+            new_mlp_bias = _needs_new_bias(model, blocks[0], mlp.down, mlp.bias_flag, "MLP")
     if attn is not None:
         heads = int(model_config.num_attention_heads)
         kv = int(getattr(model_config, "num_key_value_heads", None) or heads)
@@ -398,12 +401,7 @@ def prune_structured(
                 f"requires hidden_size ({hidden}) to be a multiple of the head count; choose another --ratio"
             )
         if config.bias_compensation:
-            if not _bias_possible(blocks[0], attn.out, attn.bias_flag, model_config):
-                raise ConfigError(
-                    f"{type(model).__name__}'s attention output has no bias and its config offers none; "
-                    "pass --no-bias-compensation"
-                )
-            new_attn_bias = getattr(blocks[0].get_submodule(attn.out), "bias", None) is None
+            new_attn_bias = _needs_new_bias(model, blocks[0], attn.out, attn.bias_flag, "attention output")
 
     def block_visit(i: int, block: nn.Module, stats: Callable[[str], dict[str, Accumulator]]) -> None:
         if mlp is not None:
