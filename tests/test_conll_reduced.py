@@ -15,7 +15,7 @@ from conftest import SHARED
 
 pytestmark = pytest.mark.slow
 
-DENSE_F1_FLOOR = 0.60
+DENSE_F1_FLOOR = 0.70  # measured 0.805 with these settings (benchmarks/results/conll2003_reduced.md)
 ARGS = [
     "--methods",
     "sparsegpt,wanda",
