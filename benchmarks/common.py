@@ -67,6 +67,6 @@ def machine() -> dict[str, Any]:
 def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` and print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
