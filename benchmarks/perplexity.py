@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", default=None, help="calibration text file [default: shared austen/emma.txt]")
     parser.add_argument("--name", default="perplexity_smollm2", help="results file stem")
     parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, or a text file to score")
+    parser.add_argument("--allocations", default="uniform", help="uniform and/or owl (OWL: M=5, λ=0.08)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -63,28 +64,30 @@ def main(argv: list[str] | None = None) -> None:
     for pattern in args.patterns.split(","):
         nm = pattern if ":" in pattern else None
         sparsity = None if nm else float(pattern)
-        for method in args.methods.split(","):
-            model.load_state_dict(dense_state)
-            report = oneshot.prune(
-                model, tokenizer, method=method, sparsity=sparsity, nm=nm, calibration=calib, quiet=True
-            )
-            value = ppl()
-            rows.append(
-                {
-                    "method": method,
-                    "pattern": pattern,
-                    "perplexity": value,
-                    "sparsity": report.achieved_sparsity,
-                    "prune_seconds": report.seconds,
-                    "mean_relative_error": report.mean_relative_error,
-                }
-            )
-            print(
-                f"{method} {pattern}: {value:.3f} sparsity {report.achieved_sparsity:.4%} ({report.seconds:.0f}s)",
-                flush=True,
-            )
+        for allocation in args.allocations.split(","):
+            for method in args.methods.split(","):
+                model.load_state_dict(dense_state)
+                owl = {"owl": True} if allocation == "owl" else {}
+                report = oneshot.prune(
+                    model, tokenizer, method=method, sparsity=sparsity, nm=nm, calibration=calib, quiet=True, **owl
+                )
+                value = ppl()
+                rows.append(
+                    {
+                        "method": method if allocation == "uniform" else f"{method} + OWL",
+                        "pattern": pattern,
+                        "perplexity": value,
+                        "sparsity": report.achieved_sparsity,
+                        "prune_seconds": report.seconds,
+                        "mean_relative_error": report.mean_relative_error,
+                        "owl_blocks": report.extra.get("owl", {}).get("blocks"),
+                    }
+                )
+                print(
+                    f"{rows[-1]['method']} {pattern}: {value:.3f} sparsity {report.achieved_sparsity:.4%}", flush=True
+                )
 
-    command = "python benchmarks/perplexity.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.perplexity " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
     lines = [
         f"# SmolLM2-135M-Instruct: {eval_name} perplexity after one-shot pruning",
