@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             "forwards": t.forward,
             "statistics": t.statistics,
             "solve": t.solve,
+            "error_report": t.report,
             "propagate": t.propagate,
             "write": report.extra.get("write_seconds", 0.0),
             "total": report.seconds,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline_again = dense_forward()  # the machine's speed drifts: show it
 
     command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    cols = ["load", "capture", "forwards", "statistics", "solve", "propagate", "write", "total"]
+    cols = ["load", "capture", "forwards", "statistics", "solve", "error_report", "propagate", "write", "total"]
     lines = [
         "# Pruning time by phase, SmolLM2-135M, 50% unstructured",
         "",
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{machine()['platform']}, {machine()['cpu_threads']} threads, torch {machine()['torch']}.  ",
         f"Baseline: one dense forward of the whole model over the calibration set = {baseline:.1f}s "
         f"(again after the runs: {baseline_again:.1f}s). `forwards` are the statistics-gathering block "
-        "forwards without the hook time; `statistics` is the hook time; `total` also includes building "
-        "nothing else but the run's own bookkeeping (the model is already loaded; `load` is listed once).",
+        "forwards without the hook time; `statistics` is the hook time; `error_report` estimates each layer's "
+        "reconstruction error for the report on 1,024 sampled tokens; `total` is the whole `oneshot.prune` call "
+        "including the write (the model is already loaded: `load` is listed once, outside `total`).",
         "",
         "| method | " + " | ".join(cols) + " | total / dense forward |",
         "|---|" + "---|" * (len(cols) + 1),

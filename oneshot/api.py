@@ -107,7 +107,7 @@ class Report:
             f"achieved sparsity {self.achieved_sparsity:.4%}, mean relative error {self.mean_relative_error:.4g}",
             f"time {self.seconds:.1f}s (capture {self.times.capture:.1f}, forwards {self.times.forward:.1f}, "
             f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
-            f"propagate {self.times.propagate:.1f})",
+            f"error report {self.times.report:.1f}, propagate {self.times.propagate:.1f})",
         ]
         owl = self.extra.get("owl")
         if owl:

@@ -77,6 +77,7 @@ class PhaseTimes:
     forward: float = 0.0
     statistics: float = 0.0
     solve: float = 0.0
+    report: float = 0.0  # reconstruction-error estimates for the report
     propagate: float = 0.0
 
 
@@ -171,12 +172,12 @@ def sweep(
             times.statistics += collector.seconds
             times.forward += time.perf_counter() - t0 - collector.seconds
 
-            t0 = time.perf_counter()
+            t0, report_before = time.perf_counter(), times.report
             for name, module in linears.items():
                 visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
             if block_visit is not None:
                 block_visit(i, block, collector.stats)
-            times.solve += time.perf_counter() - t0
+            times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
             del collector
 
             t0 = time.perf_counter()
@@ -241,20 +242,22 @@ def prune_sequential(
         weight = as_matrix(module).to(device)  # [out, in]
         pruned = run(weight, layer_stats(accs), target, options)
         from_matrix(module, pruned.weight, pruned.bias)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
         sample = accs[SAMPLE]
+        rows = sample.finalize() if isinstance(sample, TokenSample) else torch.zeros(0)
         record = LayerRecord(
             name=full,
             block=block,
             shape=(int(weight.shape[0]), int(weight.shape[1])),
             target_sparsity=target,
             achieved_sparsity=float((pruned.weight == 0).sum()) / pruned.weight.numel(),
-            relative_error=relative_error(
-                weight, pruned.weight, sample.finalize() if isinstance(sample, TokenSample) else torch.zeros(0)
-            ),
-            seconds=time.perf_counter() - t0,
+            relative_error=relative_error(weight, pruned.weight, rows),
+            seconds=seconds,
             damp=pruned.info.get("damp"),
         )
         result.layers.append(record)
+        result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %.3g", full, record.achieved_sparsity, record.relative_error)
 
     result.blocks_name = sweep(

@@ -118,7 +118,7 @@ class TokenSample:
     method at a small fraction of the cost of a full Hessian.
     """
 
-    def __init__(self, dim: int, stride: int = 8, max_rows: int = 4096) -> None:
+    def __init__(self, dim: int, stride: int = 8, max_rows: int = 1024) -> None:
         self.dim = dim
         self.stride = stride
         self.max_rows = max_rows
