@@ -229,9 +229,11 @@ def prune(
             start,
         )
     try:
-        names = prunable_layers(model, config)
+        layers = (
+            uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
+        )
         if config.sparsity_map:  # validate the map before any expensive work
-            apply_sparsity_map(uniform(list(names), float(config.sparsity or 0.0)), config.sparsity_map)
+            apply_sparsity_map(layers, config.sparsity_map)
         allocation: dict[str, float | None] | None = None
         if config.owl:
             t0 = time.perf_counter()
@@ -244,8 +246,7 @@ def prune(
                 "blocks": owl.blocks,
             }
         if config.sparsity_map:
-            base = allocation or uniform(list(names), float(config.sparsity or 0.0))
-            allocation = apply_sparsity_map(base, config.sparsity_map)
+            allocation = apply_sparsity_map(allocation or layers, config.sparsity_map)
         if sparsities:
             allocation = {**(allocation or {}), **sparsities}
         sweep = prune_sequential(model, calib, config, sparsities=allocation)

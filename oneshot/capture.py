@@ -92,7 +92,7 @@ def capture_inputs(
     structure: dict[str, Any] = {}
     last = len(blocks) - 1
 
-    def recorder(index: int, block: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+    def recorder(index: int, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             hidden_kw = None
             if args:
@@ -118,7 +118,7 @@ def capture_inputs(
     patched: list[nn.Module] = []
     try:
         for i, block in enumerate(blocks):
-            block.forward = recorder(i, block, block.forward)
+            block.forward = recorder(i, block.forward)
             patched.append(block)
         with torch.no_grad():
             for ids, mask in calib.batches(batch_size):

@@ -159,11 +159,7 @@ def sweep(
         bar = tqdm(blocks, desc=desc, unit="block", disable=True if config.quiet else None)
         for i, block in enumerate(bar):
             block.to(device)
-            linears = {
-                name: module
-                for name, module in find_linears(block).items()
-                if not _skipped(f"{blocks_name}.{i}.{name}", config.skip_layers)
-            }
+            linears = _block_linears(blocks_name, i, block, config)
             t0 = time.perf_counter()
             with torch.no_grad(), collect(linears, factories) as collector:
                 for b, h in enumerate(hidden):
@@ -266,14 +262,22 @@ def prune_sequential(
     return result
 
 
+def _block_linears(blocks_name: str, index: int, block: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    """The block's linear layers by block-relative name, without those matching ``config.skip_layers``."""
+    return {
+        name: module
+        for name, module in find_linears(block).items()
+        if not _skipped(f"{blocks_name}.{index}.{name}", config.skip_layers)
+    }
+
+
 def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
     """Qualified names of the linear layers a run would prune (not skipped), with their sizes."""
     blocks_name, blocks = find_blocks(model)
     return {
         f"{blocks_name}.{i}.{name}": weight_numel(module)
         for i, block in enumerate(blocks)
-        for name, module in find_linears(block).items()
-        if not _skipped(f"{blocks_name}.{i}.{name}", config.skip_layers)
+        for name, module in _block_linears(blocks_name, i, block, config).items()
     }
 
 

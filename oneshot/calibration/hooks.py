@@ -35,8 +35,7 @@ def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Te
 class Collector:
     """State of an open :func:`collect` block; ask it for each module's finalised statistics."""
 
-    def __init__(self, modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory]) -> None:
-        self.modules = dict(modules)
+    def __init__(self, factories: Mapping[str, AccumulatorFactory]) -> None:
         self.factories = dict(factories)
         self.token_mask: torch.Tensor | None = None
         self._accs: dict[str, dict[str, Accumulator]] = {}
@@ -87,7 +86,7 @@ class Collector:
 @contextmanager
 def collect(modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory]) -> Iterator[Collector]:
     """Gather statistics of each module's input while the block is open; hooks removed on exit."""
-    collector = Collector(modules, factories)
+    collector = Collector(factories)
     handles = [module.register_forward_pre_hook(collector._hook(name)) for name, module in modules.items()]
     try:
         yield collector
