@@ -53,6 +53,17 @@ def wikitext_test_text() -> str:
     return "\n\n".join(rows)
 
 
+def eval_text(name: str) -> tuple[str, str]:
+    """(text, label) of an evaluation set: ``wikitext2``, ``ptb``, ``persuasion`` or a text file's path."""
+    if name == "wikitext2":
+        return wikitext_test_text(), "WikiText-2 raw test"
+    if name == "ptb":
+        return shared_file("ptb", "ptb.test.txt").read_text(encoding="utf-8"), "PTB test"
+    if name == "persuasion":
+        return shared_file("austen", "persuasion.txt").read_text(encoding="utf-8"), "Austen's Persuasion"
+    return Path(name).read_text(encoding="utf-8"), name
+
+
 def machine() -> dict[str, Any]:
     """Where a benchmark ran."""
     return {
@@ -62,6 +73,13 @@ def machine() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def machine_line() -> str:
+    """One line naming the machine a benchmark ran on, for the results tables."""
+    info = machine()
+    line = f"{info['platform']}, {info['cpu_threads']} CPU threads, torch {info['torch']}"
+    return line + (f", GPU {info['cuda']}" if info["cuda"] else "")
 
 
 def write_results(name: str, payload: dict[str, Any], table: str) -> None:

@@ -25,18 +25,21 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import RESULTS, SHARED, machine, minilm_dir, write_results
+from benchmarks.common import RESULTS, SHARED, machine, machine_line, minilm_dir, write_results
 from benchmarks.ner import FinetuneConfig, calibration_set, evaluate, finetune, load_split
+from oneshot.driver import resolve_device
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, then prune and evaluate every configuration; returns the JSON payload."""
+    args.model = args.model or str(minilm_dir())
     train = load_split(args.data, "train")
     test = load_split(args.data, "test")
     if args.test_sentences:
         test = test[: args.test_sentences]
     ft = FinetuneConfig(train_sentences=args.train_sentences, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    model, tokenizer, ft_info = finetune(args.model, train, ft, cache=args.cache)
+    device = resolve_device(args.device)
+    model, tokenizer, ft_info = finetune(args.model, train, ft, cache=args.cache, device=device)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     dense = evaluate(model, tokenizer, test)
     print(f"dense F1 {dense['f1']:.4f} (fine-tune: {ft_info})", flush=True)
@@ -45,12 +48,28 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         picked = random.Random(args.seed).sample(train, min(n, len(train)))
         return calibration_set(tokenizer, picked)
 
-    def run(method: str, sparsity: float, owl: bool, n_calib: int) -> dict[str, Any]:
+    extra_opts = parse_prune_options(args.prune_option)
+
+    def run(
+        method: str, sparsity: float, owl: bool, n_calib: int, sparsity_map: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         model.load_state_dict(dense_state)
         calib_set = calib(n_calib)
         opts: dict[str, Any] = {"owl": True, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda} if owl else {}
+        if sparsity_map:
+            opts["sparsity_map"] = sparsity_map
         report = oneshot.prune(
-            model, tokenizer, method=method, sparsity=sparsity, calibration=calib_set, batch_size=64, quiet=True, **opts
+            model,
+            tokenizer,
+            method=method,
+            sparsity=sparsity,
+            calibration=calib_set,
+            batch_size=64,
+            device=str(device),
+            obs_memory_mb=args.obs_memory_mb,
+            quiet=True,
+            **extra_opts,
+            **opts,
         )
         scores = evaluate(model, tokenizer, test)
         row = {
@@ -63,6 +82,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             "recall": scores["recall"],
             "seconds": report.seconds,
             "achieved_sparsity": report.achieved_sparsity,
+            "owl_blocks": report.extra.get("owl", {}).get("blocks"),
         }
         print(row, flush=True)
         return row
@@ -79,8 +99,37 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             for sparsity in (float(s) for s in args.sweep_sparsities.split(",")):
                 for method in args.sweep_methods.split(","):
                     sweep.append(run(method, sparsity, False, n))
+    sensitivity = []
+    if args.block_sensitivity:
+        # Prune one block at a time (the others dense): how much F1 each block costs, next to its
+        # outlier ratio, shows whether OWL's "more outliers -> less sparsity" fits this model.
+        s = args.block_sensitivity
+        owl_row = run("wanda", s, True, args.calib)
+        ratios = {b["block"]: b["outlier_ratio"] for b in owl_row["owl_blocks"]}
+        for b in sorted(ratios):
+            for method in args.sweep_methods.split(","):
+                row = run(method, s, False, args.calib, {"*": "skip", f"*.layer.{b}.*": s})
+                sensitivity.append({**row, "block": b, "outlier_ratio": ratios[b]})
     model.load_state_dict(dense_state)
-    return {"dense": dense, "finetune": ft_info, "rows": rows, "sweep": sweep}
+    return {"dense": dense, "finetune": ft_info, "rows": rows, "sweep": sweep, "sensitivity": sensitivity}
+
+
+def parse_prune_options(pairs: list[str]) -> dict[str, Any]:
+    """``["damp=0.001", "block_size=384"]`` -> keyword arguments for :func:`oneshot.prune`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--prune-option takes KEY=VALUE (got {pair!r})")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = value
+    return out
 
 
 def table(payload: dict[str, Any], command: str, args: argparse.Namespace) -> str:
@@ -93,7 +142,7 @@ def table(payload: dict[str, Any], command: str, args: argparse.Namespace) -> st
         f"Command: `{command}`  ",
         f"Model: {args.model} fine-tuned ({payload['finetune'].get('config')}, "
         f"{payload['finetune'].get('seconds', 0):.0f}s); calibration: {args.calib} training sentences; all "
-        f"encoder linears pruned. Machine: {machine()['platform']}, {machine()['cpu_threads']} threads.",
+        f"encoder linears pruned. Machine: {machine_line()}.",
         "",
     ]
     for allocation in sorted({r["allocation"] for r in rows}, reverse=True):
@@ -122,6 +171,21 @@ def table(payload: dict[str, Any], command: str, args: argparse.Namespace) -> st
         for r in payload["sweep"]:
             lines.append(
                 f"| {r['calib_sentences']} | {r['method']} | {r['sparsity']:.0%} | {r['f1']:.3f} | {r['seconds']:.1f} |"
+            )
+    if payload.get("sensitivity"):
+        lines += [
+            "",
+            f"## Block sensitivity: one block pruned to {args.block_sensitivity:.0%}, the rest dense",
+            "",
+            f"Outlier ratio D_l (M={args.owl_m:g}) as OWL measures it; OWL gives less sparsity to larger D_l.",
+            "",
+            "| block | outlier ratio | method | F1 | F1 drop |",
+            "|---|---|---|---|---|",
+        ]
+        for r in payload["sensitivity"]:
+            lines.append(
+                f"| {r['block']} | {r['outlier_ratio']:.4f} | {r['method']} | {r['f1']:.3f} | "
+                f"{payload['dense']['f1'] - r['f1']:.3f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -166,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (also used by the reduced CI test)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED / "conll2003"), help="CoNLL folder or HF dataset name")
-    parser.add_argument("--model", default=str(minilm_dir()), help="encoder folder or hub name")
+    parser.add_argument("--model", default=None, help="encoder folder or hub name [the packaged all-MiniLM-L6-v2]")
     parser.add_argument("--train-sentences", type=int, default=None, help="fine-tune on the first N (default all)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -181,8 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", default="", help="calibration sizes to sweep, e.g. 64,256,1024,4096")
     parser.add_argument("--sweep-methods", default="sparsegpt,obs")
     parser.add_argument("--sweep-sparsities", default="0.7,0.8")
+    parser.add_argument(
+        "--block-sensitivity", type=float, default=None, help="also prune one block at a time to this sparsity"
+    )
+    parser.add_argument(
+        "--prune-option", action="append", default=[], help="extra oneshot.prune KEY=VALUE (e.g. damp=0.001)"
+    )
     parser.add_argument("--name", default="conll2003_minilm")
     parser.add_argument("--cache", type=Path, default=None, help="fine-tuned model cache [~/.cache/oneshot/conll]")
+    parser.add_argument("--device", default="auto", help="fine-tune, prune and score here (auto: CUDA if available)")
+    parser.add_argument("--obs-memory-mb", type=int, default=1024, help="OBS row-batch memory budget (raise on a GPU)")
     return parser
 
 

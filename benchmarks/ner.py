@@ -168,9 +168,16 @@ class FinetuneConfig:
 
 
 def finetune(
-    model_path: str, train: list[Sentence], config: FinetuneConfig, cache: Path | None = None
+    model_path: str,
+    train: list[Sentence],
+    config: FinetuneConfig,
+    cache: Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Fine-tune a token classifier from ``model_path`` (cached under ``cache`` by config and data)."""
+    """Fine-tune a token classifier from ``model_path`` on ``device`` (cached under ``cache`` by config and data).
+
+    The model is returned on ``device``.
+    """
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     data = train if config.train_sentences is None else train[: config.train_sentences]
@@ -180,14 +187,18 @@ def finetune(
     folder = (cache or Path.home() / ".cache" / "oneshot" / "conll") / digest
     if (folder / "finetune.json").exists():
         info = json.loads((folder / "finetune.json").read_text())
-        model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+        model = AutoModelForTokenClassification.from_pretrained(folder, dtype=torch.float32).eval().to(device)
         return model, AutoTokenizer.from_pretrained(folder), {**info, "cached": str(folder)}
 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForTokenClassification.from_pretrained(
-        model_path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id=LABEL_ID
-    )
+        model_path,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id=LABEL_ID,
+        dtype=torch.float32,
+    ).to(device)
     items = encode(tokenizer, data, config.max_length)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = max(1, int(steps_per_epoch * config.epochs))
@@ -202,8 +213,8 @@ def finetune(
         for idx in _batches(items, config.batch_size, shuffle=True, seed=config.seed + epoch):
             if step >= total:
                 break
-            ids = _pad([items[i]["input_ids"] for i in idx], tokenizer.pad_token_id)
-            labels = _pad([items[i]["labels"] for i in idx], -100)
+            ids = _pad([items[i]["input_ids"] for i in idx], tokenizer.pad_token_id).to(device)
+            labels = _pad([items[i]["labels"] for i in idx], -100).to(device)
             loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,14 +241,18 @@ def finetune(
 
 
 def predict(model: nn.Module, tokenizer: Any, sentences: list[Sentence], batch_size: int = 64) -> list[list[str]]:
-    """Predicted IOB2 tags per word (read at each word's first sub-word; truncated words get O)."""
+    """Predicted IOB2 tags per word (read at each word's first sub-word; truncated words get O).
+
+    Runs on the device the model's parameters are on.
+    """
     items = encode(tokenizer, sentences)
     preds: list[list[str]] = [[] for _ in sentences]
+    device = next(model.parameters()).device
     with torch.no_grad():
         for idx in _batches(items, batch_size, shuffle=False, seed=0):
-            ids = _pad([items[i]["input_ids"] for i in idx], tokenizer.pad_token_id)
+            ids = _pad([items[i]["input_ids"] for i in idx], tokenizer.pad_token_id).to(device)
             logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
-            best = logits.argmax(-1)
+            best = logits.argmax(-1).cpu()
             for row, i in enumerate(idx):
                 tags = [LABELS[int(best[row, p])] for p in items[i]["first"]]
                 preds[i] = tags + ["O"] * (items[i]["n_words"] - len(tags))

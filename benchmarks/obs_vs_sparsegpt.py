@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import SHARED, machine, minilm_dir, write_results
+from benchmarks.common import SHARED, machine, machine_line, minilm_dir, write_results
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
-from oneshot.driver import STAT_HESSIAN, layer_stats, sweep
+from oneshot.driver import STAT_HESSIAN, layer_stats, resolve_device, sweep
 from oneshot.layers import as_matrix
 from oneshot.methods.obs import obs
 from oneshot.methods.sparsegpt import sparsegpt
@@ -57,11 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sentences", type=int, default=512)
     parser.add_argument("--sparsities", default="0.5,0.7")
     parser.add_argument("--name", default="obs_vs_sparsegpt_minilm")
+    parser.add_argument("--model", default=None, help="BERT folder [the packaged all-MiniLM-L6-v2]")
+    parser.add_argument("--device", default="auto", help="where both solvers run (auto: CUDA if available)")
+    parser.add_argument("--obs-memory-mb", type=int, default=1024, help="OBS row-batch memory budget")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    model_dir = args.model or minilm_dir()
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(minilm_dir()).eval()
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
     enc = tok(conll_sentences(args.sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
     calib = CalibrationSet(enc["input_ids"], enc["attention_mask"])
     hessians: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -69,18 +74,26 @@ def main(argv: list[str] | None = None) -> None:
     def keep(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
         h = layer_stats(accs).hessian
         assert h is not None
-        hessians[full] = (as_matrix(module), h)
+        hessians[full] = (as_matrix(module).to(device), h.to(device))
 
-    sweep(model, calib, PruneConfig(method="sparsegpt", sparsity=0.5, quiet=True), (STAT_HESSIAN,), keep)
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, quiet=True, device=str(device))
+    sweep(model, calib, config, (STAT_HESSIAN,), keep)
+
+    def timed(fn: Any, *fn_args: Any, **fn_kwargs: Any) -> tuple[Any, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn(*fn_args, **fn_kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t0
+
+    budget = args.obs_memory_mb << 20
     rows: list[dict[str, Any]] = []
     for s in (float(x) for x in args.sparsities.split(",")):
         for name, (w, h) in hessians.items():
-            t0 = time.perf_counter()
-            sg = sparsegpt(w, h, s)
-            t_sg = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ob = obs(w, h, s)
-            t_obs = time.perf_counter() - t0
+            sg, t_sg = timed(sparsegpt, w, h, s)
+            ob, t_obs = timed(obs, w, h, s, memory_budget=budget)
             rows.append(
                 {
                     "layer": name,
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{command.strip()}`  ",
         f"Calibration: {args.sentences} CoNLL-2003 train sentences ({int(enc['attention_mask'].sum())} tokens, padding "
-        f"excluded). Machine: {machine()['platform']}, {machine()['cpu_threads']} threads. Errors are "
+        f"excluded). Machine: {machine_line()}, solvers on {device}. Errors are "
         "‖(W−W′)X‖²/‖WX‖² averaged over the 6 blocks; seconds are per layer.",
         "",
         "| sparsity | layer | shape | SparseGPT error | OBS error | OBS / SparseGPT error | SparseGPT s | OBS s |",

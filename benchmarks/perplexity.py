@@ -14,13 +14,12 @@ import logging
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import oneshot
-from benchmarks.common import machine, shared_file, smollm2_gguf, wikitext_test_text, write_results
+from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
 
@@ -34,23 +33,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     parser.add_argument("--calib", default=None, help="calibration text file [default: shared austen/emma.txt]")
     parser.add_argument("--name", default="perplexity_smollm2", help="results file stem")
-    parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, or a text file to score")
+    parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, persuasion, or a text file to score")
     parser.add_argument("--allocations", default="uniform", help="uniform and/or owl (OWL: M=5, λ=0.08)")
+    parser.add_argument("--model", default=None, help="model folder, hub name or .gguf [the packaged SmolLM2]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    model, tokenizer = oneshot.load_model(smollm2_gguf())
+    model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib_path = args.calib or str(shared_file("austen", "emma.txt"))
     calib_cfg = CalibrationConfig(source=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
-    if args.eval == "wikitext2":
-        text, eval_name = wikitext_test_text(), "WikiText-2 raw test"
-    elif args.eval == "ptb":
-        text, eval_name = shared_file("ptb", "ptb.test.txt").read_text(), "PTB test"
-    else:
-        text, eval_name = Path(args.eval).read_text(encoding="utf-8"), args.eval
+    text, eval_name = eval_text(args.eval)
 
     def ppl() -> float:
         return oneshot.evaluate_perplexity(
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Evaluation: {eval_name} ({windows} non-overlapping {args.seqlen}-token windows; WikiText-2 rows joined "
         "with blank lines as in the SparseGPT/Wanda code). All linear layers of the 30 blocks pruned; embeddings "
         "and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights.  ",
-        f"Machine: {machine()['platform']}, torch {machine()['torch']}, {machine()['cpu_threads']} threads.",
+        f"Machine: {machine_line()}.",
         "",
         "| method | pattern | perplexity | achieved sparsity | mean rel. layer error | prune time (s) |",
         "|---|---|---|---|---|---|",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import machine, shared_file, smollm2_gguf, write_results
+from benchmarks.common import machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Pruning time by phase, SmolLM2-135M, 50% unstructured",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: "
-        f"{machine()['platform']}, {machine()['cpu_threads']} threads, torch {machine()['torch']}.  ",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: {machine_line()}.  ",
         f"Baseline: one dense forward of the whole model over the calibration set = {baseline:.1f}s "
         f"(again after the runs: {baseline_again:.1f}s). `forwards` are the statistics-gathering block "
         "forwards without the hook time; `statistics` is the hook time; `error_report` estimates each layer's "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import machine, shared_file, smollm2_gguf, wikitext_test_text, write_results
+from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
 from oneshot.surgery import param_count
@@ -45,15 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, persuasion, or a text file to score")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per throughput measurement (best)")
     parser.add_argument("--name", default="structured_smollm2")
+    parser.add_argument("--model", default=None, help="model folder, hub name or .gguf [the packaged SmolLM2]")
     args = parser.parse_args(argv)
 
-    model, tokenizer = oneshot.load_model(smollm2_gguf())
+    model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     dense_config = model.config.to_dict()
     cfg = CalibrationConfig(source=str(shared_file("austen", "emma.txt")), nsamples=args.nsamples, seqlen=args.seqlen)
     calib = build_calibration(tokenizer, cfg, args.seqlen)
-    text = wikitext_test_text()
+    text, eval_name = eval_text(args.eval)
     probe = calib.input_ids[:4]
 
     def ppl(m: torch.nn.Module) -> float:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                         quiet=True,
                     )
                     size = sum(f.stat().st_size for f in (Path(tmp) / "m").glob("*.safetensors"))
-                speed = tokens_per_second(m, probe) / tokens_per_second(dense, probe)
+                speed = tokens_per_second(m, probe, args.repeats) / tokens_per_second(dense, probe, args.repeats)
                 rows.append(
                     {
                         "ratio": ratio,
@@ -110,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         "# Structured pruning of SmolLM2-135M (MLP neurons removed in every block)",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Calibration {args.nsamples} x {args.seqlen} tokens of Emma; WikiText-2 test perplexity ({windows} "
+        f"Calibration {args.nsamples} x {args.seqlen} tokens of Emma; {eval_name} perplexity ({windows} "
         f"{args.seqlen}-token windows); dense perplexity {dense_ppl:.2f}, {dense_params:,} parameters. Throughput is "
         f"tokens/s of the pruned model over the dense one on a 4 x {args.seqlen} batch, same process. Machine: "
-        f"{machine()['platform']}, {machine()['cpu_threads']} threads.",
+        f"{machine_line()}.",
         "",
         "| MLP removed | score | bias compensation | perplexity | parameters | safetensors MB | throughput vs dense |",
         "|---|---|---|---|---|---|---|",
