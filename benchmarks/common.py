@@ -54,9 +54,27 @@ def wikitext_test_text() -> str:
 
 
 def eval_text(name: str) -> tuple[str, str]:
-    """(text, label) of an evaluation set: ``wikitext2``, ``ptb``, ``persuasion`` or a text file's path."""
-    if name == "wikitext2":
-        return wikitext_test_text(), "WikiText-2 raw test"
+    """(text, label) of a named text: ``wikitext2``, ``ptb``, ``persuasion`` or a text file's path.
+
+    ``wikitext2:head`` / ``wikitext2:tail`` are the two halves of WikiText-2 test (split at a blank
+    row): calibrating on one and scoring the other is an in-domain check, not the protocol.
+    """
+    if name.startswith("wikitext2"):
+        text = wikitext_test_text()
+        part = name.partition(":")[2]
+        if not part:
+            return text, "WikiText-2 raw test"
+        cut = text.find("\n\n", len(text) // 2)
+        if part not in ("head", "tail"):
+            raise SystemExit(f"unknown part {part!r} of wikitext2: use wikitext2:head or wikitext2:tail")
+        return (
+            (text[:cut], "WikiText-2 test, first half")
+            if part == "head"
+            else (
+                text[cut + 2 :],
+                "WikiText-2 test, second half",
+            )
+        )
     if name == "ptb":
         return shared_file("ptb", "ptb.test.txt").read_text(encoding="utf-8"), "PTB test"
     if name == "persuasion":

@@ -13,7 +13,9 @@ import argparse
 import logging
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    parser.add_argument("--calib", default=None, help="calibration text file [default: shared austen/emma.txt]")
+    parser.add_argument(
+        "--calib", default=None, help="calibration text file or a name as for --eval [default: shared austen/emma.txt]"
+    )
     parser.add_argument("--name", default="perplexity_smollm2", help="results file stem")
     parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, persuasion, or a text file to score")
     parser.add_argument("--allocations", default="uniform", help="uniform and/or owl (OWL: M=5, λ=0.08)")
@@ -43,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib_path = args.calib or str(shared_file("austen", "emma.txt"))
+    if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
+        named = Path(tempfile.mkdtemp(prefix="oneshot-calib-")) / f"{calib_path.replace(':', '-')}.txt"
+        named.write_text(eval_text(calib_path)[0], encoding="utf-8")
+        calib_path = str(named)
     calib_cfg = CalibrationConfig(source=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
     text, eval_name = eval_text(args.eval)
@@ -84,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python -m benchmarks.perplexity " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
+    calib_label = args.calib or calib_path.split("shared/")[-1]
     lines = [
         f"# SmolLM2-135M-Instruct: {eval_name} perplexity after one-shot pruning",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib_path.split('shared/')[-1]}`, seed 0. "
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib_label}`, seed 0. "
         f"Evaluation: {eval_name} ({windows} non-overlapping {args.seqlen}-token windows; WikiText-2 rows joined "
         "with blank lines as in the SparseGPT/Wanda code). All linear layers of the 30 blocks pruned; embeddings "
         "and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights.  ",

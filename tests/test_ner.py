@@ -65,3 +65,31 @@ def test_shared_conll_counts() -> None:
         for kind, _, _ in entities(s.tags):
             counts[kind] = counts.get(kind, 0) + 1
     assert counts == {"PER": 1617, "LOC": 1668, "ORG": 1661, "MISC": 702}  # published statistics
+
+
+def test_prune_options_are_typed_keyword_arguments() -> None:
+    from benchmarks.conll2003 import parse_prune_options
+
+    assert parse_prune_options(["damp=0.001", "block-size=64", "score=variance"]) == {
+        "damp": 0.001,
+        "block_size": 64,
+        "score": "variance",
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_prune_options(["damp"])
+
+
+def test_wikitext_halves_partition_the_test_set() -> None:
+    from benchmarks.common import eval_text, shared_file
+
+    try:
+        shared_file("wikitext-2-raw", "wiki.test.raw")
+    except SystemExit:
+        pytest.skip("shared WikiText-2 not present")
+    full, _ = eval_text("wikitext2")
+    head, _ = eval_text("wikitext2:head")
+    tail, _ = eval_text("wikitext2:tail")
+    assert head + "\n\n" + tail == full
+    assert abs(len(head) - len(tail)) < 0.01 * len(full)
+    with pytest.raises(SystemExit, match="wikitext2:head"):
+        eval_text("wikitext2:middle")
