@@ -106,3 +106,31 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
+
+
+def parse_prune_options(pairs: list[str]) -> dict[str, Any]:
+    """``["damp=0.001", "block_size=384"]`` -> keyword arguments for :func:`oneshot.prune`.
+
+    Values are cast to int or float where they parse as one; a value starting with ``{`` is JSON
+    (e.g. ``sparsity_map={"*": "skip", "model.layers.2?.*": 0.7}``).
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--prune-option takes KEY=VALUE (got {pair!r})")
+        value: Any = raw
+        if raw.lstrip().startswith("{"):
+            try:
+                out[key.strip().replace("-", "_")] = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"--prune-option {key}: invalid JSON ({err})") from None
+            continue
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = value
+    return out

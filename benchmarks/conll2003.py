@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import RESULTS, SHARED, machine, machine_line, minilm_dir, write_results
+from benchmarks.common import RESULTS, SHARED, machine, machine_line, minilm_dir, parse_prune_options, write_results
 from benchmarks.ner import FinetuneConfig, calibration_set, evaluate, finetune, load_split
 from oneshot.driver import resolve_device
 
@@ -112,24 +112,6 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 sensitivity.append({**row, "block": b, "outlier_ratio": ratios[b]})
     model.load_state_dict(dense_state)
     return {"dense": dense, "finetune": ft_info, "rows": rows, "sweep": sweep, "sensitivity": sensitivity}
-
-
-def parse_prune_options(pairs: list[str]) -> dict[str, Any]:
-    """``["damp=0.001", "block_size=384"]`` -> keyword arguments for :func:`oneshot.prune`."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--prune-option takes KEY=VALUE (got {pair!r})")
-        value: Any = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                pass
-        out[key.strip().replace("-", "_")] = value
-    return out
 
 
 def table(payload: dict[str, Any], command: str, args: argparse.Namespace) -> str:

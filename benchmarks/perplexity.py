@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
+from benchmarks.common import (
+    eval_text,
+    machine,
+    machine_line,
+    parse_prune_options,
+    shared_file,
+    smollm2_gguf,
+    write_results,
+)
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
 
@@ -39,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="perplexity_smollm2", help="results file stem")
     parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, persuasion, or a text file to score")
     parser.add_argument("--allocations", default="uniform", help="uniform and/or owl (OWL: M=5, λ=0.08)")
+    parser.add_argument(
+        "--prune-option", action="append", default=[], help="extra oneshot.prune KEY=VALUE (e.g. sparsity_map={...})"
+    )
     parser.add_argument("--model", default=None, help="model folder, hub name or .gguf [the packaged SmolLM2]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer, text=text, seqlen=args.seqlen, max_windows=args.max_windows, quiet=True
         )
 
+    extra = parse_prune_options(args.prune_option)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     rows.append({"method": "dense", "pattern": "-", "perplexity": ppl(), "sparsity": 0.0, "prune_seconds": 0.0})
@@ -70,9 +82,17 @@ def main(argv: list[str] | None = None) -> None:
         for allocation in args.allocations.split(","):
             for method in args.methods.split(","):
                 model.load_state_dict(dense_state)
-                owl = {"owl": True} if allocation == "owl" else {}
+                owl: dict[str, Any] = {"owl": True} if allocation == "owl" else {}
                 report = oneshot.prune(
-                    model, tokenizer, method=method, sparsity=sparsity, nm=nm, calibration=calib, quiet=True, **owl
+                    model,
+                    tokenizer,
+                    method=method,
+                    sparsity=sparsity,
+                    nm=nm,
+                    calibration=calib,
+                    quiet=True,
+                    **extra,
+                    **owl,
                 )
                 value = ppl()
                 rows.append(
@@ -102,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "with blank lines as in the SparseGPT/Wanda code). All linear layers of the 30 blocks pruned; embeddings "
         "and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights.  ",
         f"Machine: {machine_line()}.",
-        "",
+        *([f"Extra prune options: `{' '.join(args.prune_option)}`.", ""] if args.prune_option else [""]),
         "| method | pattern | perplexity | achieved sparsity | mean rel. layer error | prune time (s) |",
         "|---|---|---|---|---|---|",
     ]

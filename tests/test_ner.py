@@ -68,12 +68,15 @@ def test_shared_conll_counts() -> None:
 
 
 def test_prune_options_are_typed_keyword_arguments() -> None:
-    from benchmarks.conll2003 import parse_prune_options
+    from benchmarks.common import parse_prune_options
 
     assert parse_prune_options(["damp=0.001", "block-size=64", "score=variance"]) == {
         "damp": 0.001,
         "block_size": 64,
         "score": "variance",
+    }
+    assert parse_prune_options(['sparsity_map={"*": "skip", "a.*": 0.7}']) == {
+        "sparsity_map": {"*": "skip", "a.*": 0.7}
     }
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_prune_options(["damp"])
