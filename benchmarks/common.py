@@ -59,22 +59,17 @@ def eval_text(name: str) -> tuple[str, str]:
     ``wikitext2:head`` / ``wikitext2:tail`` are the two halves of WikiText-2 test (split at a blank
     row): calibrating on one and scoring the other is an in-domain check, not the protocol.
     """
-    if name.startswith("wikitext2"):
+    base, _, part = name.partition(":")
+    if base == "wikitext2":
         text = wikitext_test_text()
-        part = name.partition(":")[2]
         if not part:
             return text, "WikiText-2 raw test"
-        cut = text.find("\n\n", len(text) // 2)
         if part not in ("head", "tail"):
             raise SystemExit(f"unknown part {part!r} of wikitext2: use wikitext2:head or wikitext2:tail")
-        return (
-            (text[:cut], "WikiText-2 test, first half")
-            if part == "head"
-            else (
-                text[cut + 2 :],
-                "WikiText-2 test, second half",
-            )
-        )
+        cut = text.find("\n\n", len(text) // 2)
+        if part == "head":
+            return text[:cut], "WikiText-2 test, first half"
+        return text[cut + 2 :], "WikiText-2 test, second half"
     if name == "ptb":
         return shared_file("ptb", "ptb.test.txt").read_text(encoding="utf-8"), "PTB test"
     if name == "persuasion":
@@ -119,18 +114,20 @@ def parse_prune_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise SystemExit(f"--prune-option takes KEY=VALUE (got {pair!r})")
-        value: Any = raw
-        if raw.lstrip().startswith("{"):
-            try:
-                out[key.strip().replace("-", "_")] = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"--prune-option {key}: invalid JSON ({err})") from None
-            continue
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                pass
-        out[key.strip().replace("-", "_")] = value
+        out[key.strip().replace("-", "_")] = _option_value(key, raw)
     return out
+
+
+def _option_value(key: str, raw: str) -> Any:
+    """``raw`` as JSON (if it starts with ``{``), else int, else float, else the string itself."""
+    if raw.lstrip().startswith("{"):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--prune-option {key}: invalid JSON ({err})") from None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw

@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib_path = args.calib or str(shared_file("austen", "emma.txt"))
-    if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
-        named = Path(tempfile.mkdtemp(prefix="oneshot-calib-")) / f"{calib_path.replace(':', '-')}.txt"
-        named.write_text(eval_text(calib_path)[0], encoding="utf-8")
-        calib_path = str(named)
-    calib_cfg = CalibrationConfig(source=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
+    with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
+        source = calib_path
+        if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
+            source = str(Path(tmp) / "calibration.txt")
+            Path(source).write_text(eval_text(calib_path)[0], encoding="utf-8")
+        calib_cfg = CalibrationConfig(source=source, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+        calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
     text, eval_name = eval_text(args.eval)
 
     def ppl() -> float:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python -m benchmarks.perplexity " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
-    calib_label = args.calib or calib_path.split("shared/")[-1]
+    calib_label = calib_path.split("shared/")[-1]
     lines = [
         f"# SmolLM2-135M-Instruct: {eval_name} perplexity after one-shot pruning",
         "",
