@@ -21,10 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
+from oneshot.checkpoint import Checkpoint
 from oneshot.config import CalibrationConfig, PruneConfig
 from oneshot.driver import (
     LayerRecord,
     PhaseTimes,
+    SweepResult,
     owl_allocation,
     prunable_layers,
     prune_sequential,
@@ -32,9 +34,11 @@ from oneshot.driver import (
     resolve_device,
 )
 from oneshot.errors import ConfigError, DataError, ModelError
-from oneshot.loading import context_length, load_model
+from oneshot.loading import context_length, load_model, load_tokenizer, local_folder, resolve_dtype
+from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
+from oneshot.streaming import StreamingRun, partial_dir
 from oneshot.writer import check_output_dir, save_pruned
 
 log = logging.getLogger(__name__)
@@ -159,116 +163,223 @@ def prune(
     sparsities: dict[str, float | None] | None = None,
     **options: Any,
 ) -> Report:
-    """Prune a model in place (or load one from a folder / hub name / .gguf) and return a :class:`Report`.
+    """Prune a model in place (or a checkpoint: a folder / hub name / .gguf) and return a :class:`Report`.
 
     ``calibration`` is a source (``"bundled"``, a file, a hub dataset name), a
     :class:`CalibrationConfig`, a ready :class:`CalibrationSet`, or a ``[N, T]`` tensor of token
     ids. Other keyword ``options`` are :class:`PruneConfig` fields (``block_size``, ``damp``,
-    ``batch_size``, ``device``, ``skip_layers``, ``quiet``...). ``config`` replaces all of them.
-    With ``out`` the pruned model is saved there (see :func:`oneshot.writer.save_pruned`).
-    ``owl=True`` (with ``owl_m``, ``owl_lambda``) allocates per-block sparsities by outlier ratio
-    first; ``sparsity_map={glob: sparsity | "skip"}`` then overrides layers by name, and
-    ``sparsities`` (exact layer names) overrides both.
+    ``batch_size``, ``device``, ``skip_layers``, ``stream``, ``max_memory``, ``resume``, ``quiet``...).
+    ``config`` replaces all of them. With ``out`` the pruned model is saved there (see
+    :func:`oneshot.writer.save_pruned`). A checkpoint larger than ``max_memory`` (or any with
+    ``stream=True``) is pruned block by block from its shards straight into ``out``
+    (:mod:`oneshot.streaming`). ``owl=True`` (with ``owl_m``, ``owl_lambda``) allocates per-block
+    sparsities by outlier ratio first; ``sparsity_map={glob: sparsity | "skip"}`` then overrides
+    layers by name, and ``sparsities`` (exact layer names) overrides both.
     """
     start = time.perf_counter()
-    if config is None:
-        fields: dict[str, Any] = {"sparsity": sparsity, "nm": nm, **options}
-        if method is not None:
-            fields["method"] = method
-        if isinstance(calibration, CalibrationConfig):
-            fields["calibration"] = calibration
-        config = PruneConfig(**fields)
-    elif method is not None or sparsity is not None or nm is not None or options:
-        raise ConfigError("pass either config=PruneConfig(...) or individual options, not both")
-    out_path = check_output_dir(out, overwrite) if out is not None else None
+    config = _make_config(config, method, sparsity, nm, calibration, options)
+    out_path = Path(out).expanduser() if out is not None else None
+    if out_path is not None and not (config.resume and partial_dir(out_path).exists()):
+        check_output_dir(out_path, overwrite)
 
-    name = ""
+    name, run = "", None
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        model, loaded_tokenizer = load_model(model, config.dtype)
-        tokenizer = tokenizer or loaded_tokenizer
+        model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite)
+    elif config.stream or config.resume:
+        raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    calib = _calibration(model, tokenizer, calibration, config)
+    if run is not None:
+        run.begin(calib)
 
-    source = _as_calibration(calibration, config)
+    was_training = model.training
+    model.eval()
+    extra: dict[str, Any] = {
+        "calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen},
+        "mode": "streaming" if run is not None else "in-memory",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    try:
+        if METHODS[config.method].structured:
+            report = _prune_structured(model, calib, config, extra, run)
+        else:
+            report = _prune_unstructured(model, calib, config, sparsities, extra, run)
+        report.model = name
+        return _finish(report, model, tokenizer, out_path, overwrite, start, run)
+    except BaseException:
+        if run is not None and run.partial.exists():
+            log.error("the finished blocks are kept in %s: rerun with --resume to continue", run.partial)
+        raise
+    finally:
+        model.train(was_training)
+
+
+def _make_config(
+    config: PruneConfig | None,
+    method: str | None,
+    sparsity: float | None,
+    nm: str | tuple[int, int] | None,
+    calibration: object,
+    options: dict[str, Any],
+) -> PruneConfig:
+    if config is not None:
+        if method is not None or sparsity is not None or nm is not None or options:
+            raise ConfigError("pass either config=PruneConfig(...) or individual options, not both")
+        return config
+    fields: dict[str, Any] = {"sparsity": sparsity, "nm": nm, **options}
+    if method is not None:
+        fields["method"] = method
+    if isinstance(calibration, CalibrationConfig):
+        fields["calibration"] = calibration
+    return PruneConfig(**fields)
+
+
+def _open(
+    source: str | os.PathLike[str], tokenizer: Any, config: PruneConfig, out: Path | None, overwrite: bool
+) -> tuple[nn.Module, Any, StreamingRun | None]:
+    """Load the checkpoint in memory, or open a streaming run on it (see :func:`should_stream`)."""
+    folder = local_folder(source)
+    dtype = resolve_dtype(folder, config.dtype)
+    if not should_stream(folder, config, dtype):
+        model, loaded = load_model(folder, config.dtype)
+        return model, tokenizer or loaded, None
+    if out is None:
+        raise ConfigError("a streaming run writes the pruned model block by block: pass out= (--out)")
+    run = StreamingRun(folder, config, out, overwrite, dtype)
+    return run.model, tokenizer or load_tokenizer(folder), run
+
+
+def should_stream(folder: Path, config: PruneConfig, dtype: torch.dtype) -> bool:
+    """Stream when asked to, or when the weights (in ``dtype``) plus 20% would exceed the memory budget."""
+    if config.stream is not None or config.resume:
+        return bool(config.stream is not False)
+    try:
+        checkpoint = Checkpoint(folder)
+    except ModelError:
+        return False  # not safetensors: only the in-memory loader can read it
+    scale = torch.empty(0, dtype=dtype).element_size() / torch.empty(0, dtype=checkpoint.dtype()).element_size()
+    need = int(checkpoint.nbytes * scale * 1.2)
+    budget = config.max_memory or default_budget()
+    if need > budget:
+        log.info("the model needs about %.1f GB, more than the %.1f GB budget: streaming it", need / 1e9, budget / 1e9)
+        return True
+    return False
+
+
+def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig) -> CalibrationSet:
+    source = _as_calibration(calibration, config)  # type: ignore[arg-type]
     if isinstance(source, CalibrationConfig):
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build calibration data; pass tokenizer= or token ids")
-        seqlen = _resolve_seqlen(model, source.seqlen)
-        calib = build_calibration(tokenizer, source, seqlen)
+        calib = build_calibration(tokenizer, source, _resolve_seqlen(model, source.seqlen))
     else:
         calib = source
         _resolve_seqlen(model, calib.seqlen)
     if not config.quiet:
         log.info("calibrating on %d samples x %d tokens", calib.nsamples, calib.seqlen)
+    return calib
 
-    was_training = model.training
-    model.eval()
-    extra: dict[str, Any] = {"calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen}}
-    if METHODS[config.method].structured:
-        try:
-            structured = prune_structured(model, calib, config)
-        finally:
-            model.train(was_training)
-        extra["structured"] = {
-            "ratio": config.ratio,
-            "score": config.score,
-            "target": config.target,
-            "bias_compensation": config.bias_compensation,
-            "params_before": structured.params_before,
-            "params_after": structured.params_after,
-            "blocks": [dataclasses.asdict(u) for u in structured.units],
-        }
-        return _finish(
-            Report(config, [], structured.times, 0.0, structured.blocks_name, name, extra=extra),
-            model,
-            tokenizer,
-            out_path,
-            overwrite,
-            start,
-        )
-    try:
-        layers = (
-            uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
-        )
-        if config.sparsity_map:  # validate the map before any expensive work
-            apply_sparsity_map(layers, config.sparsity_map)
-        allocation: dict[str, float | None] | None = None
-        if config.owl:
+
+def _prune_structured(
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, extra: dict[str, Any], run: StreamingRun | None
+) -> Report:
+    structured = prune_structured(model, calib, config, io=run.io() if run is not None else None)
+    extra["structured"] = {
+        "ratio": config.ratio,
+        "score": config.score,
+        "target": config.target,
+        "bias_compensation": config.bias_compensation,
+        "params_before": structured.params_before,
+        "params_after": structured.params_after,
+        "blocks": [dataclasses.asdict(u) for u in structured.units],
+    }
+    return Report(config, [], structured.times, 0.0, structured.blocks_name, extra=extra)
+
+
+def _allocation(
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    sparsities: dict[str, float | None] | None,
+    extra: dict[str, Any],
+    run: StreamingRun | None,
+) -> dict[str, float | None] | None:
+    """Per-layer sparsities from OWL, the sparsity map and explicit overrides (None = uniform)."""
+    layers = uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
+    if config.sparsity_map:  # validate the map before any expensive work
+        apply_sparsity_map(layers, config.sparsity_map)
+    allocation: dict[str, float | None] | None = None
+    if config.owl:
+        saved = run.progress.get("owl") if run is not None else None
+        if saved is None:
             t0 = time.perf_counter()
-            owl = owl_allocation(model, calib, config)
-            allocation = dict(owl.sparsities)
-            extra["owl"] = {
+            owl = owl_allocation(model, calib, config, io=run.read_only_io("owl") if run is not None else None)
+            saved = {
                 "m": config.owl_m,
                 "lambda": config.owl_lambda,
                 "seconds": time.perf_counter() - t0,
                 "blocks": owl.blocks,
+                "sparsities": owl.sparsities,
             }
-        if config.sparsity_map:
-            allocation = apply_sparsity_map(allocation or layers, config.sparsity_map)
-        if sparsities:
-            allocation = {**(allocation or {}), **sparsities}
-        sweep = prune_sequential(model, calib, config, sparsities=allocation)
-    finally:
-        model.train(was_training)
+            if run is not None:
+                run.progress["owl"] = saved
+        allocation = dict(saved["sparsities"])
+        extra["owl"] = {k: v for k, v in saved.items() if k != "sparsities"}
+    if config.sparsity_map:
+        allocation = apply_sparsity_map(allocation or layers, config.sparsity_map)
+    if sparsities:
+        allocation = {**(allocation or {}), **sparsities}
+    return allocation
+
+
+def _prune_unstructured(
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    sparsities: dict[str, float | None] | None,
+    extra: dict[str, Any],
+    run: StreamingRun | None,
+) -> Report:
+    allocation = _allocation(model, calib, config, sparsities, extra, run)
+    result = SweepResult(blocks_name="")
+    if run is not None:
+        run.restore(result)
+        if run.start:
+            extra["resumed_from_block"] = run.start
+    sweep = prune_sequential(
+        model, calib, config, sparsities=allocation, io=run.io(result) if run is not None else None, result=result
+    )
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
-    report = Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, name, extra=extra)
-    return _finish(report, model, tokenizer, out_path, overwrite, start)
+    return Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)
 
 
 def _finish(
-    report: Report, model: nn.Module, tokenizer: Any, out_path: Path | None, overwrite: bool, start: float
+    report: Report,
+    model: nn.Module,
+    tokenizer: Any,
+    out_path: Path | None,
+    overwrite: bool,
+    start: float,
+    run: StreamingRun | None,
 ) -> Report:
-    """Stamp the total time and save the model when an output folder was given."""
+    """Stamp time and memory, and save the model when an output folder was given."""
     report.seconds = time.perf_counter() - start
+    report.extra["seconds_per_block"] = list(report.times.per_block)
+    report.extra["peak_rss_bytes"] = peak_rss()
     if out_path is not None:
         t0 = time.perf_counter()
         report.out_dir = str(out_path)
-        save_pruned(model, tokenizer, out_path, report.to_dict(), report.config.to_dict(), overwrite=overwrite)
+        if run is not None:
+            report.extra["verified_bytes"] = run.finish(tokenizer, report.to_dict(), report.config.to_dict())
+        else:
+            save_pruned(model, tokenizer, out_path, report.to_dict(), report.config.to_dict(), overwrite=overwrite)
         report.extra["write_seconds"] = time.perf_counter() - t0
         report.seconds = time.perf_counter() - start
+        report.extra["peak_rss_bytes"] = peak_rss()
     return report
 
 

@@ -81,11 +81,13 @@ def capture_inputs(
     batch_size: int,
     device: torch.device,
     storage: torch.device | None = None,
+    sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> CapturedInputs:
     """Run the model's stem on each calibration batch and record every block's call arguments.
 
     ``storage`` is where captured tensors are kept (default: CPU, so only one block's activations
-    need to sit on the compute device).
+    need to sit on the compute device). Block 0's input of batch ``b`` goes to ``sink(b, hidden)``
+    when given (e.g. an activation store on disk), else into ``CapturedInputs.hidden``.
     """
     storage = storage or torch.device("cpu")
     captured = CapturedInputs()
@@ -103,7 +105,10 @@ def capture_inputs(
             call = BlockCall(to_device(rest, storage), to_device(kwargs, storage), hidden_kw)
             captured.calls[-1].append(call)
             if index == 0:
-                captured.hidden.append(hidden.detach().to(storage))
+                if sink is not None:
+                    sink(len(captured.calls) - 1, hidden.detach())
+                else:
+                    captured.hidden.append(hidden.detach().to(storage))
                 if "kind" not in structure:  # learn once how this block family returns its output
                     out = original(*args, **({hidden_kw: hidden} if hidden_kw else {}), **kwargs)
                     structure["kind"] = ("tuple", len(out)) if isinstance(out, (tuple, list)) else ("tensor", 1)

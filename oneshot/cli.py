@@ -84,7 +84,29 @@ def main() -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Model dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="Dtype to compute and save in; auto = the checkpoint's own (a bf16 model stays bf16).",
+)
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Read one block at a time from the safetensors shards and write it out at once, so the model "
+    "never has to fit in memory [default: stream when the model would not fit --max-memory].",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Memory budget that decides streaming, e.g. 20GB [default: 70% of the available memory].",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted streaming run into the same --out from its last finished block.",
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration sequences per forward.")
 @click.option("--block-size", type=int, default=128, show_default=True, help="SparseGPT lazy-update block width.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Relative Hessian damping (SparseGPT).")
@@ -130,6 +152,13 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
       oneshot prune ./model --method wanda --sparsity 0.7 --owl --out ./pruned-owl
       oneshot prune ./model --method obs --sparsity 0.5 --sparsity-map map.json --out ./pruned-obs
       oneshot prune ./model --method structured --ratio 0.2 --target mlp --out ./smaller
+      oneshot prune ./Llama-70B --method wanda --sparsity 0.5 --stream --out ./pruned70   # any size
+      oneshot prune ./Llama-70B --method wanda --sparsity 0.5 --stream --resume --out ./pruned70
+
+    \b
+    A checkpoint larger than --max-memory is streamed: one block in memory at a time, each pruned
+    block written to the output shards at once, progress recorded so that --resume continues
+    after a crash or a kill. Streaming needs a folder (or hub name) with safetensors weights.
     """
     from oneshot.api import prune as api_prune
 
@@ -165,6 +194,9 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
             score=opts["score"],
             bias_compensation=not opts["no_bias_compensation"],
             target=opts["target"],
+            stream=opts["stream"],
+            max_memory=opts["max_memory"],
+            resume=opts["resume"],
             quiet=opts["quiet"],
         )
         report = api_prune(model, config=config, out=out, overwrite=overwrite)
@@ -180,7 +212,13 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
 @click.option("--device", default="auto", show_default=True, help="Compute device.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Model dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="Model dtype (auto = the checkpoint's).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(

@@ -16,8 +16,24 @@ from typing import Any
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import parse_sparsity_map
 
-#: dtypes a model may be loaded and pruned in (the solvers always work in float32).
-DTYPES = ("float32", "bfloat16", "float16")
+#: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
+#: checkpoint's own dtype.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_memory(value: str | int | None) -> int | None:
+    """Parse a memory size such as ``"20GB"``, ``"512MiB"`` or a number of bytes.
+
+    >>> parse_memory("1.5GB")
+    1500000000
+    """
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise ConfigError(f"memory size {value!r} is not a size; use e.g. --max-memory 20GB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -79,7 +95,8 @@ class PruneConfig:
 
     ``sparsity`` is the fraction of weights set to zero in every pruned linear layer. With an N:M
     pattern (``nm=(2, 4)``) the sparsity is implied (1 - N/M) and may be omitted; a different
-    explicit value is an error.
+    explicit value is an error. ``stream`` (None = decide from ``max_memory``) prunes a checkpoint
+    folder block by block from its shards; ``resume`` continues an interrupted streaming run.
     """
 
     method: str = "sparsegpt"
@@ -91,7 +108,7 @@ class PruneConfig:
     max_damp_retries: int = 4
     batch_size: int = 8
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     skip_layers: tuple[str, ...] = ()
     owl: bool = False
     owl_m: float = 5.0
@@ -102,6 +119,9 @@ class PruneConfig:
     score: str = "fluctuation"
     bias_compensation: bool = True
     target: str = "mlp"
+    stream: bool | None = None
+    max_memory: int | None = None
+    resume: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -159,6 +179,11 @@ class PruneConfig:
             object.__setattr__(self, "sparsity_map", parse_sparsity_map(self.sparsity_map))
         else:
             object.__setattr__(self, "sparsity_map", parse_sparsity_map(dict(self.sparsity_map)))
+        object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
+        if self.resume and self.stream is False:
+            raise ConfigError("--resume continues a streaming run; drop --no-stream")
         if self.obs_memory_mb < 1:
             raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
 

@@ -14,19 +14,21 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from oneshot.activations import ActivationStore, MemoryStore
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample, relative_error
-from oneshot.capture import capture_inputs
+from oneshot.capture import CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
 from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, find_blocks, find_linears, from_matrix, weight_numel
+from oneshot.memory import release_freed_memory
 from oneshot.methods.allocation import outlier_ratio, owl_sparsities
 from oneshot.methods.base import LayerStats, MethodOptions
 from oneshot.methods.registry import METHODS, STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, MethodSpec
@@ -79,6 +81,7 @@ class PhaseTimes:
     solve: float = 0.0
     report: float = 0.0  # reconstruction-error estimates for the report
     propagate: float = 0.0
+    per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
 
 @dataclass
@@ -99,19 +102,53 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer of ``model`` that is not inside ``blocks`` to ``device``."""
+    """Move every real parameter and buffer of ``model`` that is not inside ``blocks`` to ``device``."""
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for module in model.modules():
         for param in module._parameters.values():
-            if param is not None and id(param) not in inside:
+            if param is not None and id(param) not in inside and param.device.type != "meta":
                 param.data = param.data.to(device)
         for key, buf in module._buffers.items():
-            if buf is not None and id(buf) not in inside:
+            if buf is not None and id(buf) not in inside and buf.device.type != "meta":
                 module._buffers[key] = buf.to(device)
 
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class BlockSource(Protocol):
+    """Where a block's weights come from and go: the model in memory, or shards on disk (streaming)."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Make block ``index``'s weights real (on the CPU) before the sweep uses it."""
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """The sweep is done with block ``index`` (after ``after_block``)."""
+
+
+class InMemory:
+    """The model's weights are already in memory; nothing to load or free."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Nothing to load."""
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """Nothing to free."""
+
+
+@dataclass
+class SweepIO:
+    """How a sweep gets and hands back blocks and activations (defaults: all in memory, from block 0).
+
+    ``start`` > 0 resumes: ``store`` must then hold block ``start``'s inputs. ``after_block`` is
+    called with each finished block (weights final, next inputs committed to ``store``).
+    """
+
+    source: BlockSource = field(default_factory=InMemory)
+    store: ActivationStore | None = None
+    start: int = 0
+    after_block: Callable[[int, nn.Module], None] | None = None
 
 
 #: Called once per block after its statistics forward and before propagation:
@@ -121,6 +158,26 @@ BlockVisitor = Callable[[int, nn.Module, Callable[[str], dict[str, Accumulator]]
 #: Called for each linear layer of the current block during a sweep:
 #: (qualified name, block index, module, that layer's accumulators by statistic name).
 LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
+
+
+def _capture(
+    model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO
+) -> tuple[CapturedInputs, ActivationStore]:
+    """Record every block's call arguments; block 0's inputs go into the store (unless resuming)."""
+    device = resolve_device(config.device)
+    store = io.store if io.store is not None else MemoryStore(pin=device.type == "cuda")
+    _move_outside(model, blocks, device)
+    io.source.load(0, blocks[0])
+    blocks[0].to(device)
+    sink = store.put if io.start == 0 else (lambda b, h: None)
+    captured = capture_inputs(model, blocks, calib, config.batch_size, device, sink=sink)
+    if io.start != 0:
+        io.source.unload(0, blocks[0])
+    if len(store) != len(captured.calls):
+        raise RuntimeError(
+            f"the activation store holds {len(store)} batches, the calibration set {len(captured.calls)}"
+        )
+    return captured, store
 
 
 def sweep(
@@ -134,58 +191,89 @@ def sweep(
     observer: BlockObserver | None = None,
     block_visit: BlockVisitor | None = None,
     desc: str = "blocks",
+    io: SweepIO | None = None,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
     For each block: forward all batches with hooks gathering the statistics named in ``needs``
     (plus a token sample), call ``visit`` for each linear layer (it may rewrite the weights), then
     re-run the block to produce the next block's inputs, so later blocks see what ``visit`` did.
-    Layers matching ``config.skip_layers`` are not visited. Returns the blocks' qualified name.
+    Layers matching ``config.skip_layers`` are not visited. ``io`` says where blocks and
+    activations live (default: in memory). Returns the blocks' qualified name.
     """
     times = times if times is not None else PhaseTimes()
+    io = io or SweepIO()
     device = resolve_device(config.device)
     blocks_name, blocks = find_blocks(model)
-    factories = {key: STAT_FACTORIES[key] for key in (*needs, SAMPLE)}
     home = next(blocks[0].parameters()).device
+    if home.type == "meta":
+        home = torch.device("cpu")
 
     t0 = time.perf_counter()
-    _move_outside(model, blocks, device)
-    blocks[0].to(device)
-    captured = capture_inputs(model, blocks, calib, config.batch_size, device)
+    captured, store = _capture(model, blocks, calib, config, io)
     times.capture += time.perf_counter() - t0
-    hidden = captured.hidden
-
+    step = _BlockStep(config, needs, visit, block_visit, times, device, captured, store)
     try:
-        bar = tqdm(blocks, desc=desc, unit="block", disable=True if config.quiet else None)
-        for i, block in enumerate(bar):
+        bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
+        for i in bar:
+            start = time.perf_counter()
+            block = blocks[i]
+            if i != 0 or io.start != 0:
+                io.source.load(i, block)
             block.to(device)
-            linears = _block_linears(blocks_name, i, block, config)
-            t0 = time.perf_counter()
-            with torch.no_grad(), collect(linears, factories) as collector:
-                for b, h in enumerate(hidden):
-                    collector.next_batch(captured.token_masks[b])
-                    captured.calls[b][i].run(block, h, device)
-            times.statistics += collector.seconds
-            times.forward += time.perf_counter() - t0 - collector.seconds
-
-            t0, report_before = time.perf_counter(), times.report
-            for name, module in linears.items():
-                visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
-            if block_visit is not None:
-                block_visit(i, block, collector.stats)
-            times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
-            del collector
-
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                hidden = [captured.calls[b][i].run(block, h, device).to(h.device) for b, h in enumerate(hidden)]
-            times.propagate += time.perf_counter() - t0
+            step.run(i, block, _block_linears(blocks_name, i, block, config), blocks_name)
             if observer is not None:
-                observer(i, hidden)
+                observer(i, [store.get(b) for b in range(len(store))])
             block.to(home)
+            if io.after_block is not None:
+                io.after_block(i, block)
+            io.source.unload(i, block)
+            release_freed_memory()
+            times.per_block.append(time.perf_counter() - start)
     finally:
         _move_outside(model, blocks, home)
     return blocks_name
+
+
+@dataclass
+class _BlockStep:
+    """One block of a sweep: statistics forward, visitors, propagation into the store."""
+
+    config: PruneConfig
+    needs: tuple[str, ...]
+    visit: LayerVisitor
+    block_visit: BlockVisitor | None
+    times: PhaseTimes
+    device: torch.device
+    captured: CapturedInputs
+    store: ActivationStore
+
+    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
+        """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
+        times, store, calls = self.times, self.store, self.captured.calls
+        factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        t0 = time.perf_counter()
+        with torch.no_grad(), collect(linears, factories) as collector:
+            for b in range(len(store)):
+                collector.next_batch(self.captured.token_masks[b])
+                calls[b][i].run(block, store.get(b), self.device)
+        times.statistics += collector.seconds
+        times.forward += time.perf_counter() - t0 - collector.seconds
+
+        t0, report_before = time.perf_counter(), times.report
+        for name, module in linears.items():
+            self.visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+        if self.block_visit is not None:
+            self.block_visit(i, block, collector.stats)
+        times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
+        del collector
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in range(len(store)):
+                store.put(b, calls[b][i].run(block, store.get(b), self.device))
+        store.commit()
+        times.propagate += time.perf_counter() - t0
 
 
 def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
@@ -207,12 +295,15 @@ def prune_sequential(
     method: MethodSpec | None = None,
     sparsities: Mapping[str, float | None] | None = None,
     observer: BlockObserver | None = None,
+    io: SweepIO | None = None,
+    result: SweepResult | None = None,
 ) -> SweepResult:
     """Prune ``model`` in place, block by block, with ``config.method`` (or an explicit ``method``).
 
     ``sparsities`` maps qualified layer names to a sparsity that overrides ``config.sparsity``
     (layer-wise allocation; None = leave dense). Layers matching ``config.skip_layers`` globs are
-    left dense too.
+    left dense too. ``io`` streams blocks and activations (see :class:`SweepIO`); ``result``
+    carries the records of blocks finished before a resume and receives the new ones.
     """
     spec = method or METHODS[config.method]
     if spec.run is None:
@@ -227,7 +318,7 @@ def prune_sequential(
         memory_budget=config.obs_memory_mb << 20,
     )
     device = resolve_device(config.device)
-    result = SweepResult(blocks_name="")
+    result = result if result is not None else SweepResult(blocks_name="")
 
     def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
         target = sparsities.get(full, sparsity) if sparsities else sparsity
@@ -257,7 +348,7 @@ def prune_sequential(
         log.debug("%s: sparsity %.4f, rel. error %.3g", full, record.achieved_sparsity, record.relative_error)
 
     result.blocks_name = sweep(
-        model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name
+        model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name, io=io
     )
     return result
 
@@ -289,7 +380,9 @@ class OwlAllocation:
     blocks: list[dict[str, float]]
 
 
-def owl_allocation(model: nn.Module, calib: CalibrationSet, config: PruneConfig) -> OwlAllocation:
+def owl_allocation(
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None
+) -> OwlAllocation:
     """One dense, statistics-only sweep: each block's outlier ratio -> per-block sparsity (OWL).
 
     Scores are Wanda's ``|W_ij|·‖X_j‖`` over all linear layers of the block; the ratio is the
@@ -306,14 +399,14 @@ def owl_allocation(model: nn.Module, calib: CalibrationSet, config: PruneConfig)
         pending.append(scores.flatten())
         block_layers.setdefault(block, []).append(full)
 
-    def finish_block(block: int, outputs: list[torch.Tensor]) -> None:
+    def finish_block(block: int, module: nn.Module, stats: Callable[[str], dict[str, Accumulator]]) -> None:
         if not pending:
             return
         scores = torch.cat(pending)
         pending.clear()
         counts[block] = [outlier_ratio(scores, config.owl_m), float(scores.numel())]
 
-    sweep(model, calib, config, (STAT_COL_NORM,), visit, observer=finish_block, desc="owl statistics")
+    sweep(model, calib, config, (STAT_COL_NORM,), visit, block_visit=finish_block, desc="owl statistics", io=io)
     order = sorted(counts)
     ratios = [counts[b][0] for b in order]
     block_sparsity = owl_sparsities(
@@ -363,7 +456,12 @@ def _needs_new_bias(model: nn.Module, block: nn.Module, layer: str, flag: str | 
 
 
 def prune_structured(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, *, observer: BlockObserver | None = None
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    *,
+    observer: BlockObserver | None = None,
+    io: SweepIO | None = None,
 ) -> StructuredResult:
     """Remove the same share of MLP neurons and/or attention heads from every block, in place.
 
@@ -464,6 +562,7 @@ def prune_structured(
         observer=observer,
         block_visit=block_visit,
         desc="structured",
+        io=io,
     )
     if mlp is not None:
         for key in mlp.size_keys:

@@ -10,6 +10,7 @@ folder under ``$ONESHOT_CACHE`` (default ``~/.cache/oneshot``), because transfor
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
 
 
-def _model_class(config: Any) -> Any:
+def model_class(config: Any) -> Any:
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
@@ -46,83 +47,122 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Dequantise a GGUF file into a plain model, converting once and caching the result."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def gguf_folder(path: Path) -> Path:
+    """The plain safetensors folder of a GGUF file, dequantised once and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / "gguf-v2" / f"{path.stem}-{key}"
-    if not (cached / "config.json").exists():
-        log.info("converting %s to safetensors (once; cached in %s)", path.name, cached)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        # A GGUF-loaded model is flagged as quantised and cannot be saved: rebuild a plain one.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the dequantised weights are plain floats
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict(), strict=False)
-        plain.tie_weights()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
-        try:
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if cached.exists():
-                shutil.rmtree(cached)
-            tmp.rename(cached)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        del model, plain
-    config = AutoConfig.from_pretrained(cached)
-    model = _model_class(config).from_pretrained(cached, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(cached)
+    if (cached / "config.json").exists():
+        return cached
+    log.info("converting %s to safetensors (once; cached in %s)", path.name, cached)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # A GGUF-loaded model is flagged as quantised and cannot be saved: rebuild a plain one.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the dequantised weights are plain floats
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cached.exists():
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cached
 
 
-def load_model(name_or_path: str | os.PathLike[str], dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file or a hub name.
+def local_folder(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local model folder for a folder, a ``.gguf`` file (converted once) or a hub name (downloaded).
 
-    Raises :class:`ModelError` with a hint when the path does not exist or loading fails.
+    Raises :class:`ModelError` with a hint when the input cannot be a model.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    torch_dtype = _DTYPES[dtype]
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ModelError(
-                    f"{name} is a file but not a .gguf checkpoint; pass a model folder "
-                    "(with config.json), a .gguf file or a Hugging Face hub name"
-                )
-            model, tokenizer = _load_gguf(path, torch_dtype)
-        else:
-            if not (path / "config.json").exists():
-                raise ModelError(
-                    f"{name} has no config.json; pass a folder written by save_pretrained, "
-                    "a .gguf file or a Hugging Face hub name"
-                )
-            config = AutoConfig.from_pretrained(path)
-            model = _model_class(config).from_pretrained(path, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-    elif _looks_local(name):
-        raise ModelError(f"model path {name} does not exist; check the path or pass a hub name")
-    else:
-        try:
-            config = AutoConfig.from_pretrained(name)
-            model = _model_class(config).from_pretrained(name, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as exc:
+    if path.is_file():
+        if path.suffix != ".gguf":
             raise ModelError(
-                f"could not load {name!r}: it is not a local folder and the hub did not provide it "
-                f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "check the name, your network, or pass a local folder"
-            ) from exc
+                f"{name} is a file but not a .gguf checkpoint; pass a model folder "
+                "(with config.json), a .gguf file or a Hugging Face hub name"
+            )
+        return gguf_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"{name} has no config.json; pass a folder written by save_pretrained, "
+                "a .gguf file or a Hugging Face hub name"
+            )
+        return path
+    if _looks_local(name):
+        raise ModelError(f"model path {name} does not exist; check the path or pass a hub name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises many types (offline, 404, gated, ...)
+        raise ModelError(
+            f"could not load {name!r}: it is not a local folder and the hub did not provide it "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "check the name, your network, or pass a local folder"
+        ) from exc
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in: config.json's, else the shards' majority."""
+    from oneshot.checkpoint import Checkpoint
+
+    raw = json.loads((folder / "config.json").read_text())
+    text_config = raw.get("text_config") or {}
+    for value in (raw.get("dtype"), raw.get("torch_dtype"), text_config.get("dtype"), text_config.get("torch_dtype")):
+        if value in _DTYPES:
+            return _DTYPES[value]
+    try:
+        return Checkpoint(folder).dtype()
+    except ModelError:
+        return torch.float32
+
+
+def resolve_dtype(folder: Path, requested: str) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype; otherwise the named dtype."""
+    return checkpoint_dtype(folder) if requested == "auto" else _DTYPES[requested]
+
+
+def load_model(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file or a hub name.
+
+    ``dtype="auto"`` keeps the checkpoint's own dtype (a bf16 checkpoint stays bf16). Raises
+    :class:`ModelError` with a hint when the path does not exist or loading fails.
+    """
+    from transformers import AutoConfig
+
+    folder = local_folder(name_or_path)
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        model = model_class(config).from_pretrained(folder, dtype=resolve_dtype(folder, dtype))
+    except OSError as exc:
+        raise ModelError(f"could not load the weights in {folder}: {exc}") from exc
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has none (token ids must then be given)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer in %s (%s): calibration must be given as token ids", folder, exc)
+        return None
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -1,0 +1,120 @@
+"""Synthetic LLaMA-architecture checkpoints with random weights, of any size, for scale tests.
+
+Tensors are generated one shard at a time and written with the safetensors library (so the
+checkpoint never has to fit in memory), in the names and order ``save_pretrained`` uses, with a
+``config.json`` that stock transformers loads. Weights are N(0, 0.02²), norms are ones.
+
+    .venv/bin/python -m benchmarks.synthetic --out /tmp/llama-2g --hidden 1024 --layers 44 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def llama_config(
+    hidden: int, layers: int, *, intermediate: int | None = None, heads: int = 16, kv_heads: int = 4, vocab: int = 8192
+) -> Any:
+    """A LLaMA config of the given width and depth (intermediate ≈ 2.75 × hidden, rounded to 128)."""
+    from transformers import LlamaConfig
+
+    inter = intermediate or (int(hidden * 2.75) + 127) // 128 * 128
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter's name and shape, in ``state_dict`` order, without allocating weights."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def checkpoint_bytes(config: Any, dtype: torch.dtype) -> int:
+    """Size of the checkpoint's tensors in ``dtype``."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for _, shape in parameter_shapes(config):
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * item
+    return total
+
+
+def write_checkpoint(
+    folder: Path, config: Any, dtype: torch.dtype = torch.bfloat16, *, max_shard_bytes: int = 2 * 10**9, seed: int = 0
+) -> int:
+    """Write a random checkpoint of ``config`` into ``folder``; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    item = torch.empty(0, dtype=dtype).element_size()
+    for name, shape in parameter_shapes(config):
+        nbytes = item * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _random(name, shape, dtype, gen) for name, shape in shard}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(folder)
+    return total
+
+
+def _random(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    args = parser.parse_args(argv)
+    config = llama_config(args.hidden, args.layers, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab)
+    size = write_checkpoint(args.out, config, DTYPES[args.dtype])
+    print(f"wrote {size / 1e9:.2f} GB to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The calibration activations between blocks: one ``[B, T, d]`` tensor per calibration batch.
+
+Block ``i`` reads its inputs from the store and writes its (pruned) outputs back as block
+``i + 1``'s inputs. :class:`MemoryStore` keeps them in RAM (pinned when a GPU computes, so copies
+overlap); :class:`DiskStore` keeps them in two files, reading block ``i``'s inputs from one and
+writing its outputs to the other, so that after a crash the inputs of the unfinished block are
+still intact (what makes a streaming run resumable) and resident memory holds one batch at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class ActivationStore(Protocol):
+    """Per-batch hidden states: ``get`` block inputs, ``put`` block outputs, ``commit`` after a block."""
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        ...
+
+    def get(self, batch: int) -> torch.Tensor:
+        """The current input of ``batch`` ``[B, T, d]``."""
+        ...
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        """Set the next block's input of ``batch`` (appends when ``batch == len(self)``)."""
+        ...
+
+    def commit(self) -> None:
+        """Every batch has been put: what was put becomes what ``get`` returns."""
+        ...
+
+
+class MemoryStore:
+    """Activations in RAM; ``put`` replaces a batch in place, so one extra batch is the overhead."""
+
+    def __init__(self, pin: bool = False) -> None:
+        self._batches: list[torch.Tensor] = []
+        self._pin = pin
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def get(self, batch: int) -> torch.Tensor:
+        """The current input of ``batch``."""
+        return self._batches[batch]
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        """Store ``hidden`` on the CPU (pinned if asked) as the next input of ``batch``."""
+        hidden = hidden.detach().to("cpu")
+        if self._pin:
+            hidden = hidden.pin_memory()
+        if batch == len(self._batches):
+            self._batches.append(hidden)
+        else:
+            self._batches[batch] = hidden
+
+    def commit(self) -> None:
+        """Nothing to do: ``put`` already replaced the inputs."""
+
+
+class DiskStore:
+    """Activations in two files (``acts-0.bin``, ``acts-1.bin``) of raw tensor bytes, batch after batch.
+
+    ``get`` reads from the current file; ``put`` writes into the other one; ``commit`` flushes it
+    to disk and makes it current. ``state()`` / ``DiskStore(folder, state=...)`` resume it.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype, state: dict[str, Any] | None = None) -> None:
+        self.folder = folder
+        self.dtype = dtype
+        self.current = 0
+        self.shapes: list[tuple[int, ...]] = []
+        if state is not None:
+            self.current = int(state["current"])
+            self.shapes = [tuple(s) for s in state["shapes"]]
+        else:
+            for k in (0, 1):
+                self._path(k).write_bytes(b"")
+        self._itemsize = torch.empty(0, dtype=dtype).element_size()
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"acts-{k}.bin"
+
+    def _offset(self, batch: int) -> int:
+        return sum(_numel(s) for s in self.shapes[:batch]) * self._itemsize
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to reopen the store."""
+        return {"current": self.current, "shapes": [list(s) for s in self.shapes], "dtype": str(self.dtype)}
+
+    def get(self, batch: int) -> torch.Tensor:
+        """Read ``batch`` from the current file."""
+        shape = self.shapes[batch]
+        out = torch.empty(shape, dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        with self._path(self.current).open("rb") as f:
+            f.seek(self._offset(batch))
+            if f.readinto(view) != len(view):
+                raise RuntimeError(f"activation file {self._path(self.current)} is shorter than expected")
+        return out
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        """Write ``hidden`` as the next input of ``batch`` into the other file (appends a new batch)."""
+        target = 1 - self.current
+        if batch == len(self.shapes):  # block 0's inputs, during capture: straight into the current file
+            self.shapes.append(tuple(hidden.shape))
+            target = self.current
+        elif tuple(hidden.shape) != self.shapes[batch]:
+            raise RuntimeError(f"block output {tuple(hidden.shape)} differs from its input {self.shapes[batch]}")
+        data = hidden.detach().to("cpu", self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        with self._path(target).open("r+b") as f:
+            f.seek(self._offset(batch))
+            f.write(data.data)
+
+    def commit(self) -> None:
+        """Flush what was put to disk and make it the current inputs (not for the capture's append)."""
+        _fsync(self._path(1 - self.current))
+        self.current = 1 - self.current
+
+    def sync(self) -> None:
+        """Flush the current file to disk (after the capture filled it)."""
+        _fsync(self._path(self.current))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,240 @@
+"""A safetensors checkpoint on disk, read a block at a time: the weights source of a streaming run.
+
+The model is built as a skeleton on the meta device (accelerate's ``init_empty_weights``: no
+parameter memory); only the tensors outside the transformer blocks that the capture pass needs
+(embeddings, norms; not an untied output head) are materialised up front. Each block's tensors are
+read from the shards with ``safe_open`` when the driver reaches the block and dropped back to the
+meta device once the block is written. Shards are opened per read, so their memory maps never
+accumulate in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneshot.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) and where its data starts.
+
+    Raises :class:`ModelError` naming the file when the header is not valid safetensors.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            size = int.from_bytes(head, "little")
+            if size > 100 << 20:
+                raise ValueError(f"header length {size} is implausible")
+            header: dict[str, Any] = json.loads(f.read(size))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a valid safetensors file ({exc}); re-download or re-save the checkpoint"
+        ) from exc
+    if path.stat().st_size < 8 + size + end:
+        raise ModelError(
+            f"{path} is truncated: {path.stat().st_size} bytes, its header needs {8 + size + end}; "
+            "re-download or re-save the checkpoint"
+        )
+    return header, 8 + size
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives and what it is."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty(0, dtype=self.dtype).element_size()
+
+
+class Checkpoint:
+    """The safetensors shards of a model folder: tensor index, dtype, fingerprint and reads."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_FILE).exists():
+            files = [SINGLE_FILE]
+        else:
+            found = sorted(p.name for p in self.folder.glob("*.bin")) or sorted(p.name for p in self.folder.iterdir())
+            raise ModelError(
+                f"{self.folder} has no safetensors weights (found: {', '.join(found[:5]) or 'nothing'}); streaming "
+                "reads safetensors shards only: re-save the model with save_pretrained(safe_serialization=True)"
+            )
+        self.tensors: dict[str, TensorInfo] = {}
+        self.headers: dict[str, dict[str, Any]] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.exists():
+                raise ModelError(f"shard {name} named in {INDEX_FILE} is missing from {self.folder}; re-download it")
+            header, _ = read_header(path)
+            self.headers[name] = header
+            for key, meta in header.items():
+                if key != "__metadata__":
+                    self.tensors[key] = TensorInfo(name, ST_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of all tensors."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the floating-point weight bytes are stored in."""
+        counts: Counter[torch.dtype] = Counter()
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                counts[info.dtype] += info.nbytes
+        return counts.most_common(1)[0][0] if counts else torch.float32
+
+    def fingerprint(self) -> str:
+        """A digest of every shard's name, size, modification time and header (not its data)."""
+        digest = hashlib.sha256()
+        for name, header in sorted(self.headers.items()):
+            stat = (self.folder / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}:".encode())
+            digest.update(json.dumps(header, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read the named tensors (each shard opened once, and closed before returning)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.tensors[key].file, []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for name, names in by_file.items():
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                for key in names:
+                    out[key] = f.get_tensor(key)
+        return out
+
+
+def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Map each parameter name of ``model`` to its key in the checkpoint.
+
+    Keys match directly, or differ by the model's ``base_model_prefix`` (a ``BertModel`` saved
+    inside ``BertForMaskedLM`` and vice versa). Tied parameters absent from the checkpoint are left
+    out (they are re-tied after loading). Raises :class:`ModelError` listing what is missing.
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    tied = set(_tied_keys(model))
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        candidates = [name]
+        if prefix:
+            candidates += [f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
+        found = next((c for c in candidates if c in checkpoint.tensors), None)
+        if found is not None:
+            mapping[name] = found
+        elif name not in tied:
+            missing.append(name)
+    if missing:
+        raise ModelError(
+            f"{len(missing)} parameters of {type(model).__name__} are not in the checkpoint at {checkpoint.folder} "
+            f"(e.g. {', '.join(missing[:3])}); the shards are incomplete or use other names: load the model "
+            "in memory instead (without --stream)"
+        )
+    return mapping
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", True):
+        return []
+    return list(tied)
+
+
+def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of a checkpoint folder with every parameter on the meta device (buffers are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from oneshot.loading import model_class
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        cls = model_class(config)
+        build = getattr(cls, "from_config", None) or cls._from_config  # Auto* classes / concrete classes
+        model: nn.Module = build(config, dtype=dtype)
+    return model.eval()
+
+
+def materialise(module: nn.Module, prefix: str, values: dict[str, torch.Tensor], keys: dict[str, str]) -> None:
+    """Give ``module``'s meta parameters (qualified names under ``prefix``) real tensors from ``values``."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, param in module.named_parameters():
+        full = f"{prefix}{name}"
+        if full in keys and param.device.type == "meta":
+            value = values[keys[full]]
+            set_module_tensor_to_device(module, name, "cpu", value=value.to(param.dtype))
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s parameters back to the meta device (frees their memory)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, _ in list(module.named_parameters()):
+        set_module_tensor_to_device(module, name, "meta")
+
+
+def check_loadable(folder: Path) -> None:
+    """Check that ``folder``'s config describes its tensors: every parameter present with its shape.
+
+    Builds the model from the saved config on the meta device (no weight memory) and compares each
+    parameter's shape with the saved tensor's. Raises :class:`ModelError` on a mismatch.
+    """
+    checkpoint = Checkpoint(folder)
+    skeleton = build_skeleton(folder, checkpoint.dtype())
+    keys = checkpoint_keys(skeleton, checkpoint)
+    for name, param in skeleton.named_parameters():
+        if name in keys and tuple(param.shape) != checkpoint.tensors[keys[name]].shape:
+            raise ModelError(
+                f"saved {keys[name]} has shape {checkpoint.tensors[keys[name]].shape} but the saved config "
+                f"builds {tuple(param.shape)}"
+            )

@@ -1,0 +1,271 @@
+"""Streaming runs: prune a checkpoint larger than memory, one block at a time, resumably.
+
+:class:`StreamingRun` owns the temporary output folder ``.<out>.oneshot-partial`` next to ``--out``:
+the output shards (written as each block finishes), the calibration activations (two files, see
+:class:`~oneshot.activations.DiskStore`) and ``progress.json``, rewritten atomically after every
+block once the block's tensors and the next block's inputs are on disk. ``--resume`` reopens that
+folder, refuses it if the checkpoint, the configuration or the calibration tokens changed, and
+continues from the first unfinished block; the result is the same as an uninterrupted run. At the
+end the shards get their final names, config, tokenizer and report are written, every tensor is
+re-read and checked, and the folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneshot.activations import DiskStore
+from oneshot.calibration.data import CalibrationSet
+from oneshot.checkpoint import Checkpoint, build_skeleton, checkpoint_keys, materialise, release
+from oneshot.config import PruneConfig
+from oneshot.driver import LayerRecord, SweepIO, SweepResult
+from oneshot.errors import OutputError
+from oneshot.layers import find_blocks
+from oneshot.shards import ShardWriter, header_room, verify_shards
+from oneshot.writer import CONFIG_FILE, REPORT_FILE, publish
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+MAX_SHARD_BYTES = 2 * 10**9
+#: Options that do not change the result, so a resume may differ in them.
+RESUME_FREE = ("quiet", "resume", "device", "stream", "max_memory")
+
+
+def partial_dir(out: Path) -> Path:
+    """The temporary folder a streaming run into ``out`` writes to (and resumes from)."""
+    return out.parent / f".{out.name}.oneshot-partial"
+
+
+def calibration_digest(calib: CalibrationSet) -> str:
+    """A digest of the calibration token ids and mask (a resume must use the very same tokens)."""
+    h = hashlib.sha256(calib.input_ids.to(torch.int64).numpy().tobytes())
+    if calib.attention_mask is not None:
+        h.update(calib.attention_mask.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _semantic(config: PruneConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    for key in RESUME_FREE:
+        data.pop(key, None)
+    normalised: dict[str, Any] = json.loads(json.dumps(data))  # tuples -> lists, as read back from disk
+    return normalised
+
+
+class StreamingSource:
+    """Block weights read from the checkpoint's shards when the sweep reaches them, freed after."""
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module) -> None:
+        self.checkpoint = checkpoint
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.keys = checkpoint_keys(model, checkpoint)  # parameter name -> checkpoint key
+
+    def block_prefix(self, index: int) -> str:
+        """Qualified-name prefix of block ``index``'s parameters."""
+        return f"{self.blocks_name}.{index}."
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Read block ``index``'s tensors from the shards into the skeleton."""
+        prefix = self.block_prefix(index)
+        wanted = {name: key for name, key in self.keys.items() if name.startswith(prefix)}
+        materialise(block, prefix, self.checkpoint.read(set(wanted.values())), wanted)
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """Free block ``index``'s weights (back to the meta device)."""
+        release(block)
+
+    def outside_keys(self) -> list[str]:
+        """Checkpoint keys that no block parameter maps to (embeddings, norms, head, buffers)."""
+        inside = {key for name, key in self.keys.items() if name.startswith(f"{self.blocks_name}.")}
+        return [k for k in self.checkpoint.tensors if k not in inside]
+
+    def load_stem(self, model: nn.Module) -> None:
+        """Materialise every parameter outside the blocks except an untied output head (capture needs none)."""
+        getter: Any = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        inside = f"{self.blocks_name}."
+        wanted = {
+            name: key
+            for name, param in model.named_parameters()
+            if not name.startswith(inside) and id(param) not in skip and name in self.keys
+            for key in [self.keys[name]]
+        }
+        materialise(model, "", self.checkpoint.read(set(wanted.values())), wanted)
+
+
+class StreamingRun:
+    """One streaming run into ``out``: the skeleton, the partial folder, progress, writer and activations."""
+
+    def __init__(self, folder: Path, config: PruneConfig, out: Path, overwrite: bool, dtype: torch.dtype) -> None:
+        self.folder = folder
+        self.config = config
+        self.out = out
+        self.overwrite = overwrite
+        self.checkpoint = Checkpoint(folder)
+        self.model = build_skeleton(folder, dtype)
+        self.source = StreamingSource(self.checkpoint, self.model)
+        self.partial = partial_dir(out)
+        self.progress: dict[str, Any] = {}
+        self.writer: ShardWriter | None = None
+        self.store: DiskStore | None = None
+        self._param_dtype = {name: p.dtype for name, p in self.model.named_parameters()}
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def begin(self, calib: CalibrationSet) -> None:
+        """Create the partial folder, or reopen it with ``config.resume`` after checking it matches."""
+        identity = {
+            "checkpoint": self.checkpoint.fingerprint(),
+            "config": _semantic(self.config),
+            "calibration": calibration_digest(calib),
+        }
+        if self.partial.exists() and self.config.resume:
+            self._reopen(identity)
+        else:
+            if self.partial.exists():
+                if not self.overwrite:
+                    raise OutputError(
+                        f"an interrupted run left {self.partial}; pass --resume to continue it, or --overwrite "
+                        "to start over"
+                    )
+                shutil.rmtree(self.partial)
+            elif self.config.resume:
+                log.warning("nothing to resume in %s: starting from block 0", self.partial)
+            self._fresh(identity)
+        self.source.load_stem(self.model)
+
+    def _fresh(self, identity: dict[str, Any]) -> None:
+        (self.partial / "acts").mkdir(parents=True)
+        room = header_room(self.checkpoint.tensors) * 2
+        self.writer = ShardWriter(self.partial, room, MAX_SHARD_BYTES)
+        self.store = DiskStore(self.partial / "acts", self._activation_dtype())
+        for key in self.source.outside_keys():  # tensors no block owns: copied shard to shard
+            value = self.checkpoint.read([key])[key]
+            name = next((n for n, k in self.source.keys.items() if k == key), None)
+            self.writer.add(key, value.to(self._param_dtype[name]) if name is not None else value)
+        self.progress = {"version": 1, **identity, "room": room, "next_block": 0, "layers": [], "skipped": []}
+
+    def _reopen(self, identity: dict[str, Any]) -> None:
+        path = self.partial / PROGRESS_FILE
+        if not path.exists():
+            raise OutputError(
+                f"{self.partial} has no {PROGRESS_FILE}; it cannot be resumed: delete it or pass --overwrite"
+            )
+        progress = json.loads(path.read_text())
+        for what, label in (
+            ("checkpoint", "the checkpoint's shards changed"),
+            ("calibration", "the calibration tokens differ"),
+        ):
+            if progress.get(what) != identity[what]:
+                raise OutputError(f"cannot resume {self.partial}: {label}; rerun with --overwrite to start over")
+        if progress.get("config") != identity["config"]:
+            changed = sorted(
+                k
+                for k in set(identity["config"]) | set(progress["config"])
+                if identity["config"].get(k) != progress["config"].get(k)
+            )
+            raise OutputError(
+                f"cannot resume {self.partial}: the configuration changed ({', '.join(changed)}); use the "
+                "original options, or --overwrite to start over"
+            )
+        self.progress = progress
+        self.writer = ShardWriter(self.partial, int(progress["room"]), MAX_SHARD_BYTES, state=progress["writer"])
+        self.store = DiskStore(self.partial / "acts", self._activation_dtype(), state=progress["store"])
+        log.info("resuming %s from block %d", self.partial, progress["next_block"])
+
+    def _activation_dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.dtype.is_floating_point)
+
+    # -- during the sweep ---------------------------------------------------------------------
+
+    @property
+    def start(self) -> int:
+        """The first block this run prunes (0, or where a resumed run left off)."""
+        return int(self.progress.get("next_block", 0))
+
+    def io(self, result: SweepResult | None = None) -> SweepIO:
+        """Sweep plumbing for the pruning sweep: blocks from the shards, each written as it finishes."""
+        assert self.store is not None
+
+        def after_block(index: int, block: nn.Module) -> None:
+            self._write_block(index, block)
+            self.progress["next_block"] = index + 1
+            if result is not None:
+                self.progress["layers"] = [dataclasses.asdict(r) for r in result.layers]
+                self.progress["skipped"] = list(result.skipped)
+            self.save_progress()
+
+        if self.start == 0:
+            self.save_progress()
+        return SweepIO(source=self.source, store=self.store, start=self.start, after_block=after_block)
+
+    def read_only_io(self, name: str) -> SweepIO:
+        """Sweep plumbing for a statistics-only sweep (OWL): blocks streamed, nothing written."""
+        folder = self.partial / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return SweepIO(source=self.source, store=DiskStore(folder, self._activation_dtype()))
+
+    def restore(self, result: SweepResult) -> None:
+        """Put the records of blocks finished before a resume into ``result``."""
+        for record in self.progress.get("layers", []):
+            result.layers.append(LayerRecord(**{**record, "shape": tuple(record["shape"])}))
+        result.skipped.extend(self.progress.get("skipped", []))
+
+    def _write_block(self, index: int, block: nn.Module) -> None:
+        assert self.writer is not None
+        prefix = self.source.block_prefix(index)
+        for name, param in block.named_parameters():
+            full = prefix + name
+            self.writer.add(self.source.keys.get(full, full), param.data)
+
+    def save_progress(self) -> None:
+        """Flush shards and activations, then replace ``progress.json`` atomically."""
+        assert self.writer is not None and self.store is not None
+        self.writer.flush()
+        self.store.sync()
+        self.progress["writer"] = self.writer.state()
+        self.progress["store"] = self.store.state()
+        tmp = self.partial / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.progress))
+        os.replace(tmp, self.partial / PROGRESS_FILE)
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    def finish(self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any]) -> int:
+        """Name and index the shards, add config, tokenizer and report, verify, rename into place.
+
+        Returns the number of tensor bytes verified.
+        """
+        assert self.writer is not None
+        digests = dict(self.writer.digests)
+        self.writer.finish()
+        shutil.rmtree(self.partial / "acts", ignore_errors=True)
+        for extra in self.partial.iterdir():
+            if extra.is_dir():
+                shutil.rmtree(extra)
+        (self.partial / PROGRESS_FILE).unlink()
+        model_config: Any = self.model.config
+        model_config.save_pretrained(self.partial)
+        generation = self.folder / "generation_config.json"
+        if generation.exists():
+            shutil.copy2(generation, self.partial / generation.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.partial)
+        verified = verify_shards(self.partial, digests)
+        (self.partial / REPORT_FILE).write_text(json.dumps({**report, "verified_bytes": verified}, indent=2) + "\n")
+        (self.partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        publish(self.partial, self.out, self.overwrite)
+        return verified

@@ -1,0 +1,237 @@
+"""Streaming runs: equal to in-memory pruning tensor for tensor, lean in memory, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import char_tokenizer
+from safetensors import safe_open
+
+import oneshot
+from benchmarks.synthetic import llama_config, write_checkpoint
+from oneshot.cli import main
+from oneshot.errors import OutputError
+from oneshot.streaming import PROGRESS_FILE, partial_dir
+from oneshot.writer import REPORT_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model folder."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = saved_tensors(a), saved_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype, key
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def make_checkpoint(folder: Path, dtype: torch.dtype, layers: int = 3, hidden: int = 64, shard: int = 10**5) -> Path:
+    config = llama_config(hidden, layers, intermediate=96, heads=4, kv_heads=2, vocab=128)
+    write_checkpoint(folder, config, dtype, max_shard_bytes=shard)
+    char_tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
+IDS = torch.randint(4, 100, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        (torch.bfloat16, {"method": "wanda", "sparsity": 0.5}),
+        (torch.float32, {"method": "sparsegpt", "nm": "2:4"}),
+        (torch.float32, {"method": "wanda", "sparsity": 0.6, "owl": True, "owl_lambda": 0.05}),
+        (torch.bfloat16, {"method": "sparsegpt", "sparsity": 0.5, "sparsity_map": {"model.layers.1.*": "skip"}}),
+    ],
+)
+def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options: dict[str, object]) -> None:
+    src = make_checkpoint(tmp_path / "ck", dtype)
+    memory = oneshot.prune(src, calibration=IDS, out=tmp_path / "mem", stream=False, quiet=True, **options)
+    streamed = oneshot.prune(src, calibration=IDS, out=tmp_path / "str", stream=True, quiet=True, **options)
+    assert memory.extra["mode"] == "in-memory" and streamed.extra["mode"] == "streaming"
+    assert_same_tensors(tmp_path / "mem", tmp_path / "str")
+    assert {t.dtype for t in saved_tensors(tmp_path / "str").values()} == {dtype}  # the checkpoint's own dtype
+    assert [r.name for r in streamed.layers] == [r.name for r in memory.layers]
+    assert streamed.achieved_sparsity == pytest.approx(memory.achieved_sparsity)
+    report = json.loads((tmp_path / "str" / REPORT_FILE).read_text())
+    assert report["mode"] == "streaming" and len(report["seconds_per_block"]) == 3 and report["peak_rss_bytes"] > 0
+    assert report["verified_bytes"] == sum(t.numel() * t.element_size() for t in saved_tensors(tmp_path / "str").values())
+    assert not partial_dir(tmp_path / "str").exists()
+    reloaded = oneshot.load_model(tmp_path / "str")[0]
+    assert next(reloaded.parameters()).dtype == dtype
+
+
+def test_auto_mode_streams_when_over_budget(tmp_path: Path) -> None:
+    src = make_checkpoint(tmp_path / "ck", torch.float32)
+    small = oneshot.prune(src, calibration=IDS, out=tmp_path / "a", method="wanda", sparsity=0.5, max_memory="10KB", quiet=True)
+    large = oneshot.prune(src, calibration=IDS, out=tmp_path / "b", method="wanda", sparsity=0.5, max_memory="10GB", quiet=True)
+    assert small.extra["mode"] == "streaming" and large.extra["mode"] == "in-memory"
+    assert_same_tensors(tmp_path / "a", tmp_path / "b")
+
+
+def test_streaming_needs_an_output_and_a_checkpoint(tmp_path: Path) -> None:
+    src = make_checkpoint(tmp_path / "ck", torch.float32)
+    with pytest.raises(oneshot.ConfigError, match="pass out="):
+        oneshot.prune(src, calibration=IDS, method="wanda", sparsity=0.5, stream=True, quiet=True)
+    model = oneshot.load_model(src)[0]
+    with pytest.raises(oneshot.ConfigError, match="not a loaded model"):
+        oneshot.prune(model, calibration=IDS, method="wanda", sparsity=0.5, stream=True, out=tmp_path / "o")
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from oneshot.shards import ShardWriter
+    from oneshot.cli import main
+    original, calls = ShardWriter.add, [0]
+    def add(self, key, tensor):
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, key, tensor)
+    ShardWriter.add = add
+    main(sys.argv[1:])
+    """
+)
+
+
+def _cli(src: Path, out: Path, text: Path, *extra: str) -> list[str]:
+    return [
+        "prune", str(src), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", str(text),
+        "--nsamples", "4", "--seqlen", "32", "--stream", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kill_at", [14, 22])  # inside block 1's writes / just after block 1 finished
+def test_sigkill_then_resume_is_identical(tmp_path: Path, text_file: Path, kill_at: int) -> None:
+    src = make_checkpoint(tmp_path / "ck", torch.bfloat16, layers=4)
+    runner = CliRunner()
+    assert runner.invoke(main, _cli(src, tmp_path / "whole", text_file)).exit_code == 0
+
+    out = tmp_path / "out"
+    env = {**os.environ, "KILL_AT": str(kill_at), "PYTHONPATH": str(ROOT)}
+    child = subprocess.run([sys.executable, "-c", KILLER, *_cli(src, out, text_file)], env=env, cwd=tmp_path)
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    progress = json.loads((partial_dir(out) / PROGRESS_FILE).read_text())
+    assert 1 <= progress["next_block"] < 4  # killed part-way
+
+    again = runner.invoke(main, _cli(src, out, text_file))
+    assert again.exit_code != 0 and "--resume" in again.output  # an interrupted run is not silently restarted
+    resumed = runner.invoke(main, _cli(src, out, text_file, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_tensors(tmp_path / "whole", out)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["resumed_from_block"] == progress["next_block"]
+    assert len(report["layers"]) == 4 * 7  # records of the blocks before the kill are kept
+    assert not partial_dir(out).exists()
+
+
+def _interrupted(tmp_path: Path, text_file: Path) -> tuple[Path, Path]:
+    src = make_checkpoint(tmp_path / "ck", torch.float32, layers=4)
+    out = tmp_path / "out"
+    env = {**os.environ, "KILL_AT": "14", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", KILLER, *_cli(src, out, text_file)], env=env, cwd=tmp_path, check=False)
+    assert partial_dir(out).exists()
+    return src, out
+
+
+def test_resume_with_changed_config_or_checkpoint_is_refused(tmp_path: Path, text_file: Path) -> None:
+    src, out = _interrupted(tmp_path, text_file)
+    runner = CliRunner()
+    changed = [a if a != "0.5" else "0.6" for a in _cli(src, out, text_file, "--resume")]
+    res = runner.invoke(main, changed)
+    assert res.exit_code != 0 and "configuration changed (sparsity)" in res.output
+    res = runner.invoke(main, _cli(src, out, text_file, "--resume", "--seed", "3"))
+    assert res.exit_code != 0 and "calibration tokens differ" in res.output
+    shard = next(src.glob("model-00002-*.safetensors"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # "changed" checkpoint
+    res = runner.invoke(main, _cli(src, out, text_file, "--resume"))
+    assert res.exit_code != 0 and "checkpoint's shards changed" in res.output
+    assert not out.exists() and partial_dir(out).exists()  # refusing leaves the progress for a correct resume
+    res = runner.invoke(main, _cli(src, out, text_file, "--overwrite"))
+    assert res.exit_code == 0, res.output
+    assert not partial_dir(out).exists()
+
+
+def test_resume_refuses_a_folder_without_progress(tmp_path: Path, text_file: Path) -> None:
+    src = make_checkpoint(tmp_path / "ck", torch.float32)
+    out = tmp_path / "out"
+    partial_dir(out).mkdir()
+    res = CliRunner().invoke(main, _cli(src, out, text_file, "--resume"))
+    assert res.exit_code != 0 and "progress.json" in res.output
+
+
+def test_streaming_error_keeps_progress_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oneshot import streaming
+
+    src = make_checkpoint(tmp_path / "ck", torch.float32)
+    original = streaming.StreamingRun._write_block
+
+    def fail_on_block_two(self: streaming.StreamingRun, index: int, block: torch.nn.Module) -> None:
+        if index == 2:
+            raise OutputError("disk full")
+        original(self, index, block)
+
+    monkeypatch.setattr(streaming.StreamingRun, "_write_block", fail_on_block_two)
+    with pytest.raises(OutputError, match="disk full"):
+        oneshot.prune(src, calibration=IDS, method="wanda", sparsity=0.5, stream=True, out=tmp_path / "o", quiet=True)
+    assert not (tmp_path / "o").exists()
+    assert json.loads((partial_dir(tmp_path / "o") / PROGRESS_FILE).read_text())["next_block"] == 2
+    monkeypatch.undo()
+    done = oneshot.prune(
+        src, calibration=IDS, method="wanda", sparsity=0.5, stream=True, resume=True, out=tmp_path / "o", quiet=True
+    )
+    assert done.extra["resumed_from_block"] == 2
+    oneshot.prune(src, calibration=IDS, method="wanda", sparsity=0.5, stream=False, out=tmp_path / "m", quiet=True)
+    assert_same_tensors(tmp_path / "o", tmp_path / "m")
+
+
+PEAK = textwrap.dedent(
+    """
+    import resource, subprocess, sys
+    subprocess.run(sys.argv[1:], check=True)
+    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_gigabyte_checkpoint_streams_in_a_fraction_of_its_size(tmp_path: Path, text_file: Path) -> None:
+    config = llama_config(1024, 44, heads=16, kv_heads=4, vocab=8192)
+    src = tmp_path / "big"
+    size = write_checkpoint(src, config, torch.float32, max_shard_bytes=700 * 10**6)
+    char_tokenizer().save_pretrained(src)  # type: ignore[attr-defined]
+    assert size >= 2 * 10**9 and len(list(src.glob("*.safetensors"))) >= 3
+    out = tmp_path / "streamed"
+    cli = [sys.executable, "-m", "oneshot", *_cli(src, out, text_file)]
+    cli[cli.index("sparsegpt")] = "wanda"
+    res = subprocess.run([sys.executable, "-c", PEAK, *cli], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    peak = int(res.stdout.split()[-1])
+    assert peak < 0.4 * size, f"peak RSS {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["mode"] == "streaming" and report["dtype"] == "float32"
+
+    calib = oneshot.CalibrationConfig(source=str(text_file), nsamples=4, seqlen=32)
+    oneshot.prune(src, method="wanda", sparsity=0.5, calibration=calib, out=tmp_path / "mem", stream=False, quiet=True)
+    assert_same_tensors(out, tmp_path / "mem")
