@@ -150,3 +150,46 @@ def test_sparsegpt_raises_damping_then_fails_loudly() -> None:
     assert out.info["damp"] > 1.5  # needed λ > 1.5 · mean(diag H)
     with pytest.raises(NumericalError, match="larger --damp"):
         sparsegpt(w, h, 0.5, damp=0.01, max_damp_retries=1)
+
+
+def test_row_chunked_sort_gives_the_same_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import oneshot.methods.masks as masks
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (37, 24), generator=gen).float()  # many ties: the stable order matters
+    whole = masks.unstructured_mask(scores, 0.5), masks.nm_mask(scores, 2, 4)
+    monkeypatch.setattr(masks, "SORT_CHUNK", 50)  # two rows (or eight 4-groups) at a time
+    chunked = masks.unstructured_mask(scores, 0.5), masks.nm_mask(scores, 2, 4)
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vectorised_block_equals_the_column_loop(random_layer: Layer, dtype: torch.dtype) -> None:
+    from oneshot.methods.linalg import inverse_cholesky_upper
+    from oneshot.methods.sparsegpt import loop_block, solve_block
+
+    w, _, h = random_layer(out=24, inp=40, seed=5)
+    upper, _ = inverse_cholesky_upper(h.to(dtype), 0.01, 0)
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.rand(24, 40, generator=gen) > 0.55  # a different pattern in every row
+    keep[0] = True  # a row with nothing pruned
+    keep[1] = False  # and one with everything pruned
+    q_loop, e_loop = loop_block(w.to(dtype), upper, keep.clone())
+    q_vec, e_vec = solve_block(w.to(dtype), upper, keep)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
+    torch.testing.assert_close(e_vec, e_loop, **tol)
+    torch.testing.assert_close(q_vec, q_loop, **tol)
+    assert torch.equal(q_vec == 0, ~keep | (w.to(dtype) == 0))
+    assert torch.equal(e_vec[keep], torch.zeros_like(e_vec[keep]))
+
+
+def test_vectorised_block_in_row_chunks(random_layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import oneshot.methods.sparsegpt as sg
+
+    w, _, h = random_layer(out=20, inp=32, seed=6)
+    whole = sg.sparsegpt(w, h, 0.5, block_size=16)
+    monkeypatch.setattr(sg, "SOLVE_ROWS_ELEMENTS", 3 * 16 * 16)  # three rows at a time
+    chunked = sg.sparsegpt(w, h, 0.5, block_size=16)
+    torch.testing.assert_close(chunked.weight, whole.weight, atol=1e-6, rtol=1e-6)
+    assert torch.equal(chunked.mask, whole.mask) and chunked.loss == pytest.approx(whole.loss, rel=1e-5)

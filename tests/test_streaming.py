@@ -74,7 +74,9 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
     assert streamed.achieved_sparsity == pytest.approx(memory.achieved_sparsity)
     report = json.loads((tmp_path / "str" / REPORT_FILE).read_text())
     assert report["mode"] == "streaming" and len(report["seconds_per_block"]) == 3 and report["peak_rss_bytes"] > 0
-    assert report["verified_bytes"] == sum(t.numel() * t.element_size() for t in saved_tensors(tmp_path / "str").values())
+    assert report["verified_bytes"] == sum(
+        t.numel() * t.element_size() for t in saved_tensors(tmp_path / "str").values()
+    )
     assert not partial_dir(tmp_path / "str").exists()
     reloaded = oneshot.load_model(tmp_path / "str")[0]
     assert next(reloaded.parameters()).dtype == dtype
@@ -82,8 +84,12 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
 
 def test_auto_mode_streams_when_over_budget(tmp_path: Path) -> None:
     src = make_checkpoint(tmp_path / "ck", torch.float32)
-    small = oneshot.prune(src, calibration=IDS, out=tmp_path / "a", method="wanda", sparsity=0.5, max_memory="10KB", quiet=True)
-    large = oneshot.prune(src, calibration=IDS, out=tmp_path / "b", method="wanda", sparsity=0.5, max_memory="10GB", quiet=True)
+    small = oneshot.prune(
+        src, calibration=IDS, out=tmp_path / "a", method="wanda", sparsity=0.5, max_memory="10KB", quiet=True
+    )
+    large = oneshot.prune(
+        src, calibration=IDS, out=tmp_path / "b", method="wanda", sparsity=0.5, max_memory="10GB", quiet=True
+    )
     assert small.extra["mode"] == "streaming" and large.extra["mode"] == "in-memory"
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
 

@@ -5,7 +5,10 @@ Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned
 columns by ``-err_j · U[j, j:]`` where ``U`` is the upper Cholesky factor of ``H⁻¹`` (§3.3).
 Updates are applied lazily: inside a block of ``block_size`` columns immediately, to the columns
 right of the block once per block. The mask is chosen per block (adaptive mask selection, §3.4)
-from the OBS saliency ``w² / [U]_jj²``; for N:M it is chosen per group of M columns.
+from the OBS saliency ``w² / [U]_jj²``; for N:M it is chosen per group of M columns. With the
+block's mask fixed at its start (unstructured, or a given mask), the column loop is replaced by
+one batched triangular solve per row (:func:`solve_block`); N:M keeps the loop, whose masks depend
+on the updates within the block.
 """
 
 from __future__ import annotations
@@ -15,6 +18,60 @@ import torch
 from oneshot.methods.base import PruneResult
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
+
+
+#: Rows solved at once by the vectorised block: each holds a ``[b, b]`` triangular system.
+SOLVE_ROWS_ELEMENTS = 1 << 24
+
+
+def solve_block(w1: torch.Tensor, u1: torch.Tensor, keep1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop of one SparseGPT block with a fixed mask, as one triangular solve per row.
+
+    Pruning column j of the block sets ``err_j = w̃_j / U_jj`` where ``w̃_j`` is column j after the
+    updates of the columns before it: ``w̃_j = w_j − Σ_{k<j} err_k U_kj``. Hence, per row, the
+    errors on the pruned positions P solve ``e_P · U_PP = w_P`` (U_PP is upper triangular) and are
+    zero on kept positions; the block's kept weights are then ``(w − e·U)`` there. Solved for all
+    rows at once with ``M = (p pᵀ) ∘ U + diag(1 − p)``, which leaves kept errors at ``w_j · 0``.
+    ``w1`` ``[out, b]``, ``u1`` ``[b, b]`` (upper), ``keep1`` bool ``[out, b]``; returns
+    ``(q1, err1)``, the block's new weights and errors, both ``[out, b]``.
+    """
+    rows, b = w1.shape
+    err = torch.empty_like(w1)  # [out, b]
+    step = max(1, SOLVE_ROWS_ELEMENTS // (b * b))
+    eye = torch.eye(b, dtype=w1.dtype, device=w1.device)
+    for r0 in range(0, rows, step):
+        p = (~keep1[r0 : r0 + step]).to(w1.dtype)  # [r, b] 1 = pruned
+        system = p.unsqueeze(2) * p.unsqueeze(1) * u1 + (1 - p).unsqueeze(2) * eye  # [r, b, b], upper
+        rhs = (w1[r0 : r0 + step] * p).unsqueeze(1)  # [r, 1, b]
+        err[r0 : r0 + step] = torch.linalg.solve_triangular(system, rhs, upper=True, left=False).squeeze(1)
+    q1 = (w1 - err @ u1) * keep1  # [out, b]
+    return q1, err
+
+
+def loop_block(
+    w1: torch.Tensor, u1: torch.Tensor, keep1: torch.Tensor, nm: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop of one SparseGPT block (Alg. 1): prune column j, update the columns after it.
+
+    With ``nm`` the mask of each group of M columns is chosen from the updated weights when the
+    loop reaches it and written into ``keep1`` (a view of the layer's mask); otherwise ``keep1`` is
+    used as given. Returns ``(q1, err1)`` like :func:`solve_block`.
+    """
+    w1 = w1.clone()  # [out, b]
+    q1 = torch.zeros_like(w1)  # [out, b]
+    err1 = torch.zeros_like(w1)  # [out, b]
+    d1 = torch.diagonal(u1)  # [b]
+    for j in range(w1.shape[1]):
+        if nm is not None and j % nm[1] == 0:
+            group = slice(j, j + nm[1])
+            keep1[:, group] = nm_mask(w1[:, group].square() / d1[group].square(), *nm)
+        col = w1[:, j]  # [out]
+        q = col * keep1[:, j]
+        q1[:, j] = q
+        err = (col - q) / d1[j]  # [out]
+        w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)  # [out, b - j]
+        err1[:, j] = err
+    return q1, err1
 
 
 def sparsegpt(
@@ -47,24 +104,16 @@ def sparsegpt(
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()  # [out, b]
-        q1 = torch.zeros_like(w1)  # [out, b]
-        err1 = torch.zeros_like(w1)  # [out, b]
+        w1 = w[:, i1:i2]  # [out, b]
         u1 = upper[i1:i2, i1:i2]  # [b, b]
-        d1 = torch.diagonal(u1)  # [b]
         if mask is None and nm is None:
+            d1 = torch.diagonal(u1)  # [b]
             keep[:, i1:i2] = unstructured_mask(w1.square() / d1.square(), sparsity, per_row=False)
-        for j in range(i2 - i1):
-            if mask is None and nm is not None and j % nm[1] == 0:
-                group = slice(j, j + nm[1])
-                keep[:, i1 + j : i1 + j + nm[1]] = nm_mask(w1[:, group].square() / d1[group].square(), *nm)
-            col = w1[:, j]  # [out]
-            q = col * keep[:, i1 + j]
-            q1[:, j] = q
-            losses += (col - q).square() / d1[j].square() / 2
-            err = (col - q) / d1[j]  # [out]
-            w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)  # [out, b - j]
-            err1[:, j] = err
+        if nm is None:  # the block's mask is fixed: one batched triangular solve instead of the loop
+            q1, err1 = solve_block(w1, u1, keep[:, i1:i2])
+        else:
+            q1, err1 = loop_block(w1, u1, keep[:, i1:i2], nm if mask is None else None)
+        losses += err1.square().sum(dim=1) / 2  # the OBS loss of each pruned weight is err² / 2
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]  # lazy update of the columns right of the block
     keep[:, dead] = False

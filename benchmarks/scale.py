@@ -1,0 +1,183 @@
+"""Streaming at scale: synthetic LLaMA checkpoints from 0.5 GB to larger than RAM, block by block.
+
+Each run is ``oneshot prune --stream`` in a child process; its peak resident memory is the
+child's ``ru_maxrss`` (``RUSAGE_CHILDREN`` of a fresh parent). Rows: checkpoint size, depth,
+method, calibration tokens, wall seconds, seconds per block (median), peak RSS, bytes written.
+Checkpoints are cached in ``--workdir`` between runs; each output is deleted after it is measured.
+
+    .venv/bin/python -m benchmarks.scale                                  # the default grid
+    .venv/bin/python -m benchmarks.scale --shapes 2048x5,2048x10 --methods wanda --name scale_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, machine, machine_line, shared_file, write_results
+from benchmarks.synthetic import checkpoint_bytes, llama_config, write_checkpoint
+
+PEAK = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    "sys.exit(code)\n"
+)
+DEFAULT_SHAPES = "2048x5,2048x10,2048x22,2048x44,2048x88,5120x48"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"2048x44"`` -> (hidden 2048, 44 blocks)."""
+    hidden, _, layers = text.partition("x")
+    return int(hidden), int(layers)
+
+
+def shape_config(hidden: int, layers: int) -> Any:
+    """A LLaMA config: head_dim 128, 4 query heads per KV head, vocab 32k (untied head)."""
+    heads = hidden // 128
+    return llama_config(hidden, layers, heads=heads, kv_heads=max(1, heads // 4), vocab=32000)
+
+
+def ensure_checkpoint(workdir: Path, hidden: int, layers: int, dtype: torch.dtype) -> Path:
+    """The cached synthetic checkpoint of this shape (written once, with a tokenizer)."""
+    folder = workdir / f"llama-{hidden}x{layers}-{str(dtype).removeprefix('torch.')}"
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import char_tokenizer
+
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"writing {folder.name} ({checkpoint_bytes(shape_config(hidden, layers), dtype) / 1e9:.1f} GB)")
+        write_checkpoint(folder, shape_config(hidden, layers), dtype)
+        char_tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of all files in a folder."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_one(folder: Path, method: str, nsamples: int, seqlen: int, workdir: Path, calib: Path) -> dict[str, Any]:
+    """Prune ``folder`` once in a child process; return the measured row."""
+    out = workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "oneshot", "prune", str(folder), "--method", method, "--sparsity", "0.5",
+        "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--stream", "--quiet",
+        "--out", str(out),
+    ]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    report = json.loads((out / "oneshot_report.json").read_text())
+    written = folder_bytes(out)
+    shutil.rmtree(out)
+    per_block = report["seconds_per_block"]
+    return {
+        "checkpoint": folder.name,
+        "checkpoint_bytes": folder_bytes(folder),
+        "blocks": len(per_block),
+        "method": method,
+        "tokens": nsamples * seqlen,
+        "seconds": report["seconds"],
+        "seconds_per_block": statistics.median(per_block),
+        "phase_seconds": report["phase_seconds"],
+        "peak_rss_bytes": int(res.stdout.split()[-1]),
+        "written_bytes": written,
+        "command": " ".join(cmd[1:]),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown results table."""
+    lines = [
+        "| checkpoint | GB | blocks | method | tokens | wall s | s / block | peak RSS GB | RSS / size | GB written |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gb = r["checkpoint_bytes"] / 1e9
+        lines.append(
+            f"| {r['checkpoint']} | {gb:.2f} | {r['blocks']} | {r['method']} | {r['tokens']} | {r['seconds']:.0f} | "
+            f"{r['seconds_per_block']:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9 / gb:.3f} | "
+            f"{r['written_bytes'] / 1e9:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Peak RSS and seconds per block against checkpoint size, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in sorted({r["method"] for r in rows}):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["checkpoint_bytes"])
+        sizes = [r["checkpoint_bytes"] / 1e9 for r in mine]
+        ax1.plot(sizes, [r["peak_rss_bytes"] / 1e9 for r in mine], "o-", label=method)
+        ax2.plot(sizes, [r["seconds_per_block"] for r in mine], "o-", label=method)
+    ax1.plot([0.5, max(r["checkpoint_bytes"] / 1e9 for r in rows)], [0.5, max(r["checkpoint_bytes"] / 1e9 for r in rows)],
+             ":", color="grey", label="checkpoint size")  # fmt: skip
+    ax1.axhline(24, color="red", linestyle="--", label="this machine's RAM")
+    ax1.set(xscale="log", yscale="log", xlabel="checkpoint GB (bf16)", ylabel="peak RSS GB", title="Peak memory")
+    ax2.set(
+        xscale="log", yscale="log", xlabel="checkpoint GB (bf16)", ylabel="seconds per block", title="Cost per block"
+    )
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="hidden x blocks, comma-separated")
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--tokens-sweep", default="", help="extra NSAMPLES for the first shape (cost per token)")
+    parser.add_argument("--skip", default="", help="method@shape pairs to leave out, e.g. sparsegpt@5120x48")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/oneshot-scale"))
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--name", default="scale_streaming")
+    args = parser.parse_args(argv)
+
+    calib = shared_file("austen", "emma.txt")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    rows: list[dict[str, Any]] = []
+    shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    for n, (hidden, layers) in enumerate(shapes):
+        folder = ensure_checkpoint(args.workdir, hidden, layers, torch.bfloat16)
+        for method in args.methods.split(","):
+            if f"{method}@{hidden}x{layers}" in skip:
+                continue
+            counts = [args.nsamples] + ([int(t) for t in args.tokens_sweep.split(",") if t] if n == 0 else [])
+            for nsamples in counts:
+                rows.append(run_one(folder, method, nsamples, args.seqlen, args.workdir, calib))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, indent=2))
+        if not args.keep_checkpoints and n < len(shapes) - 1:
+            shutil.rmtree(folder)
+    text = (
+        f"# Streaming at scale (synthetic LLaMA, bf16, 50% unstructured)\n\n"
+        f"Command: `python -m benchmarks.scale {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"Machine: {machine_line()}\n\n" + table(rows)
+    )
+    write_results(args.name, {"machine": machine(), "rows": rows}, text)
+    plot(rows, RESULTS / f"{args.name}.png")
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
