@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# Peak memory of in-memory runs (`--no-stream`), {args.nsamples} x {args.seqlen} calibration tokens\n",
         f"Command: `python -m benchmarks.memory {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
         f"Machine: {machine_line()}. Interpreter with torch + transformers imported: {base / 1e9:.2f} GB.\n",
-        "| model | method | dtype | weights GB | activations GB | peak RSS GB | peak − interpreter − weights − activations GB "
-        "| first run (GGUF conversion) GB |",
+        "| model | method | dtype | weights GB | activations GB | peak RSS GB "
+        "| peak − interpreter − weights − activations GB | first run (GGUF conversion) GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

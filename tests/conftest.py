@@ -153,3 +153,15 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text(bundled_text()[:20000])
     return path
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the safetensors files of a saved model folder."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                out[key] = f.get_tensor(key)
+    return out

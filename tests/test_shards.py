@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import saved_tensors
 from safetensors.torch import save_file
 
 from oneshot.activations import DiskStore, MemoryStore
@@ -27,15 +27,6 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
-
-
 def test_writer_round_trips_through_safe_open_and_rotates_shards(tmp_path: Path) -> None:
     tensors = _tensors()
     writer = ShardWriter(tmp_path, header_room(tensors), max_shard_bytes=300)
@@ -49,7 +40,7 @@ def test_writer_round_trips_through_safe_open_and_rotates_shards(tmp_path: Path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == weight_map and set(weight_map) == set(tensors)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    back = _read_all(tmp_path)
+    back = saved_tensors(tmp_path)
     for key, value in tensors.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     assert verify_shards(tmp_path, writer.digests) == index["metadata"]["total_size"]
@@ -60,7 +51,7 @@ def test_single_shard_is_named_like_save_pretrained(tmp_path: Path) -> None:
     writer.add("x", torch.ones(3))
     writer.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    assert torch.equal(_read_all(tmp_path)["x"], torch.ones(3))
+    assert torch.equal(saved_tensors(tmp_path)["x"], torch.ones(3))
 
 
 def test_writer_resumes_after_partial_writes_and_a_rotation(tmp_path: Path) -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import char_tokenizer
-from safetensors import safe_open
+from conftest import char_tokenizer, saved_tensors
 
 import oneshot
 from benchmarks.synthetic import llama_config, write_checkpoint
@@ -24,16 +23,6 @@ from oneshot.streaming import PROGRESS_FILE, partial_dir
 from oneshot.writer import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved model folder."""
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:

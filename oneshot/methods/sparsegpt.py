@@ -8,7 +8,7 @@ right of the block once per block. The mask is chosen per block (adaptive mask s
 from the OBS saliency ``w² / [U]_jj²``; for N:M it is chosen per group of M columns. With the
 block's mask fixed at its start (unstructured, or a given mask), the column loop is replaced by
 one batched triangular solve per row (:func:`solve_block`); N:M keeps the loop, whose masks depend
-on the updates within the block.
+on the updates within the block. On a CPU the loop is faster, so it stays the default.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from oneshot.methods.base import PruneResult
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
-
 
 #: Rows solved at once by the vectorised block: each holds a ``[b, b]`` triangular system.
 SOLVE_ROWS_ELEMENTS = 1 << 24
@@ -84,12 +83,15 @@ def sparsegpt(
     damp: float = 0.01,
     max_damp_retries: int = 4,
     mask: torch.Tensor | None = None,
+    vectorised: bool = False,
 ) -> PruneResult:
     """Prune ``weight`` ``[out, in]`` to ``sparsity`` (or N:M) and reconstruct with ``hessian`` ``[in, in]``.
 
     ``mask`` (True = keep, ``[out, in]``) fixes the pattern instead of selecting it; the weights
-    are then only reconstructed. Returns the pruned weight, its mask, the OBS loss estimate and the
-    relative damping used (``info["damp"]``).
+    are then only reconstructed. ``vectorised`` solves each fixed-mask block with
+    :func:`solve_block` instead of the column loop (same result; measured 3-5x slower than the loop
+    on a 2-core CPU, so off by default). Returns the pruned weight, its mask, the OBS loss
+    estimate and the relative damping used (``info["damp"]``).
     """
     h, w, dead = prepare_hessian(hessian, weight)  # [in, in], [out, in]
     rows, cols = w.shape
@@ -109,7 +111,7 @@ def sparsegpt(
         if mask is None and nm is None:
             d1 = torch.diagonal(u1)  # [b]
             keep[:, i1:i2] = unstructured_mask(w1.square() / d1.square(), sparsity, per_row=False)
-        if nm is None:  # the block's mask is fixed: one batched triangular solve instead of the loop
+        if vectorised and nm is None:  # the block's mask is fixed: one batched triangular solve
             q1, err1 = solve_block(w1, u1, keep[:, i1:i2])
         else:
             q1, err1 = loop_block(w1, u1, keep[:, i1:i2], nm if mask is None else None)
