@@ -178,9 +178,7 @@ def prune(
     """
     start = time.perf_counter()
     config = _make_config(config, method, sparsity, nm, calibration, options)
-    out_path = Path(out).expanduser() if out is not None else None
-    if out_path is not None and not (config.resume and partial_dir(out_path).exists()):
-        check_output_dir(out_path, overwrite)
+    out_path = _output_path(out, config, overwrite)
 
     name, run = "", None
     if isinstance(model, (str, os.PathLike)):
@@ -197,16 +195,9 @@ def prune(
 
     was_training = model.training
     model.eval()
-    extra: dict[str, Any] = {
-        "calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen},
-        "mode": "streaming" if run is not None else "in-memory",
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
     try:
-        if METHODS[config.method].structured:
-            report = _prune_structured(model, calib, config, extra, run)
-        else:
-            report = _prune_unstructured(model, calib, config, sparsities, extra, run)
+        job = _Job(model, calib, config, _run_facts(model, calib, run), run)
+        report = _prune_structured(job) if METHODS[config.method].structured else _prune_unstructured(job, sparsities)
         report.model = name
         return _finish(report, model, tokenizer, out_path, overwrite, start, run)
     except BaseException:
@@ -215,6 +206,23 @@ def prune(
         raise
     finally:
         model.train(was_training)
+
+
+def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:
+    """The output folder, checked before any work (a resumed run's folder does not exist yet)."""
+    path = Path(out).expanduser() if out is not None else None
+    if path is not None and not (config.resume and partial_dir(path).exists()):
+        check_output_dir(path, overwrite)
+    return path
+
+
+def _run_facts(model: nn.Module, calib: CalibrationSet, run: StreamingRun | None) -> dict[str, Any]:
+    """The report's first entries: calibration size, mode and dtype."""
+    return {
+        "calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen},
+        "mode": "streaming" if run is not None else "in-memory",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
 
 
 def _make_config(
@@ -283,10 +291,20 @@ def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: 
     return calib
 
 
-def _prune_structured(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, extra: dict[str, Any], run: StreamingRun | None
-) -> Report:
-    structured = prune_structured(model, calib, config, io=run.io() if run is not None else None)
+@dataclass
+class _Job:
+    """What the pruning steps of one :func:`prune` call share."""
+
+    model: nn.Module
+    calib: CalibrationSet
+    config: PruneConfig
+    extra: dict[str, Any]
+    run: StreamingRun | None
+
+
+def _prune_structured(job: _Job) -> Report:
+    config, extra, run = job.config, job.extra, job.run
+    structured = prune_structured(job.model, job.calib, config, io=run.io() if run is not None else None)
     extra["structured"] = {
         "ratio": config.ratio,
         "score": config.score,
@@ -299,15 +317,9 @@ def _prune_structured(
     return Report(config, [], structured.times, 0.0, structured.blocks_name, extra=extra)
 
 
-def _allocation(
-    model: nn.Module,
-    calib: CalibrationSet,
-    config: PruneConfig,
-    sparsities: dict[str, float | None] | None,
-    extra: dict[str, Any],
-    run: StreamingRun | None,
-) -> dict[str, float | None] | None:
+def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[str, float | None] | None:
     """Per-layer sparsities from OWL, the sparsity map and explicit overrides (None = uniform)."""
+    model, calib, config, extra, run = job.model, job.calib, job.config, job.extra, job.run
     layers = uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
     if config.sparsity_map:  # validate the map before any expensive work
         apply_sparsity_map(layers, config.sparsity_map)
@@ -335,15 +347,9 @@ def _allocation(
     return allocation
 
 
-def _prune_unstructured(
-    model: nn.Module,
-    calib: CalibrationSet,
-    config: PruneConfig,
-    sparsities: dict[str, float | None] | None,
-    extra: dict[str, Any],
-    run: StreamingRun | None,
-) -> Report:
-    allocation = _allocation(model, calib, config, sparsities, extra, run)
+def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -> Report:
+    model, calib, config, extra, run = job.model, job.calib, job.config, job.extra, job.run
+    allocation = _allocation(job, sparsities)
     result = SweepResult(blocks_name="")
     if run is not None:
         run.restore(result)

@@ -50,6 +50,15 @@ def _read_map(path: Path | None) -> tuple[tuple[str, float | str], ...]:
     return parse_sparsity_map(raw, f"--sparsity-map {path}")
 
 
+DTYPE_OPTION = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="Dtype to compute (and save) in; auto = the checkpoint's own (a bf16 model stays bf16).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="oneshot")
 def main() -> None:
@@ -84,13 +93,7 @@ def main() -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda, cuda:N.")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default="auto",
-    show_default=True,
-    help="Dtype to compute and save in; auto = the checkpoint's own (a bf16 model stays bf16).",
-)
+@DTYPE_OPTION
 @click.option(
     "--stream/--no-stream",
     default=None,
@@ -212,13 +215,7 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
 @click.option("--device", default="auto", show_default=True, help="Compute device.")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default="auto",
-    show_default=True,
-    help="Model dtype (auto = the checkpoint's).",
-)
+@DTYPE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,38 +142,70 @@ def saved_files(folder: Path) -> list[str]:
     return [SINGLE_FILE]
 
 
-def iter_saved(folder: Path) -> Iterator[tuple[str, memoryview, str, tuple[int, ...]]]:
-    """Every saved tensor as ``(key, raw bytes, dtype name, shape)``, read one at a time."""
+#: Bytes read at a time when re-reading a saved tensor (a 128k x 8192 bf16 embedding is 2 GB).
+READ_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """Where one tensor sits in a saved safetensors file; its bytes are read in chunks on demand."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+    def chunks(self, size: int = READ_CHUNK) -> Iterator[memoryview]:
+        """The tensor's bytes, ``size`` at a time (one reused buffer: use each chunk before the next)."""
+        buf = memoryview(bytearray(max(1, min(size, self.nbytes))))
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            left = self.nbytes
+            while left > 0:
+                got = f.readinto(buf[: min(len(buf), left)])
+                if not got:
+                    raise OutputError(f"{self.path} ends inside tensor {self.key}")
+                yield buf[:got]
+                left -= got
+
+    def digest(self) -> str:
+        """:func:`digest` of the tensor's bytes, computed chunk by chunk."""
+        h = hashlib.blake2b(digest_size=16)
+        for chunk in self.chunks():
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def iter_saved(folder: Path) -> Iterator[SavedTensor]:
+    """Every tensor of a saved model folder, in file order (headers only: data is read on demand)."""
     for name in saved_files(folder):
         path = folder / name
         header, data_start = read_header(path)
-        with path.open("rb") as f:
-            for key, meta in header.items():
-                if key == "__metadata__":
-                    continue
+        for key, meta in header.items():
+            if key != "__metadata__":
                 start, end = meta["data_offsets"]
-                f.seek(data_start + start)
-                buf = bytearray(end - start)
-                f.readinto(buf)
-                yield key, memoryview(buf), meta["dtype"], tuple(meta["shape"])
+                yield SavedTensor(key, meta["dtype"], tuple(meta["shape"]), path, data_start + start, end - start)
 
 
 def verify_shards(folder: Path, expected: dict[str, str]) -> int:
     """Check every saved tensor's digest against ``expected`` and that each file parses; returns bytes read.
 
+    Tensors are re-read in chunks of ``READ_CHUNK`` bytes, so memory stays small whatever their size.
     Raises :class:`OutputError` for a missing, extra or differing tensor.
     """
     from safetensors import safe_open
 
     seen: set[str] = set()
     total = 0
-    for key, data, _, _ in iter_saved(folder):
-        if key not in expected:
-            raise OutputError(f"saved tensor {key} was not expected; not saved")
-        if digest(data) != expected[key]:
-            raise OutputError(f"saved tensor {key} differs from the pruned model on re-reading; not saved")
-        seen.add(key)
-        total += data.nbytes
+    for saved in iter_saved(folder):
+        if saved.key not in expected:
+            raise OutputError(f"saved tensor {saved.key} was not expected; not saved")
+        if saved.digest() != expected[saved.key]:
+            raise OutputError(f"saved tensor {saved.key} differs from the pruned model on re-reading; not saved")
+        seen.add(saved.key)
+        total += saved.nbytes
     missing = sorted(set(expected) - seen)
     if missing:
         raise OutputError(f"{len(missing)} tensors missing from the saved shards (e.g. {missing[0]}); not saved")

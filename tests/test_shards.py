@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from oneshot.activations import DiskStore, MemoryStore
 from oneshot.checkpoint import Checkpoint, read_header
 from oneshot.errors import ModelError, OutputError
-from oneshot.shards import ShardWriter, header_room, iter_saved, verify_shards
+from oneshot.shards import ShardWriter, digest, header_room, iter_saved, tensor_bytes, verify_shards
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -109,8 +109,12 @@ def test_writer_refuses_a_tensor_twice(tmp_path: Path) -> None:
 def test_iter_saved_reads_what_save_file_wrote(tmp_path: Path) -> None:
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    seen = {key: (dtype, shape) for key, _, dtype, shape in iter_saved(tmp_path)}
-    assert seen["a.weight"] == ("BF16", (8, 16)) and seen["e.flag"] == ("BOOL", (3,))
+    seen = {t.key: t for t in iter_saved(tmp_path)}
+    assert (seen["a.weight"].dtype, seen["a.weight"].shape) == ("BF16", (8, 16))
+    assert (seen["e.flag"].dtype, seen["e.flag"].shape) == ("BOOL", (3,))
+    for key, value in tensors.items():  # read back in 5-byte chunks: the bytes and the digest agree
+        raw = b"".join(bytes(c) for c in seen[key].chunks(size=5))
+        assert raw == bytes(tensor_bytes(value)) and seen[key].digest() == digest(tensor_bytes(value))
 
 
 def test_disk_store_double_buffers_and_resumes(tmp_path: Path) -> None:

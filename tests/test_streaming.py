@@ -50,6 +50,7 @@ IDS = torch.randint(4, 100, (8, 32), generator=torch.Generator().manual_seed(0))
         (torch.float32, {"method": "sparsegpt", "nm": "2:4"}),
         (torch.float32, {"method": "wanda", "sparsity": 0.6, "owl": True, "owl_lambda": 0.05}),
         (torch.bfloat16, {"method": "sparsegpt", "sparsity": 0.5, "sparsity_map": {"model.layers.1.*": "skip"}}),
+        (torch.float32, {"method": "structured", "ratio": 0.5, "target": "both"}),  # shapes change, biases appear
     ],
 )
 def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options: dict[str, object]) -> None:
