@@ -150,12 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/oneshot-scale"))
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--name", default="scale_streaming")
+    parser.add_argument("--include", type=Path, default=None, help="a results JSON whose rows come first")
     args = parser.parse_args(argv)
 
     calib = shared_file("austen", "emma.txt")
     args.workdir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     rows: list[dict[str, Any]] = []
+    if args.include is not None:  # rows measured by an earlier invocation (see its own command)
+        data = json.loads(args.include.read_text())
+        rows = list(data["rows"] if isinstance(data, dict) else data)
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     for n, (hidden, layers) in enumerate(shapes):
         folder = ensure_checkpoint(args.workdir, hidden, layers, torch.bfloat16)

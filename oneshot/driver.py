@@ -263,6 +263,7 @@ class _BlockStep:
         t0, report_before = time.perf_counter(), times.report
         for name, module in linears.items():
             self.visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+            release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
         if self.block_visit is not None:
             self.block_visit(i, block, collector.stats)
         times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
