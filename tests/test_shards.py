@@ -39,6 +39,10 @@ def test_writer_round_trips_through_safe_open_and_rotates_shards(tmp_path: Path)
     )
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == weight_map and set(weight_map) == set(tensors)
+    for file in files:  # no shard above the limit unless one tensor alone exceeds it
+        sizes = [tensors[k].numel() * tensors[k].element_size() for k, f in weight_map.items() if f == file]
+        assert sum(sizes) <= 300 or len(sizes) == 1, (file, sizes)
+    assert len(files) == 3  # a: 256 bytes | b: 512 (alone, above the limit) | c, d, e: 56 + 6 + 3
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     back = saved_tensors(tmp_path)
     for key, value in tensors.items():
