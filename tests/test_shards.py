@@ -73,8 +73,8 @@ def test_writer_resumes_after_partial_writes_and_a_rotation(tmp_path: Path) -> N
     writer = ShardWriter(crashed, header_room(keys), max_shard_bytes=300)
     writer.add(keys[0], tensors[keys[0]])
     state = json.loads(json.dumps(writer.state()))  # what progress.json keeps
-    for key in keys[1:4]:  # a crashed block: written (one shard closed, another begun), never recorded
-        writer.add(key, tensors[key] * 0 if tensors[key].dtype != torch.bool else tensors[key])
+    for key in keys[1:4]:  # a crashed block: written (shards closed and begun, longer), never recorded
+        writer.add(key, torch.zeros(3 * tensors[key].numel(), dtype=tensors[key].dtype))
     resumed = ShardWriter(crashed, header_room(keys), max_shard_bytes=300, state=state)
     for key in keys[1:]:
         resumed.add(key, tensors[key])
