@@ -37,7 +37,6 @@ MUTANTS: list[tuple[str, str, str]] = [
     ("oneshot/streaming.py", "value.to(self._param_dtype[name]) if name is not None else value", "value"),
     ("oneshot/streaming.py", "h.update(calib.attention_mask.to(torch.int64).numpy().tobytes())", "pass"),
     ("oneshot/driver.py", "sink = store.put if io.start == 0 else (lambda b, h: None)", "sink = store.put"),
-    ("oneshot/driver.py", "if i != 0 or io.start != 0:", "if i != 0:"),
     ("oneshot/checkpoint.py", "if path.stat().st_size < 8 + size + end:", "if path.stat().st_size < 8 + size:"),
     ("oneshot/checkpoint.py", 'candidates += [f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]', "pass"),
     ("oneshot/writer.py", "if tuple(tensor.shape) != saved.shape or not _same_bytes(tensor, saved):", "if False:"),

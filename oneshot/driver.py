@@ -218,7 +218,7 @@ def sweep(
         for i in bar:
             start = time.perf_counter()
             block = blocks[i]
-            if i != 0 or io.start != 0:
+            if i != 0:  # block 0 was loaded for the capture (a resumed sweep starts later)
                 io.source.load(i, block)
             block.to(device)
             step.run(i, block, _block_linears(blocks_name, i, block, config), blocks_name)
