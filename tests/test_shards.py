@@ -203,3 +203,22 @@ def test_pickle_only_checkpoint_cannot_stream(tmp_path: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ModelError, match=r"no safetensors weights \(found: pytorch_model.bin\)"):
         Checkpoint(folder)
+
+
+def test_in_memory_verification_catches_a_differing_or_missing_tensor(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from oneshot.writer import verify_saved_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    assert verify_saved_model(model, tmp_path) == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weight = model.model.layers[0].mlp.down_proj.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1
+    with pytest.raises(OutputError, match="down_proj.weight differs"):
+        verify_saved_model(model, tmp_path)
+    with torch.no_grad():
+        weight.copy_(original)
+    model.register_buffer("extra", torch.ones(3))  # persistent: in the state dict, not in the files
+    with pytest.raises(OutputError, match="were not saved"):
+        verify_saved_model(model, tmp_path)
