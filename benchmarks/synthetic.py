@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,7 @@ def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
 def checkpoint_bytes(config: Any, dtype: torch.dtype) -> int:
     """Size of the checkpoint's tensors in ``dtype``."""
     item = torch.empty(0, dtype=dtype).element_size()
-    total = 0
-    for _, shape in parameter_shapes(config):
-        n = 1
-        for s in shape:
-            n *= s
-        total += n * item
-    return total
+    return sum(math.prod(shape) * item for _, shape in parameter_shapes(config))
 
 
 def write_checkpoint(
@@ -72,7 +67,7 @@ def write_checkpoint(
     size = 0
     item = torch.empty(0, dtype=dtype).element_size()
     for name, shape in parameter_shapes(config):
-        nbytes = item * int(torch.Size(shape).numel())
+        nbytes = item * math.prod(shape)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0

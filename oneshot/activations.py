@@ -9,6 +9,7 @@ still intact (what makes a streaming run resumable) and resident memory holds on
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,7 +89,7 @@ class DiskStore:
         return self.folder / f"acts-{k}.bin"
 
     def _offset(self, batch: int) -> int:
-        return sum(_numel(s) for s in self.shapes[:batch]) * self._itemsize
+        return sum(math.prod(s) for s in self.shapes[:batch]) * self._itemsize
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -129,13 +130,6 @@ class DiskStore:
     def sync(self) -> None:
         """Flush the current file to disk (after the capture filled it)."""
         _fsync(self._path(self.current))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _fsync(path: Path) -> None:

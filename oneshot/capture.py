@@ -46,9 +46,8 @@ class BlockCall:
 
 @dataclass
 class CapturedInputs:
-    """Per calibration batch: block 0's input hidden states, the token mask, and every block's call."""
+    """Per calibration batch: the token mask and every block's call (block 0's inputs go to a sink)."""
 
-    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch [B, T, d]
     token_masks: list[torch.Tensor | None] = field(default_factory=list)  # per batch [B, T]
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
@@ -80,14 +79,14 @@ def capture_inputs(
     calib: CalibrationSet,
     batch_size: int,
     device: torch.device,
+    sink: Callable[[int, torch.Tensor], None],
     storage: torch.device | None = None,
-    sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> CapturedInputs:
     """Run the model's stem on each calibration batch and record every block's call arguments.
 
     ``storage`` is where captured tensors are kept (default: CPU, so only one block's activations
     need to sit on the compute device). Block 0's input of batch ``b`` goes to ``sink(b, hidden)``
-    when given (e.g. an activation store on disk), else into ``CapturedInputs.hidden``.
+    (an activation store, in memory or on disk).
     """
     storage = storage or torch.device("cpu")
     captured = CapturedInputs()
@@ -105,10 +104,7 @@ def capture_inputs(
             call = BlockCall(to_device(rest, storage), to_device(kwargs, storage), hidden_kw)
             captured.calls[-1].append(call)
             if index == 0:
-                if sink is not None:
-                    sink(len(captured.calls) - 1, hidden.detach())
-                else:
-                    captured.hidden.append(hidden.detach().to(storage))
+                sink(len(captured.calls) - 1, hidden.detach())
                 if "kind" not in structure:  # learn once how this block family returns its output
                     out = original(*args, **({hidden_kw: hidden} if hidden_kw else {}), **kwargs)
                     structure["kind"] = ("tuple", len(out)) if isinstance(out, (tuple, list)) else ("tensor", 1)

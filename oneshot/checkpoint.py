@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,10 +81,7 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty(0, dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
 class Checkpoint:

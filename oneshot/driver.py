@@ -170,7 +170,7 @@ def _capture(
     io.source.load(0, blocks[0])
     blocks[0].to(device)
     sink = store.put if io.start == 0 else (lambda b, h: None)
-    captured = capture_inputs(model, blocks, calib, config.batch_size, device, sink=sink)
+    captured = capture_inputs(model, blocks, calib, config.batch_size, device, sink)
     if io.start != 0:
         io.source.unload(0, blocks[0])
     if len(store) != len(captured.calls):

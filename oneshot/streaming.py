@@ -252,10 +252,9 @@ class StreamingRun:
         assert self.writer is not None
         digests = dict(self.writer.digests)
         self.writer.finish()
-        shutil.rmtree(self.partial / "acts", ignore_errors=True)
-        for extra in self.partial.iterdir():
-            if extra.is_dir():
-                shutil.rmtree(extra)
+        for scratch in self.partial.iterdir():  # activation files (acts/, owl/)
+            if scratch.is_dir():
+                shutil.rmtree(scratch)
         (self.partial / PROGRESS_FILE).unlink()
         model_config: Any = self.model.config
         model_config.save_pretrained(self.partial)
