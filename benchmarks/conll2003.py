@@ -27,7 +27,7 @@ import torch
 import oneshot
 from benchmarks.common import RESULTS, SHARED, machine, machine_line, minilm_dir, parse_prune_options, write_results
 from benchmarks.ner import FinetuneConfig, calibration_set, evaluate, finetune, load_split
-from oneshot.driver import resolve_device
+from oneshot.engine import resolve_device
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,7 @@ MUTANTS: list[tuple[str, str, str]] = [
      "if id(param) not in skip and name in self.keys"),
     ("oneshot/streaming.py", "value.to(self._param_dtype[name]) if name is not None else value", "value"),
     ("oneshot/streaming.py", "h.update(calib.attention_mask.to(torch.int64).numpy().tobytes())", "pass"),
-    ("oneshot/driver.py", "sink = store.put if io.start == 0 else (lambda b, h: None)", "sink = store.put"),
+    ("oneshot/engine.py", "sink = store.put if io.start == 0 else (lambda b, h: None)", "sink = store.put"),
     ("oneshot/checkpoint.py", "if path.stat().st_size < 8 + size + end:", "if path.stat().st_size < 8 + size:"),
     ("oneshot/checkpoint.py", 'candidates += [f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]', "pass"),
     ("oneshot/writer.py", "if tuple(tensor.shape) != saved.shape or not _same_bytes(tensor, saved):", "if False:"),

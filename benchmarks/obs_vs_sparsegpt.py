@@ -23,8 +23,9 @@ from benchmarks.common import SHARED, machine, machine_line, minilm_dir, write_r
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
-from oneshot.driver import STAT_HESSIAN, layer_stats, resolve_device, sweep
+from oneshot.engine import layer_stats, resolve_device, sweep
 from oneshot.layers import as_matrix
+from oneshot.methods.base import STAT_HESSIAN
 from oneshot.methods.obs import obs
 from oneshot.methods.sparsegpt import sparsegpt
 

@@ -23,21 +23,15 @@ from tqdm.auto import tqdm
 from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
 from oneshot.checkpoint import Checkpoint
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.driver import (
-    LayerRecord,
-    PhaseTimes,
-    SweepResult,
-    owl_allocation,
-    prunable_layers,
-    prune_sequential,
-    prune_structured,
-    resolve_device,
-)
+from oneshot.engine import PhaseTimes, prunable_layers, resolve_device
 from oneshot.errors import ConfigError, DataError, ModelError
 from oneshot.loading import context_length, load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
+from oneshot.passes.owl import owl_allocation
+from oneshot.passes.structured import prune_structured
+from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
 from oneshot.streaming import StreamingRun, partial_dir
 from oneshot.writer import check_output_dir, save_pruned
 
@@ -67,9 +61,10 @@ class Report:
         return zeros / total if total else 0.0
 
     @property
-    def mean_relative_error(self) -> float:
-        """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens."""
-        return sum(r.relative_error for r in self.layers) / len(self.layers) if self.layers else 0.0
+    def mean_relative_error(self) -> float | None:
+        """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens (None: no data)."""
+        errors = [r.relative_error for r in self.layers if r.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, as saved in ``oneshot_report.json``."""
@@ -108,7 +103,8 @@ class Report:
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
             f"method {self.config.method} at {pattern}: {len(self.layers)} linear layers in {self.blocks}",
-            f"achieved sparsity {self.achieved_sparsity:.4%}, mean relative error {self.mean_relative_error:.4g}",
+            f"achieved sparsity {self.achieved_sparsity:.4%}, mean relative error "
+            + ("n/a (no calibration data)" if self.mean_relative_error is None else f"{self.mean_relative_error:.4g}"),
             f"time {self.seconds:.1f}s (capture {self.times.capture:.1f}, forwards {self.times.forward:.1f}, "
             f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
             f"error report {self.times.report:.1f}, propagate {self.times.propagate:.1f})",

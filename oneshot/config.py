@@ -15,6 +15,7 @@ from typing import Any
 
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import parse_sparsity_map
+from oneshot.methods.base import MethodOptions
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
@@ -201,6 +202,16 @@ class PruneConfig:
             raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
         if self.nm is not None or self.owl:
             raise ConfigError("--method structured removes whole units; it takes no --nm or --owl")
+
+    def method_options(self) -> MethodOptions:
+        """The knobs a method function takes, from this run's options."""
+        return MethodOptions(
+            nm=self.nm,
+            block_size=self.block_size,
+            damp=self.damp,
+            max_damp_retries=self.max_damp_retries,
+            memory_budget=self.obs_memory_mb << 20,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the resolved configuration (saved next to the output)."""

@@ -28,9 +28,10 @@ from oneshot.activations import DiskStore
 from oneshot.calibration.data import CalibrationSet
 from oneshot.checkpoint import Checkpoint, build_skeleton, checkpoint_keys, materialise, release
 from oneshot.config import PruneConfig
-from oneshot.driver import LayerRecord, SweepIO, SweepResult
+from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.layers import find_blocks
+from oneshot.passes.unstructured import LayerRecord, SweepResult
 from oneshot.shards import ShardWriter, header_room, verify_shards
 from oneshot.writer import CONFIG_FILE, REPORT_FILE, publish
 

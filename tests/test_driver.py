@@ -11,10 +11,9 @@ from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.config import PruneConfig
-from oneshot.driver import prune_sequential
 from oneshot.layers import find_blocks, find_linears
-from oneshot.methods.base import PruneResult
-from oneshot.methods.registry import MethodSpec
+from oneshot.methods.base import MethodSpec, PruneResult
+from oneshot.passes.unstructured import prune_sequential
 
 NOOP = MethodSpec("noop", lambda w, s, sp, o: PruneResult(w, torch.ones_like(w, dtype=torch.bool)), (), "")
 

@@ -12,9 +12,8 @@ from conftest import SHARED
 import oneshot
 from oneshot.calibration.data import CalibrationSet
 from oneshot.config import PruneConfig
-from oneshot.driver import prune_sequential
-from oneshot.methods.base import PruneResult
-from oneshot.methods.registry import MethodSpec
+from oneshot.methods.base import MethodSpec, PruneResult
+from oneshot.passes.unstructured import prune_sequential
 
 pytestmark = pytest.mark.slow
 

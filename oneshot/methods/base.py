@@ -53,5 +53,37 @@ class MethodOptions:
     memory_budget: int = 1 << 30  # bytes of per-row inverse Hessians (OBS)
 
 
+#: Statistics a method may ask for; the engine maps each to an accumulator.
+STAT_HESSIAN = "hessian"
+STAT_COL_NORM = "col_sq_norm"
+STAT_MEANVAR = "meanvar"
+
 #: The callable a registry entry wraps: ``(W [out, in], stats, sparsity, options) -> PruneResult``.
 LayerPruner = Callable[[torch.Tensor, LayerStats, float, MethodOptions], PruneResult]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its callable, the statistics it needs, and a one-line description.
+
+    ``run`` is None for a method that removes whole units (:mod:`oneshot.passes.structured`).
+    A method that needs no statistics is data-free: it runs without calibration data.
+    """
+
+    name: str
+    run: LayerPruner | None
+    needs: tuple[str, ...]
+    summary: str
+    structured: bool = False
+
+    @property
+    def data_free(self) -> bool:
+        """Whether the method prunes from the weights alone (no calibration data, no forwards)."""
+        return not self.needs and not self.structured
+
+
+def require(stat: torch.Tensor | None, name: str, method: str) -> torch.Tensor:
+    """``stat``, or a RuntimeError naming the statistic ``method`` needs but did not get."""
+    if stat is None:
+        raise RuntimeError(f"{method} needs the {name} statistic but the engine did not gather it")
+    return stat

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from oneshot.methods.base import PruneResult
+from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.masks import select_mask
 
 
@@ -17,3 +17,10 @@ def magnitude(
     """
     mask = select_mask(weight.abs(), sparsity, nm, per_row=per_row)  # [out, in]
     return PruneResult(weight=weight * mask, mask=mask)
+
+
+def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+    return magnitude(w, sparsity, nm=opt.nm)
+
+
+SPEC = MethodSpec("magnitude", _run, (), "smallest |W| per layer; needs no calibration data")

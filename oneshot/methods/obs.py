@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from oneshot.methods.base import PruneResult
+from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import prune_count
 
@@ -118,3 +118,23 @@ def obs(
     out[:, dead] = 0.0
     keep[:, dead] = False
     return PruneResult(weight=out, mask=keep, info={"damp": damp_used})
+
+
+def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+    return obs(
+        w,
+        require(stats.hessian, STAT_HESSIAN, "obs"),
+        sparsity,
+        nm=opt.nm,
+        damp=opt.damp,
+        max_damp_retries=opt.max_damp_retries,
+        memory_budget=opt.memory_budget,
+    )
+
+
+SPEC = MethodSpec(
+    "obs",
+    _run,
+    (STAT_HESSIAN,),
+    "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
+)

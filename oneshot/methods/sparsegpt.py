@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from oneshot.methods.base import PruneResult
+from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
 
@@ -120,3 +120,23 @@ def sparsegpt(
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]  # lazy update of the columns right of the block
     keep[:, dead] = False
     return PruneResult(weight=w, mask=keep, loss=float(losses.sum()), info={"damp": damp_used})
+
+
+def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+    return sparsegpt(
+        w,
+        require(stats.hessian, STAT_HESSIAN, "sparsegpt"),
+        sparsity,
+        nm=opt.nm,
+        block_size=opt.block_size,
+        damp=opt.damp,
+        max_damp_retries=opt.max_damp_retries,
+    )
+
+
+SPEC = MethodSpec(
+    "sparsegpt",
+    _run,
+    (STAT_HESSIAN,),
+    "OBS updates with blocked inverse-Hessian Cholesky (Frantar & Alistarh 2023); accurate and fast",
+)

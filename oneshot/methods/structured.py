@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from oneshot.methods.base import STAT_MEANVAR, MethodSpec
+
 SCORES = ("fluctuation", "variance", "magnitude")
 
 
@@ -66,3 +68,12 @@ def keep_index(total: int, removed: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(total, dtype=torch.bool)
     keep[removed.cpu()] = False
     return torch.nonzero(keep).flatten()
+
+
+SPEC = MethodSpec(
+    "structured",
+    None,
+    (STAT_MEANVAR,),
+    "removes whole MLP neurons / attention heads by fluctuation, folds their mean into the bias",
+    structured=True,
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from oneshot.methods.base import PruneResult
+from oneshot.methods.base import STAT_COL_NORM, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.masks import select_mask
 
 
@@ -20,3 +20,10 @@ def wanda(
     scores = weight.abs() * col_sq_norm.sqrt().unsqueeze(0)  # [out, in]
     mask = select_mask(scores, sparsity, nm, per_row=True)
     return PruneResult(weight=weight * mask, mask=mask)
+
+
+def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+    return wanda(w, require(stats.col_sq_norm, STAT_COL_NORM, "wanda"), sparsity, nm=opt.nm)
+
+
+SPEC = MethodSpec("wanda", _run, (STAT_COL_NORM,), "|W|·‖X_j‖ per output row (Sun et al. 2023); fast")

@@ -1,0 +1,298 @@
+"""The engine: the one layer-by-layer sweep every pass runs on.
+
+For each block: forward every calibration batch through it with hooks that gather the statistics
+a pass needs, let the pass's visitors act on its linear layers (prune, score, remove units), then
+run the block again so the next block is calibrated on the *modified* block's outputs. Only the
+current block (and the model's stem during capture) has to sit on the compute device; captured
+activations live in an activation store between blocks. A sweep without calibration data (a
+data-free method) only loads, visits and hands back each block. What a pass does lives in
+:mod:`oneshot.passes`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from oneshot.activations import ActivationStore, MemoryStore
+from oneshot.calibration.data import CalibrationSet
+from oneshot.calibration.hooks import AccumulatorFactory, collect
+from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
+from oneshot.capture import CapturedInputs, capture_inputs
+from oneshot.config import PruneConfig
+from oneshot.layers import find_blocks, find_linears, weight_numel
+from oneshot.memory import release_freed_memory
+from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
+
+log = logging.getLogger(__name__)
+
+SAMPLE = "sample"
+STAT_FACTORIES: dict[str, AccumulatorFactory] = {
+    STAT_HESSIAN: lambda d, dev: Hessian(d, dev),
+    STAT_COL_NORM: lambda d, dev: ColumnSqNorm(d, dev),
+    SAMPLE: lambda d, dev: TokenSample(d),
+    STAT_MEANVAR: lambda d, dev: MeanVar(d, dev),
+}
+
+#: Called after each block with (block index, that block's outputs per calibration batch).
+BlockObserver = Callable[[int, list[torch.Tensor]], None]
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each phase of the sweep (statistics are timed inside the forwards)."""
+
+    capture: float = 0.0
+    forward: float = 0.0
+    statistics: float = 0.0
+    solve: float = 0.0
+    report: float = 0.0  # reconstruction-error estimates for the report
+    propagate: float = 0.0
+    per_block: list[float] = field(default_factory=list)  # wall seconds of each block
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every real parameter and buffer of ``model`` that is not inside ``blocks`` to ``device``."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in inside and param.device.type != "meta":
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None and id(buf) not in inside and buf.device.type != "meta":
+                module._buffers[key] = buf.to(device)
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class BlockSource(Protocol):
+    """Where a block's weights come from and go: the model in memory, or shards on disk (streaming)."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Make block ``index``'s weights real (on the CPU) before the sweep uses it."""
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """The sweep is done with block ``index`` (after ``after_block``)."""
+
+
+class InMemory:
+    """The model's weights are already in memory; nothing to load or free."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Nothing to load."""
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """Nothing to free."""
+
+
+@dataclass
+class SweepIO:
+    """How a sweep gets and hands back blocks and activations (defaults: all in memory, from block 0).
+
+    ``start`` > 0 resumes: ``store`` must then hold block ``start``'s inputs. ``after_block`` is
+    called with each finished block (weights final, next inputs committed to ``store``).
+    """
+
+    source: BlockSource = field(default_factory=InMemory)
+    store: ActivationStore | None = None
+    start: int = 0
+    after_block: Callable[[int, nn.Module], None] | None = None
+
+
+#: Called once per block after its statistics forward and before propagation:
+#: (block index, block module, a lookup from linear-layer name to its accumulators).
+BlockVisitor = Callable[[int, nn.Module, Callable[[str], dict[str, Accumulator]]], None]
+
+#: Called for each linear layer of the current block during a sweep:
+#: (qualified name, block index, module, that layer's accumulators by statistic name).
+LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
+
+
+def _capture(
+    model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO
+) -> tuple[CapturedInputs, ActivationStore]:
+    """Record every block's call arguments; block 0's inputs go into the store (unless resuming)."""
+    device = resolve_device(config.device)
+    store = io.store if io.store is not None else MemoryStore(pin=device.type == "cuda")
+    _move_outside(model, blocks, device)
+    io.source.load(0, blocks[0])
+    blocks[0].to(device)
+    sink = store.put if io.start == 0 else (lambda b, h: None)
+    captured = capture_inputs(model, blocks, calib, config.batch_size, device, sink)
+    if io.start != 0:
+        io.source.unload(0, blocks[0])
+    if len(store) != len(captured.calls):
+        raise RuntimeError(
+            f"the activation store holds {len(store)} batches, the calibration set {len(captured.calls)}"
+        )
+    return captured, store
+
+
+def sweep(
+    model: nn.Module,
+    calib: CalibrationSet | None,
+    config: PruneConfig,
+    needs: tuple[str, ...],
+    visit: LayerVisitor,
+    *,
+    times: PhaseTimes | None = None,
+    observer: BlockObserver | None = None,
+    block_visit: BlockVisitor | None = None,
+    desc: str = "blocks",
+    io: SweepIO | None = None,
+) -> str:
+    """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
+
+    For each block: forward all batches with hooks gathering the statistics named in ``needs``
+    (plus a token sample), call ``visit`` for each linear layer (it may rewrite the weights), then
+    re-run the block to produce the next block's inputs, so later blocks see what ``visit`` did.
+    With ``calib=None`` (a data-free pass: ``needs`` must be empty) no forward runs and ``visit``
+    gets no accumulators. Layers matching ``config.skip_layers`` are not visited. ``io`` says where
+    blocks and activations live (default: in memory). Returns the blocks' qualified name.
+    """
+    times = times if times is not None else PhaseTimes()
+    io = io or SweepIO()
+    device = resolve_device(config.device)
+    blocks_name, blocks = find_blocks(model)
+    home = next(blocks[0].parameters()).device
+    if home.type == "meta":
+        home = torch.device("cpu")
+    step: _BlockStep | _DataFreeStep
+    if calib is None:
+        if needs or observer is not None:
+            raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
+        step = _DataFreeStep(visit, block_visit, times, device)
+    else:
+        t0 = time.perf_counter()
+        captured, store = _capture(model, blocks, calib, config, io)
+        times.capture += time.perf_counter() - t0
+        step = _BlockStep(config, needs, visit, block_visit, times, device, captured, store)
+    try:
+        bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
+        for i in bar:
+            start = time.perf_counter()
+            block = blocks[i]
+            if i != 0 or calib is None:  # block 0 was loaded for the capture (a resumed sweep starts later)
+                io.source.load(i, block)
+            block.to(device)
+            step.run(i, block, block_linears(blocks_name, i, block, config), blocks_name)
+            if observer is not None and isinstance(step, _BlockStep):
+                observer(i, [step.store.get(b) for b in range(len(step.store))])
+            block.to(home)
+            if io.after_block is not None:
+                io.after_block(i, block)
+            io.source.unload(i, block)
+            release_freed_memory()
+            times.per_block.append(time.perf_counter() - start)
+    finally:
+        _move_outside(model, blocks, home)
+    return blocks_name
+
+
+@dataclass
+class _DataFreeStep:
+    """One block of a data-free sweep: the visitors only (no statistics, nothing to propagate)."""
+
+    visit: LayerVisitor
+    block_visit: BlockVisitor | None
+    times: PhaseTimes
+    device: torch.device
+
+    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
+        """Call the visitors on the block's layers with empty statistics."""
+        t0, report_before = time.perf_counter(), self.times.report
+        for name, module in linears.items():
+            self.visit(f"{blocks_name}.{i}.{name}", i, module, {})
+            release_freed_memory()
+        if self.block_visit is not None:
+            self.block_visit(i, block, lambda name: {})
+        self.times.solve += time.perf_counter() - t0 - (self.times.report - report_before)
+
+
+@dataclass
+class _BlockStep:
+    """One block of a sweep: statistics forward, visitors, propagation into the store."""
+
+    config: PruneConfig
+    needs: tuple[str, ...]
+    visit: LayerVisitor
+    block_visit: BlockVisitor | None
+    times: PhaseTimes
+    device: torch.device
+    captured: CapturedInputs
+    store: ActivationStore
+
+    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
+        """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
+        times, store, calls = self.times, self.store, self.captured.calls
+        factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        t0 = time.perf_counter()
+        with torch.no_grad(), collect(linears, factories) as collector:
+            for b in range(len(store)):
+                collector.next_batch(self.captured.token_masks[b])
+                calls[b][i].run(block, store.get(b), self.device)
+        times.statistics += collector.seconds
+        times.forward += time.perf_counter() - t0 - collector.seconds
+
+        t0, report_before = time.perf_counter(), times.report
+        for name, module in linears.items():
+            self.visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+            release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
+        if self.block_visit is not None:
+            self.block_visit(i, block, collector.stats)
+        times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
+        del collector
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in range(len(store)):
+                store.put(b, calls[b][i].run(block, store.get(b), self.device))
+        store.commit()
+        times.propagate += time.perf_counter() - t0
+
+
+def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
+    """Finalise a layer's accumulators into the :class:`LayerStats` a method consumes."""
+    hessian = accs.get(STAT_HESSIAN)
+    col = accs.get(STAT_COL_NORM)
+    return LayerStats(
+        hessian=hessian.finalize() if isinstance(hessian, Hessian) else None,
+        col_sq_norm=col.finalize() if isinstance(col, ColumnSqNorm) else None,
+        count=accs[SAMPLE].count if SAMPLE in accs else 0,
+    )
+
+
+def block_linears(blocks_name: str, index: int, block: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    """The block's linear layers by block-relative name, without those matching ``config.skip_layers``."""
+    return {
+        name: module
+        for name, module in find_linears(block).items()
+        if not _skipped(f"{blocks_name}.{index}.{name}", config.skip_layers)
+    }
+
+
+def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
+    """Qualified names of the linear layers a run would prune (not skipped), with their sizes."""
+    blocks_name, blocks = find_blocks(model)
+    return {
+        f"{blocks_name}.{i}.{name}": weight_numel(module)
+        for i, block in enumerate(blocks)
+        for name, module in block_linears(blocks_name, i, block, config).items()
+    }

@@ -1,0 +1,125 @@
+"""The unstructured pass: prune every linear layer of each block with a registered method.
+
+Each layer is pruned from its block's statistics as the sweep reaches it (the method is a pure
+tensor function, :mod:`oneshot.methods`); the sweep then propagates the pruned block, so the next
+block is calibrated on pruned outputs. A data-free method (magnitude) sweeps without calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from oneshot.calibration.data import CalibrationSet
+from oneshot.calibration.stats import Accumulator, TokenSample, relative_error
+from oneshot.config import PruneConfig
+from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, layer_stats, resolve_device, sweep
+from oneshot.errors import ConfigError
+from oneshot.layers import as_matrix, from_matrix
+from oneshot.methods.base import MethodSpec, PruneResult
+from oneshot.methods.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What happened to one linear layer (``relative_error`` is None without calibration data)."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]
+    target_sparsity: float
+    achieved_sparsity: float
+    relative_error: float | None
+    seconds: float
+    damp: float | None = None
+
+
+@dataclass
+class SweepResult:
+    """Output of :func:`prune_sequential`."""
+
+    blocks_name: str
+    layers: list[LayerRecord] = field(default_factory=list)
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _record(
+    name: str,
+    block: int,
+    weight: torch.Tensor,
+    pruned: PruneResult,
+    target: float,
+    sample: Accumulator | None,
+    seconds: float,
+) -> LayerRecord:
+    """The report's record of one pruned layer; the error is measured on the sampled calibration tokens."""
+    error = None
+    if isinstance(sample, TokenSample):
+        error = relative_error(weight, pruned.weight, sample.finalize())
+    return LayerRecord(
+        name=name,
+        block=block,
+        shape=(int(weight.shape[0]), int(weight.shape[1])),
+        target_sparsity=target,
+        achieved_sparsity=float((pruned.weight == 0).sum()) / pruned.weight.numel(),
+        relative_error=error,
+        seconds=seconds,
+        damp=pruned.info.get("damp"),
+    )
+
+
+def prune_sequential(
+    model: nn.Module,
+    calib: CalibrationSet | None,
+    config: PruneConfig,
+    *,
+    method: MethodSpec | None = None,
+    sparsities: Mapping[str, float | None] | None = None,
+    observer: BlockObserver | None = None,
+    io: SweepIO | None = None,
+    result: SweepResult | None = None,
+) -> SweepResult:
+    """Prune ``model`` in place, block by block, with ``config.method`` (or an explicit ``method``).
+
+    ``sparsities`` maps qualified layer names to a sparsity that overrides ``config.sparsity``
+    (layer-wise allocation; None = leave dense). Layers matching ``config.skip_layers`` globs are
+    left dense too. ``io`` streams blocks and activations (see :class:`SweepIO`); ``result``
+    carries the records of blocks finished before a resume and receives the new ones.
+    """
+    spec = method or METHODS[config.method]
+    if spec.run is None:
+        raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
+    run = spec.run
+    sparsity = float(config.sparsity or 0.0)
+    options = config.method_options()
+    device = resolve_device(config.device)
+    result = result if result is not None else SweepResult(blocks_name="")
+
+    def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        target = sparsities.get(full, sparsity) if sparsities else sparsity
+        if target is None:  # "skip" in a sparsity map
+            result.skipped.append(full)
+            return
+        t0 = time.perf_counter()
+        weight = as_matrix(module).to(device)  # [out, in]
+        pruned = run(weight, layer_stats(accs), target, options)
+        from_matrix(module, pruned.weight, pruned.bias)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        record = _record(full, block, weight, pruned, target, accs.get(SAMPLE), seconds)
+        result.layers.append(record)
+        result.times.report += time.perf_counter() - t1
+        log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
+
+    result.blocks_name = sweep(
+        model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name, io=io
+    )
+    return result
