@@ -25,6 +25,7 @@ from oneshot.checkpoint import Checkpoint
 from oneshot.config import CalibrationConfig, PruneConfig
 from oneshot.engine import PhaseTimes, prunable_layers, resolve_device
 from oneshot.errors import ConfigError, DataError, ModelError
+from oneshot.layers import find_blocks
 from oneshot.loading import context_length, load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
@@ -185,6 +186,7 @@ def prune(
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    check_layers(model, config)
     calib = _calibration(model, tokenizer, calibration, config)
     if run is not None:
         run.begin(calib)
@@ -204,6 +206,26 @@ def prune(
         model.train(was_training)
 
 
+def check_layers(model: nn.Module, config: PruneConfig) -> None:
+    """Refuse, before any work, a model whose blocks have no prunable layer or whose widths the N:M misfits."""
+    layers = prunable_layers(model, config)
+    if not layers and not METHODS[config.method].structured:
+        blocks_name, blocks = find_blocks(model)
+        found = ", ".join(f"{name} ({type(m).__name__})" for name, m in blocks[0].named_children())
+        raise ModelError(
+            f"found no linear layer to prune in {blocks_name}.0 (it holds: {found}); oneshot prunes nn.Linear and "
+            "GPT-2 Conv1D layers" + (", and --skip leaves none" if config.skip_layers else "")
+        )
+    if config.nm is not None:
+        m = config.nm[1]
+        misfit = [name for name, width in layers.items() if width % m]
+        if misfit:
+            raise ConfigError(
+                f"--nm {config.nm[0]}:{m} needs every pruned layer's input width to be a multiple of {m}; "
+                f"{len(misfit)} are not (e.g. {misfit[0]}): leave them dense with --skip or choose another M"
+            )
+
+
 def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:
     """The output folder, checked before any work (a resumed run's folder does not exist yet)."""
     path = Path(out).expanduser() if out is not None else None
@@ -212,10 +234,10 @@ def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwr
     return path
 
 
-def _run_facts(model: nn.Module, calib: CalibrationSet, run: StreamingRun | None) -> dict[str, Any]:
-    """The report's first entries: calibration size, mode and dtype."""
+def _run_facts(model: nn.Module, calib: CalibrationSet | None, run: StreamingRun | None) -> dict[str, Any]:
+    """The report's first entries: calibration size (None: no data read), mode and dtype."""
     return {
-        "calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen},
+        "calibration": None if calib is None else {"nsamples": calib.nsamples, "seqlen": calib.seqlen},
         "mode": "streaming" if run is not None else "in-memory",
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -238,6 +260,10 @@ def _make_config(
         fields["method"] = method
     if isinstance(calibration, CalibrationConfig):
         fields["calibration"] = calibration
+    elif isinstance(calibration, (str, os.PathLike)):  # recorded in oneshot_config.json as the source used
+        fields["calibration"] = dataclasses.replace(
+            fields.get("calibration", CalibrationConfig()), source=str(calibration)
+        )
     return PruneConfig(**fields)
 
 
@@ -273,7 +299,12 @@ def should_stream(folder: Path, config: PruneConfig, dtype: torch.dtype) -> bool
     return False
 
 
-def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig) -> CalibrationSet:
+def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig) -> CalibrationSet | None:
+    """The calibration tokens, or None when the run reads no data (a data-free method without OWL)."""
+    if METHODS[config.method].data_free and not config.owl:
+        if calibration is not None:
+            log.info("%s needs no calibration data: the calibration passed is not used", config.method)
+        return None
     source = _as_calibration(calibration, config)  # type: ignore[arg-type]
     if isinstance(source, CalibrationConfig):
         if tokenizer is None:
@@ -292,7 +323,7 @@ class _Job:
     """What the pruning steps of one :func:`prune` call share."""
 
     model: nn.Module
-    calib: CalibrationSet
+    calib: CalibrationSet | None
     config: PruneConfig
     extra: dict[str, Any]
     run: StreamingRun | None
@@ -300,6 +331,7 @@ class _Job:
 
 def _prune_structured(job: _Job) -> Report:
     config, extra, run = job.config, job.extra, job.run
+    assert job.calib is not None  # structured reads data
     structured = prune_structured(job.model, job.calib, config, io=run.io() if run is not None else None)
     extra["structured"] = {
         "ratio": config.ratio,
@@ -323,6 +355,7 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
     if config.owl:
         saved = run.progress.get("owl") if run is not None else None
         if saved is None:
+            assert calib is not None  # OWL reads data
             t0 = time.perf_counter()
             owl = owl_allocation(model, calib, config, io=run.read_only_io("owl") if run is not None else None)
             saved = {

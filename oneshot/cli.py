@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from oneshot.config import DTYPES, CalibrationConfig, PruneConfig
-from oneshot.errors import ConfigError, OneshotError
-from oneshot.methods.allocation import parse_sparsity_map
+from oneshot.config import CalibrationConfig, PruneConfig
+from oneshot.errors import OneshotError
 from oneshot.methods.registry import list_methods
 
 
@@ -34,29 +35,62 @@ def _run(fn: Any) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
-def _read_map(path: Path | None) -> tuple[tuple[str, float | str], ...]:
-    if path is None:
-        return ()
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except Exception as exc:  # json and yaml raise different types
-        raise ConfigError(f"--sparsity-map {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
-    return parse_sparsity_map(raw, f"--sparsity-map {path}")
+def _cli_fields() -> list[dataclasses.Field[Any]]:
+    """Every declared option, in ``--help`` order (the calibration options where ``calibration`` sits)."""
+    found: list[dataclasses.Field[Any]] = []
+    for f in dataclasses.fields(PruneConfig):
+        if f.name == "calibration":
+            found.extend(dataclasses.fields(CalibrationConfig))
+        elif f.metadata.get("cli"):
+            found.append(f)
+    return found
 
 
-DTYPE_OPTION = click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default="auto",
-    show_default=True,
-    help="Dtype to compute (and save) in; auto = the checkpoint's own (a bf16 model stays bf16).",
-)
+def config_option(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
+    """The click option of one declared config field (see :func:`oneshot.config.option`)."""
+    meta = f.metadata
+    flag = str(meta.get("flag") or "--" + f.name.replace("_", "-"))
+    kind = meta.get("type") or type(f.default)
+    help_text = str(meta["help"])
+    if meta.get("uses") is not None and not isinstance(meta["uses"], str):
+        help_text += f" [{', '.join(meta['uses'])} only]"
+    if kind is bool:
+        if f.default is True or f.default is None:
+            show = f.default is not None
+            return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=show, help=help_text)
+        return click.option(flag, f.name, is_flag=True, help=help_text)
+    kwargs: dict[str, Any] = {"help": help_text, "default": None if f.default in (None, ()) else f.default}
+    kwargs["show_default"] = kwargs["default"] is not None
+    if kind is Path:
+        kwargs["type"] = click.Path(exists=True, dir_okay=False, path_type=Path)
+    elif meta.get("choices"):  # checked by the config, so a bad value is a one-line error
+        kwargs["metavar"] = "[" + "|".join(meta["choices"]) + "]"
+    elif isinstance(f.default, tuple):
+        kwargs["multiple"] = True
+    else:
+        kwargs["type"] = kind
+    return click.option(flag, f.name, **kwargs)
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``command`` with every declared run option."""
+    for f in reversed(_cli_fields()):
+        command = config_option(f)(command)
+    return command
+
+
+def config_from_options(opts: dict[str, Any]) -> PruneConfig:
+    """A :class:`PruneConfig` from the parsed CLI options (unset ones keep their defaults)."""
+
+    def given(fields: tuple[dataclasses.Field[Any], ...]) -> dict[str, Any]:
+        values = {f.name: opts[f.name] for f in fields if f.name in opts and f.name != "calibration"}
+        return {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in values.items() if v is not None}
+
+    calibration = CalibrationConfig(**given(dataclasses.fields(CalibrationConfig)))
+    return PruneConfig(calibration=calibration, **given(dataclasses.fields(PruneConfig)))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PruneConfig)}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,72 +109,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--method", default="sparsegpt", show_default=True, help="Pruning method (see `oneshot methods`).")
-@click.option("--sparsity", type=float, default=None, help="Fraction of weights to zero in each layer, in [0, 1).")
-@click.option("--nm", default=None, help="N:M pattern, e.g. 2:4 (keep 2 of every 4); implies the sparsity.")
-@click.option(
-    "--calib",
-    default="bundled",
-    show_default=True,
-    help="Calibration text: 'bundled', a .txt/.jsonl/.parquet file, or a Hugging Face dataset name.",
-)
-@click.option("--calib-config", default=None, help="Dataset config name (hub datasets only).")
-@click.option("--calib-split", default="train", show_default=True, help="Dataset split (hub datasets only).")
-@click.option("--text-field", default="text", show_default=True, help="Field holding the text (.jsonl/.parquet/hub).")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Number of calibration sequences.")
-@click.option("--seqlen", type=int, default=None, help="Tokens per calibration sequence [default: min(2048, context)].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda, cuda:N.")
-@DTYPE_OPTION
-@click.option(
-    "--stream/--no-stream",
-    default=None,
-    help="Read one block at a time from the safetensors shards and write it out at once, so the model "
-    "never has to fit in memory [default: stream when the model would not fit --max-memory].",
-)
-@click.option(
-    "--max-memory",
-    default=None,
-    help="Memory budget that decides streaming, e.g. 20GB [default: 70% of the available memory].",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue an interrupted streaming run into the same --out from its last finished block.",
-)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration sequences per forward.")
-@click.option("--block-size", type=int, default=128, show_default=True, help="SparseGPT lazy-update block width.")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="Relative Hessian damping (SparseGPT).")
-@click.option("--skip", "skip", multiple=True, help="Glob of layer names to leave dense (repeatable).")
-@click.option("--owl", is_flag=True, help="Outlier-weighted layerwise sparsity: blocks with more outliers pruned less.")
-@click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL outlier threshold M (× mean score).")
-@click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL max deviation from --sparsity.")
-@click.option(
-    "--sparsity-map",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help='JSON/YAML {layer glob: sparsity or "skip"}, applied after OWL; later entries win.',
-)
-@click.option("--obs-memory-mb", type=int, default=1024, show_default=True, help="OBS working memory per batch.")
-@click.option("--ratio", type=float, default=None, help="structured: share of units to remove in every block.")
-@click.option(
-    "--score",
-    type=click.Choice(["fluctuation", "variance", "magnitude"]),
-    default="fluctuation",
-    show_default=True,
-    help="structured: unit score (fluctuation = Var(x_j)·‖W_:,j‖², FLAP).",
-)
-@click.option("--no-bias-compensation", is_flag=True, help="structured: do not fold removed units' mean into the bias.")
-@click.option(
-    "--target",
-    type=click.Choice(["mlp", "attention", "both"]),
-    default="mlp",
-    show_default=True,
-    help="structured: remove MLP neurons, attention heads (LLaMA-style configs), or both.",
-)
-@click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
+@config_options
 def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     """Prune MODEL (a folder, a .gguf file or a hub name) and save it to --out.
 
@@ -168,40 +139,7 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     _setup_logging(opts["quiet"])
 
     def go() -> None:
-        calib = CalibrationConfig(
-            source=opts["calib"],
-            nsamples=opts["nsamples"],
-            seqlen=opts["seqlen"],
-            seed=opts["seed"],
-            dataset_config=opts["calib_config"],
-            split=opts["calib_split"],
-            text_field=opts["text_field"],
-        )
-        config = PruneConfig(
-            method=opts["method"],
-            sparsity=opts["sparsity"],
-            nm=opts["nm"],
-            calibration=calib,
-            block_size=opts["block_size"],
-            damp=opts["damp"],
-            batch_size=opts["batch_size"],
-            device=opts["device"],
-            dtype=opts["dtype"],
-            skip_layers=tuple(opts["skip"]),
-            owl=opts["owl"],
-            owl_m=opts["owl_m"],
-            owl_lambda=opts["owl_lambda"],
-            sparsity_map=_read_map(opts["sparsity_map"]),
-            obs_memory_mb=opts["obs_memory_mb"],
-            ratio=opts["ratio"],
-            score=opts["score"],
-            bias_compensation=not opts["no_bias_compensation"],
-            target=opts["target"],
-            stream=opts["stream"],
-            max_memory=opts["max_memory"],
-            resume=opts["resume"],
-            quiet=opts["quiet"],
-        )
+        config = config_from_options(opts)
         report = api_prune(model, config=config, out=out, overwrite=overwrite)
         click.echo(report.summary())
 
@@ -214,10 +152,10 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
-@click.option("--device", default="auto", show_default=True, help="Compute device.")
-@DTYPE_OPTION
+@config_option(_FIELDS["device"])
+@config_option(_FIELDS["dtype"])
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@config_option(_FIELDS["quiet"])
 def eval_cmd(
     model: str,
     data: str,

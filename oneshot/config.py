@@ -8,14 +8,18 @@ through loading, calibration, pruning and writing. Its ``to_dict()`` is saved ne
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import parse_sparsity_map
 from oneshot.methods.base import MethodOptions
+from oneshot.methods.registry import METHODS
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
@@ -63,6 +67,41 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return (n, m)
 
 
+#: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data.
+UNSTRUCTURED = "unstructured"
+USES_DATA = "uses data"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    type: Any = None,
+    choices: tuple[str, ...] | None = None,
+    uses: str | tuple[str, ...] | None = None,
+    requires: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """Declare one run option: its default, ``--help`` text and CLI flag (default: from the field name).
+
+    ``uses`` names the methods the option applies to (method names, or :data:`UNSTRUCTURED` /
+    :data:`USES_DATA`); ``requires`` another boolean option it only matters with. Setting an option
+    that does not apply is refused. ``type`` is the CLI value type where the default is None;
+    ``choices`` restricts the value. The CLI (:mod:`oneshot.cli`) is generated from these fields.
+    """
+    meta = {
+        "help": help,
+        "flag": flag,
+        "type": type,
+        "choices": choices,
+        "uses": uses,
+        "requires": requires,
+        "cli": cli,
+    }
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration text comes from and how it is cut into samples.
@@ -73,13 +112,19 @@ class CalibrationConfig:
     at seeded random offsets. ``seqlen=None`` means min(2048, the model's context length).
     """
 
-    source: str = "bundled"
-    nsamples: int = 128
-    seqlen: int | None = None
-    seed: int = 0
-    dataset_config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
+    source: str = option(
+        "bundled",
+        "Calibration text: 'bundled', a .txt/.jsonl/.parquet file, or a Hugging Face dataset name.",
+        flag="--calib",
+    )
+    dataset_config: str | None = option(
+        None, "Dataset config name (hub datasets only).", flag="--calib-config", type=str
+    )
+    split: str = option("train", "Dataset split (hub datasets only).", flag="--calib-split")
+    text_field: str = option("text", "Field holding the text (.jsonl/.parquet/hub).")
+    nsamples: int = option(128, "Number of calibration sequences.")
+    seqlen: int | None = option(None, "Tokens per calibration sequence [default: min(2048, context)].", type=int)
+    seed: int = option(0, "Seed for drawing calibration windows.")
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -100,37 +145,70 @@ class PruneConfig:
     folder block by block from its shards; ``resume`` continues an interrupted streaming run.
     """
 
-    method: str = "sparsegpt"
-    sparsity: float | None = None
-    nm: tuple[int, int] | None = None
+    method: str = option("sparsegpt", "Pruning method (see `oneshot methods`).", choices=tuple(METHODS))
+    sparsity: float | None = option(
+        None, "Fraction of weights to zero in each layer, in [0, 1).", type=float, uses=UNSTRUCTURED
+    )
+    nm: tuple[int, int] | None = option(
+        None, "N:M pattern, e.g. 2:4 (keep 2 of every 4); implies the sparsity.", type=str, uses=UNSTRUCTURED
+    )
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    block_size: int = 128
-    damp: float = 0.01
-    max_damp_retries: int = 4
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    skip_layers: tuple[str, ...] = ()
-    owl: bool = False
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    sparsity_map: tuple[tuple[str, float | str], ...] = ()
-    obs_memory_mb: int = 1024
-    ratio: float | None = None
-    score: str = "fluctuation"
-    bias_compensation: bool = True
-    target: str = "mlp"
-    stream: bool | None = None
-    max_memory: int | None = None
-    resume: bool = False
-    quiet: bool = False
+    device: str = option("auto", "Compute device: auto, cpu, cuda, cuda:N.")
+    dtype: str = option(
+        "auto", "Dtype to compute (and save) in; auto = the checkpoint's own (a bf16 model stays bf16).", choices=DTYPES
+    )
+    stream: bool | None = option(
+        None,
+        "Read one block at a time from the safetensors shards and write it out at once, so the model never has "
+        "to fit in memory [default: stream when the model would not fit --max-memory].",
+        type=bool,
+    )
+    max_memory: int | None = option(
+        None, "Memory budget that decides streaming, e.g. 20GB [default: 70% of the available memory].", type=str
+    )
+    resume: bool = option(False, "Continue an interrupted streaming run into the same --out from its last block.")
+    batch_size: int = option(8, "Calibration sequences per forward.", uses=USES_DATA)
+    block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))
+    damp: float = option(0.01, "Relative Hessian damping.", uses=("sparsegpt", "obs"))
+    max_damp_retries: int = option(
+        4, "Times the damping is raised ×10 when a Cholesky fails.", uses=("sparsegpt", "obs")
+    )
+    obs_memory_mb: int = option(1024, "OBS working memory per batch of rows, in MiB.", uses=("obs",))
+    skip_layers: tuple[str, ...] = option(
+        (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
+    )
+    owl: bool = option(
+        False, "Outlier-weighted layerwise sparsity: blocks with more outliers pruned less.", uses=UNSTRUCTURED
+    )
+    owl_m: float = option(5.0, "OWL outlier threshold M (× mean score).", requires="owl")
+    owl_lambda: float = option(0.08, "OWL max deviation from --sparsity.", requires="owl")
+    sparsity_map: tuple[tuple[str, float | str], ...] = option(
+        (),
+        'JSON/YAML file {layer glob: sparsity or "skip"}, applied after OWL; later entries win.',
+        type=Path,
+        uses=UNSTRUCTURED,
+    )
+    ratio: float | None = option(None, "Share of units to remove in every block.", type=float, uses=("structured",))
+    score: str = option(
+        "fluctuation",
+        "Unit score (fluctuation = Var(x_j)·‖W_:,j‖², FLAP).",
+        choices=("fluctuation", "variance", "magnitude"),
+        uses=("structured",),
+    )
+    bias_compensation: bool = option(True, "Fold the removed units' mean into the next bias.", uses=("structured",))
+    target: str = option(
+        "mlp",
+        "Remove MLP neurons, attention heads (LLaMA-style configs), or both.",
+        choices=("mlp", "attention", "both"),
+        uses=("structured",),
+    )
+    quiet: bool = option(False, "No progress bars or info messages.")
 
     def __post_init__(self) -> None:
-        from oneshot.methods.registry import METHODS  # local: registry imports the methods
-
         if self.method not in METHODS:
             known = ", ".join(sorted(METHODS))
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {known}")
+        self._refuse_unused()
         nm = parse_nm(self.nm)
         object.__setattr__(self, "nm", nm)
         if nm is not None:
@@ -143,7 +221,7 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", implied)
         if METHODS[self.method].structured:
             self._check_structured()
-            object.__setattr__(self, "sparsity", 0.0 if self.sparsity is None else self.sparsity)
+            object.__setattr__(self, "sparsity", 0.0)
         if self.sparsity is None:
             raise ConfigError("no sparsity given; pass --sparsity (e.g. 0.5) or --nm (e.g. 2:4)")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -176,10 +254,12 @@ class PruneConfig:
                 raise ConfigError(
                     f"--sparsity {self.sparsity} + --owl-lambda {self.owl_lambda} reaches 1; use a smaller --owl-lambda"
                 )
-        if isinstance(self.sparsity_map, Mapping):
-            object.__setattr__(self, "sparsity_map", parse_sparsity_map(self.sparsity_map))
-        else:
-            object.__setattr__(self, "sparsity_map", parse_sparsity_map(dict(self.sparsity_map)))
+        object.__setattr__(self, "sparsity_map", _sparsity_map(self.sparsity_map))
+        if nm is not None and any(value != "skip" for _, value in self.sparsity_map):
+            raise ConfigError(
+                f"--nm {nm[0]}:{nm[1]} gives every pruned layer the same pattern, so a sparsity map can only "
+                'leave layers dense ("skip"); drop its sparsity values or drop --nm'
+            )
         object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
@@ -187,6 +267,34 @@ class PruneConfig:
             raise ConfigError("--resume continues a streaming run; drop --no-stream")
         if self.obs_memory_mb < 1:
             raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
+
+    def _refuse_unused(self) -> None:
+        """Refuse an option set away from its default that the chosen method (or setting) ignores."""
+        spec = METHODS[self.method]
+        uses_data = not spec.data_free or self.owl
+        for f in dataclasses.fields(self):
+            uses, requires = f.metadata.get("uses"), f.metadata.get("requires")
+            if _is_default(getattr(self, f.name), f.default) or (uses is None and requires is None):
+                continue
+            if requires is not None and not getattr(self, requires):
+                raise ConfigError(
+                    f"{_flag(f)} only matters with --{requires.replace('_', '-')}; add it or drop {_flag(f)}"
+                )
+            applies = (
+                uses is None
+                or (uses == UNSTRUCTURED and not spec.structured)
+                or (uses == USES_DATA and uses_data)
+                or (isinstance(uses, tuple) and self.method in uses)
+            )
+            if not applies:
+                users = ", ".join(uses) if isinstance(uses, tuple) else _KINDS[str(uses)]
+                raise ConfigError(
+                    f"{_flag(f)} does not apply to --method {self.method} (it is used by {users}); drop it"
+                )
+        if not uses_data and self.calibration != CalibrationConfig():
+            raise ConfigError(
+                f"--method {self.method} needs no calibration data, so the calibration options do nothing; drop them"
+            )
 
     def _check_structured(self) -> None:
         from oneshot.methods.structured import SCORES
@@ -200,8 +308,6 @@ class PruneConfig:
             raise ConfigError(f"--score must be one of {', '.join(SCORES)} (got {self.score!r})")
         if self.target not in ("mlp", "attention", "both"):
             raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
-        if self.nm is not None or self.owl:
-            raise ConfigError("--method structured removes whole units; it takes no --nm or --owl")
 
     def method_options(self) -> MethodOptions:
         """The knobs a method function takes, from this run's options."""
@@ -220,3 +326,42 @@ class PruneConfig:
             data["nm"] = f"{self.nm[0]}:{self.nm[1]}"
         data["sparsity_map"] = dict(self.sparsity_map)
         return data
+
+
+_KINDS = {UNSTRUCTURED: "the methods that prune single weights", USES_DATA: "the methods that read calibration data"}
+
+
+def _is_default(value: object, default: object) -> bool:
+    """Whether an option still has its default (an empty list or dict counts as the empty tuple)."""
+    return value == default or (default == () and isinstance(value, (list, tuple, dict)) and not value)
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    """The CLI flag of an option field."""
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def _sparsity_map(value: object) -> tuple[tuple[str, float | str], ...]:
+    """A sparsity map from pairs, a dict, or a JSON / YAML file path, as validated ordered pairs."""
+    if isinstance(value, (str, os.PathLike)):
+        return read_sparsity_map(Path(value))
+    if isinstance(value, Mapping):
+        return parse_sparsity_map(value)
+    return parse_sparsity_map(dict(value))  # type: ignore[call-overload]
+
+
+def read_sparsity_map(path: Path) -> tuple[tuple[str, float | str], ...]:
+    """Read a ``{layer glob: sparsity | "skip"}`` map from a JSON or YAML file."""
+    if not path.is_file():
+        raise ConfigError(f"--sparsity-map {path} is not a file; pass a JSON or YAML file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # json and yaml raise different types
+        raise ConfigError(f"--sparsity-map {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    return parse_sparsity_map(raw, f"--sparsity-map {path}")

@@ -28,7 +28,7 @@ from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
 from oneshot.capture import CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
-from oneshot.layers import find_blocks, find_linears, weight_numel
+from oneshot.layers import find_blocks, find_linears, input_width
 from oneshot.memory import release_freed_memory
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
 
@@ -289,10 +289,10 @@ def block_linears(blocks_name: str, index: int, block: nn.Module, config: PruneC
 
 
 def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
-    """Qualified names of the linear layers a run would prune (not skipped), with their sizes."""
+    """Qualified names of the linear layers a run would prune (not skipped), with their input widths."""
     blocks_name, blocks = find_blocks(model)
     return {
-        f"{blocks_name}.{i}.{name}": weight_numel(module)
+        f"{blocks_name}.{i}.{name}": input_width(module)
         for i, block in enumerate(blocks)
         for name, module in block_linears(blocks_name, i, block, config).items()
     }

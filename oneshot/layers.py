@@ -67,9 +67,10 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
-def weight_numel(module: nn.Module) -> int:
-    """Number of weights in a linear layer."""
-    return int(_tensor(module, "weight").numel())
+def input_width(module: nn.Module) -> int:
+    """A linear layer's input width (the ``in`` of its ``[out, in]`` matrix; works on the meta device)."""
+    shape = _tensor(module, "weight").shape
+    return int(shape[0] if _is_conv1d(module) else shape[1])
 
 
 def as_matrix(module: nn.Module) -> torch.Tensor:

@@ -48,8 +48,10 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.oneshot-partial"
 
 
-def calibration_digest(calib: CalibrationSet) -> str:
+def calibration_digest(calib: CalibrationSet | None) -> str:
     """A digest of the calibration token ids and mask (a resume must use the very same tokens)."""
+    if calib is None:
+        return "no calibration data"
     h = hashlib.sha256(calib.input_ids.to(torch.int64).numpy().tobytes())
     if calib.attention_mask is not None:
         h.update(calib.attention_mask.to(torch.int64).numpy().tobytes())
@@ -125,7 +127,7 @@ class StreamingRun:
 
     # -- starting -----------------------------------------------------------------------------
 
-    def begin(self, calib: CalibrationSet) -> None:
+    def begin(self, calib: CalibrationSet | None) -> None:
         """Create the partial folder, or reopen it with ``config.resume`` after checking it matches."""
         identity = {
             "checkpoint": self.checkpoint.fingerprint(),

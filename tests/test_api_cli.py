@@ -98,12 +98,6 @@ def test_cli_prune_then_eval(tiny_checkpoint: Checkpoint, tmp_path: Path, text_f
         "magnitude",
         "--sparsity",
         "0.3",
-        "--calib",
-        str(text_file),
-        "--nsamples",
-        "2",
-        "--seqlen",
-        "32",
         "--out",
         str(out),
         "--quiet",
@@ -136,6 +130,15 @@ def test_cli_methods_lists_all() -> None:
         (["--sparsity", "0.5", "--calib", "SHORT"], "fewer than one sample"),
         (["--sparsity", "0.5", "--calib", "./missing.txt"], "does not exist"),
         ([], "no sparsity given"),
+        (["--sparsity", "0.5", "--ratio", "0.2"], "--ratio does not apply to --method sparsegpt"),
+        (["--method", "structured", "--ratio", "0.2", "--sparsity", "0.5"], "--sparsity does not apply"),
+        (["--method", "structured", "--ratio", "0.2", "--skip", "*.q_proj"], "--skip does not apply"),
+        (["--method", "wanda", "--sparsity", "0.5", "--block-size", "64"], "--block-size does not apply"),
+        (["--sparsity", "0.5", "--owl-m", "3"], "--owl-m only matters with --owl"),
+        (["--method", "magnitude", "--sparsity", "0.5"], "needs no calibration data"),
+        (["--nm", "2:3"], "multiple of 3"),
+        (["--nm", "2:4", "--sparsity-map", "MAP"], "can only leave layers dense"),
+        (["--sparsity", "0.5", "--skip", "*"], "found no linear layer to prune"),
     ],
 )
 def test_cli_bad_input_one_line_error_nothing_written(
@@ -144,7 +147,9 @@ def test_cli_bad_input_one_line_error_nothing_written(
     src = tiny_checkpoint("llama")
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("only a few words here")
-    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt")}.get(e, e) for e in extra]
+    (tmp_path / "map.json").write_text('{"*.mlp.*": 0.7}')
+    files = {"EMPTY": "empty.txt", "SHORT": "short.txt", "MAP": "map.json"}
+    extra = [str(tmp_path / files[e]) if e in files else e for e in extra]
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
     args = ["prune", str(src), "--out", str(out), "--seqlen", "64", "--nsamples", "2", "--quiet", *extra]

@@ -47,7 +47,7 @@ def test_noop_sweep_matches_model_forward(family: str, tiny_model: Callable[[str
         mask[3, 10:] = 0
     calib = CalibrationSet(ids, mask)
     seen: dict[int, torch.Tensor] = {}
-    config = PruneConfig(method="magnitude", sparsity=0.0, batch_size=4, quiet=True)
+    config = PruneConfig(method="wanda", sparsity=0.0, batch_size=4, quiet=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     prune_sequential(model, calib, config, method=NOOP, observer=lambda i, hs: seen.__setitem__(i, torch.cat(hs)))

@@ -47,6 +47,7 @@ IDS = torch.randint(4, 100, (8, 32), generator=torch.Generator().manual_seed(0))
     ("dtype", "options"),
     [
         (torch.bfloat16, {"method": "wanda", "sparsity": 0.5}),
+        (torch.bfloat16, {"method": "magnitude", "sparsity": 0.5}),  # data-free: no capture, no activations
         (torch.float32, {"method": "sparsegpt", "nm": "2:4"}),
         (torch.float32, {"method": "wanda", "sparsity": 0.6, "owl": True, "owl_lambda": 0.05}),
         (torch.bfloat16, {"method": "sparsegpt", "sparsity": 0.5, "sparsity_map": {"model.layers.1.*": "skip"}}),

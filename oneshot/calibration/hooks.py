@@ -22,14 +22,24 @@ AccumulatorFactory = Callable[[int, torch.device], Accumulator]
 
 
 def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """``[..., T, d]`` activations -> ``[tokens, d]``, keeping only positions where ``token_mask`` is 1.
+    """``[B, T, d]`` or ``[B·T, d]`` activations -> ``[tokens, d]``, keeping positions where ``token_mask`` is 1.
 
-    ``token_mask`` is the calibration batch's ``[B, T]`` attention mask (or None: keep all).
+    ``token_mask`` is the calibration batch's ``[B, T]`` attention mask (or None: keep all). Layers
+    fed a flattened ``[B·T, d]`` input (OPT's ``fc1`` / ``fc2``) are masked row by row; any other
+    shape that does not line up with the mask is a RuntimeError, never silently unmasked.
     """
     d = x.shape[-1]
-    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:-1]) == tuple(token_mask.shape):
-        return x[token_mask.to(x.device).bool()]  # [tokens, d]
-    return x.reshape(-1, d)
+    if token_mask is None:
+        return x.reshape(-1, d)
+    keep = token_mask.to(x.device).bool()
+    if tuple(x.shape[:-1]) == tuple(keep.shape):
+        return x[keep]  # [tokens, d]
+    if x.dim() == 2 and x.shape[0] == keep.numel():
+        return x[keep.reshape(-1)]  # [tokens, d]: rows are (batch, position) in order
+    raise RuntimeError(
+        f"a layer input of shape {tuple(x.shape)} does not line up with the padding mask {tuple(keep.shape)}; "
+        "calibrate without padding (equal-length samples) for this model"
+    )
 
 
 class Collector:
