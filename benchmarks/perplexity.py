@@ -32,6 +32,7 @@ from benchmarks.common import (
 )
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
+from oneshot.evaluation import bos_protocol
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         calib_cfg = CalibrationConfig(source=source, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
         calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
     text, eval_name = eval_text(args.eval)
+    bos = bos_protocol(model)  # the papers' protocol ("once") unless the family needs BOS per window
 
     def ppl() -> float:
         return oneshot.evaluate_perplexity(
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib_label}`, seed 0. "
         f"Evaluation: {eval_name} ({windows} non-overlapping {args.seqlen}-token windows; WikiText-2 rows joined "
         "with blank lines as in the SparseGPT/Wanda code). All linear layers of the 30 blocks pruned; embeddings "
-        "and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights.  ",
+        f"and the tied head dense. Dense baseline = the dequantised Q4_1 GGUF weights. BOS protocol: {bos}.  ",
         f"Machine: {machine_line()}.",
         *([f"Extra prune options: `{' '.join(args.prune_option)}`.", ""] if args.prune_option else [""]),
         "| method | pattern | perplexity | achieved sparsity | mean rel. layer error | prune time (s) |",
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         err = f"{r['mean_relative_error']:.4f}" if "mean_relative_error" in r else "-"
         cells = [r["method"], r["pattern"], f"{r['perplexity']:.2f}", f"{r['sparsity']:.4%}", err]
         lines.append("| " + " | ".join([*cells, f"{r['prune_seconds']:.0f}"]) + " |")
-    payload = {"command": command, "machine": machine(), "args": vars(args), "rows": rows}
+    payload = {"command": command, "machine": machine(), "args": vars(args), "bos": bos, "rows": rows}
     write_results(args.name, payload, "\n".join(lines) + "\n")
 
 

@@ -23,6 +23,7 @@ import oneshot
 from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
+from oneshot.evaluation import bos_protocol
 from oneshot.surgery import param_count
 
 
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{command.strip()}`  ",
         f"Calibration {args.nsamples} x {args.seqlen} tokens of Emma; {eval_name} perplexity ({windows} "
-        f"{args.seqlen}-token windows); dense perplexity {dense_ppl:.2f}, {dense_params:,} parameters. Throughput is "
+        f"{args.seqlen}-token windows, BOS {bos_protocol(model)}); dense perplexity {dense_ppl:.2f}, "
+        f"{dense_params:,} parameters. Throughput is "
         f"tokens/s of the pruned model over the dense one on a 4 x {args.seqlen} batch, same process. Machine: "
         f"{machine_line()}.",
         "",
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "command": command.strip(),
         "machine": machine(),
+        "bos": bos_protocol(model),
         "dense_perplexity": dense_ppl,
         "dense_params": dense_params,
         "rows": rows,

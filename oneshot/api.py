@@ -1,4 +1,4 @@
-"""Python API: ``prune()`` and ``evaluate_perplexity()``; the CLI calls these and nothing else.
+"""Python API: ``prune()`` (and ``evaluate_perplexity()``, from :mod:`oneshot.evaluation`).
 
 >>> import oneshot
 >>> report = oneshot.prune(model, tokenizer, method="wanda", sparsity=0.5)   # doctest: +SKIP
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,15 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from oneshot.calibration.data import CalibrationSet, build_calibration, special_tokens, tokenize_text
+from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.engine import PhaseTimes, prunable_layers, resolve_device
-from oneshot.errors import ConfigError, DataError, ModelError
+from oneshot.engine import PhaseTimes, prunable_layers
+from oneshot.errors import ConfigError, ModelError
+from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks
-from oneshot.loading import context_length, load_model, load_tokenizer, local_folder, resolve_dtype
+from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
@@ -38,7 +37,7 @@ from oneshot.writer import check_output_dir, save_pruned
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEQLEN = 2048
+__all__ = ["Report", "evaluate_perplexity", "prune", "should_stream"]
 
 
 @dataclass
@@ -122,15 +121,6 @@ class Report:
         if self.out_dir:
             lines.append(f"saved to {self.out_dir}")
         return "\n".join(lines)
-
-
-def _resolve_seqlen(model: nn.Module, requested: int | None) -> int:
-    ctx = context_length(model)
-    if requested is None:
-        return min(DEFAULT_SEQLEN, ctx) if ctx else DEFAULT_SEQLEN
-    if ctx is not None and requested > ctx:
-        raise ConfigError(f"--seqlen {requested} exceeds the model's context length {ctx}; use --seqlen {ctx} or less")
-    return requested
 
 
 def _as_calibration(
@@ -258,7 +248,10 @@ def _make_config(
     fields: dict[str, Any] = {"sparsity": sparsity, "nm": nm, **options}
     if method is not None:
         fields["method"] = method
-    if isinstance(calibration, CalibrationConfig):
+    spec = METHODS.get(str(fields.get("method", "sparsegpt")))
+    if spec is not None and spec.data_free and not fields.get("owl"):
+        pass  # the calibration argument is not used (see _calibration), so it is not part of the config
+    elif isinstance(calibration, CalibrationConfig):
         fields["calibration"] = calibration
     elif isinstance(calibration, (str, os.PathLike)):  # recorded in oneshot_config.json as the source used
         fields["calibration"] = dataclasses.replace(
@@ -309,10 +302,10 @@ def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: 
     if isinstance(source, CalibrationConfig):
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build calibration data; pass tokenizer= or token ids")
-        calib = build_calibration(tokenizer, source, _resolve_seqlen(model, source.seqlen))
+        calib = build_calibration(tokenizer, source, resolve_seqlen(model, source.seqlen))
     else:
         calib = source
-        _resolve_seqlen(model, calib.seqlen)
+        resolve_seqlen(model, calib.seqlen)
     if not config.quiet:
         log.info("calibrating on %d samples x %d tokens", calib.nsamples, calib.seqlen)
     return calib
@@ -416,70 +409,3 @@ def _finish(
         report.seconds = time.perf_counter() - start
         report.extra["peak_rss_bytes"] = peak_rss()
     return report
-
-
-def evaluate_perplexity(
-    model: nn.Module,
-    tokenizer: Any,
-    data: str | os.PathLike[str] | None = None,
-    *,
-    text: str | None = None,
-    seqlen: int = 512,
-    max_windows: int | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
-    quiet: bool = False,
-) -> float:
-    """Perplexity over non-overlapping ``seqlen``-token windows of a text file, ``"bundled"``, or ``text``.
-
-    Each window starts with the tokenizer's sequence prefix (BOS where the model uses one; Gemma
-    needs it), and every text token after the first of the window is scored. ``max_windows`` limits
-    the evaluation to the first windows of the text.
-    """
-    from oneshot.calibration.data import bundled_text
-
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "generate"):
-        raise ModelError("perplexity needs a causal language model (a *ForCausalLM)")
-    if text is not None:
-        pass
-    elif data is None:
-        raise DataError("pass a text file (data=...) or the text itself (text=...)")
-    elif str(data) == "bundled":
-        text = bundled_text()
-    else:
-        path = Path(data).expanduser()
-        if not path.is_file():
-            raise DataError(f"evaluation file {data} does not exist; pass a text file")
-        text = path.read_text(encoding="utf-8", errors="replace")
-    seqlen = _resolve_seqlen(model, seqlen)
-    prefix, _ = special_tokens(tokenizer)
-    tokens = tokenize_text(tokenizer, text)
-    body = seqlen - len(prefix)
-    nwin = tokens.numel() // body
-    if max_windows is not None:
-        nwin = min(nwin, max_windows)
-    if nwin == 0:
-        raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    windows = tokens[: nwin * body].reshape(nwin, body)  # [W, body]
-    if prefix:
-        windows = torch.cat([torch.tensor(prefix).expand(nwin, -1), windows], dim=1)  # [W, seqlen]
-    dev = resolve_device(device)
-    home = next(model.parameters()).device
-    model.to(dev)
-    nll, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, nwin, batch_size), desc="perplexity", disable=True if quiet else None):
-                ids = windows[start : start + batch_size].to(dev)
-                logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, T, V]
-                first = max(len(prefix) - 1, 0)  # predictions of text tokens only
-                pred = logits[:, first:-1]
-                target = ids[:, first + 1 :]
-                loss = torch.nn.functional.cross_entropy(
-                    pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
-                )
-                nll += float(loss)
-                count += target.numel()
-    finally:
-        model.to(home)
-    return math.exp(nll / count)

@@ -154,6 +154,14 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
 @config_option(_FIELDS["device"])
 @config_option(_FIELDS["dtype"])
+@click.option(
+    "--bos",
+    metavar="[auto|once|window]",
+    default="auto",
+    show_default=True,
+    help="BOS protocol: once = one BOS before the whole text (the SparseGPT / Wanda papers' protocol); window = "
+    "BOS before every window (Gemma needs it); auto = window for Gemma, else once.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @config_option(_FIELDS["quiet"])
 def eval_cmd(
@@ -164,6 +172,7 @@ def eval_cmd(
     batch_size: int,
     device: str,
     dtype: str,
+    bos: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -173,7 +182,7 @@ def eval_cmd(
     Example:
       oneshot eval ./pruned --data wiki.test.raw --seqlen 512
     """
-    from oneshot.api import evaluate_perplexity
+    from oneshot.evaluation import bos_protocol, evaluate_perplexity
     from oneshot.loading import load_model
 
     _setup_logging(quiet)
@@ -181,14 +190,16 @@ def eval_cmd(
     def go() -> None:
         t0 = time.perf_counter()
         m, tok = load_model(model, dtype)
+        protocol = bos_protocol(m, bos)
         ppl = evaluate_perplexity(
-            m, tok, data, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device, quiet=quiet
-        )
+            m, tok, data, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device, bos=protocol,
+            quiet=quiet,
+        )  # fmt: skip
         if as_json:
-            click.echo(json.dumps({"model": model, "data": data, "seqlen": seqlen, "perplexity": ppl}))
+            click.echo(json.dumps({"model": model, "data": data, "seqlen": seqlen, "bos": protocol, "perplexity": ppl}))
         else:
             took = time.perf_counter() - t0
-            click.echo(f"perplexity {ppl:.3f} ({model} on {data}, {seqlen}-token windows, {took:.1f}s)")
+            click.echo(f"perplexity {ppl:.3f} ({model} on {data}, {seqlen}-token windows, BOS {protocol}, {took:.1f}s)")
 
     _run(go)
 

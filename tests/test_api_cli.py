@@ -191,9 +191,27 @@ def test_perplexity_matches_hf_loss(tiny_model: Callable[[str], torch.nn.Module]
     from oneshot.calibration.data import tokenize_text
 
     model, tok = tiny_model("llama"), char_tokenizer()
-    ppl = oneshot.evaluate_perplexity(model, tok, text_file, seqlen=64, max_windows=3, quiet=True)
-    ids = tokenize_text(tok, text_file.read_text())[: 3 * 63].reshape(3, 63)
-    ids = torch.cat([torch.ones(3, 1, dtype=torch.long), ids], 1)  # BOS prefix, as the tokenizer adds
+    text = tokenize_text(tok, text_file.read_text())
+    # "window": BOS before every window, every text token scored
+    ppl = oneshot.evaluate_perplexity(model, tok, text_file, seqlen=64, max_windows=3, bos="window", quiet=True)
+    ids = torch.cat([torch.ones(3, 1, dtype=torch.long), text[: 3 * 63].reshape(3, 63)], 1)  # the tokenizer's BOS
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert math.isclose(ppl, math.exp(float(loss)), rel_tol=1e-4)
+    # "once" (the papers' protocol, auto for LLaMA): one BOS before the text, windows cut from that stream
+    ppl = oneshot.evaluate_perplexity(model, tok, text_file, seqlen=64, max_windows=3, quiet=True)
+    ids = torch.cat([torch.ones(1, dtype=torch.long), text])[: 3 * 64].reshape(3, 64)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert math.isclose(ppl, math.exp(float(loss)), rel_tol=1e-4)
+
+
+def test_bos_protocol_auto_follows_the_model_family(tiny_model: Callable[[str], torch.nn.Module]) -> None:
+    from oneshot.errors import ConfigError
+    from oneshot.evaluation import bos_protocol
+
+    assert bos_protocol(tiny_model("llama")) == "once"
+    assert bos_protocol(tiny_model("gemma3")) == "window"
+    assert bos_protocol(tiny_model("gemma3"), "once") == "once"
+    with pytest.raises(ConfigError, match="--bos"):
+        bos_protocol(tiny_model("llama"), "always")
