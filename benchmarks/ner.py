@@ -26,8 +26,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+#: CoNLL-2003's entity types, in the order its label ids have always had here (other types follow, sorted).
+CONLL_TYPES = ("PER", "ORG", "LOC", "MISC")
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
-LABEL_ID = {label: i for i, label in enumerate(LABELS)}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,20 @@ class Sentence:
 
     words: list[str]
     tags: list[str]
+
+
+def label_set(sentences: list[Sentence]) -> list[str]:
+    """The IOB2 labels of the entity types in ``sentences``: ``O``, then ``B-T``, ``I-T`` per type.
+
+    CoNLL-2003's types keep their usual order (so its label ids are :data:`LABELS`); any other
+    types (``person``, ``geo-loc``...) follow, sorted.
+    """
+    types = {tag[2:] for sent in sentences for tag in sent.tags if tag != "O"}
+    bad = sorted({tag for sent in sentences for tag in sent.tags if tag != "O" and tag[:2] not in ("B-", "I-")})
+    if bad:
+        raise SystemExit(f"tags {bad[:5]} are not IOB (O, B-TYPE, I-TYPE); convert the data first")
+    ordered = [t for t in CONLL_TYPES if t in types] + sorted(types - set(CONLL_TYPES))
+    return ["O"] + [f"{prefix}-{t}" for t in ordered for prefix in ("B", "I")]
 
 
 def iob1_to_iob2(tags: list[str]) -> list[str]:
@@ -122,8 +137,13 @@ def f1_score(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def encode(tokenizer: Any, sentences: list[Sentence], max_length: int = 128) -> list[dict[str, Any]]:
-    """Tokenise each sentence; label the first sub-word of every word, -100 elsewhere."""
+def encode(
+    tokenizer: Any, sentences: list[Sentence], max_length: int = 128, label_id: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Tokenise each sentence; label the first sub-word of every word by ``label_id``, -100 elsewhere.
+
+    Without ``label_id`` (prediction) every label is -100; a tag missing from it is a clear error.
+    """
     out = []
     for sent in sentences:
         enc = tokenizer(sent.words, is_split_into_words=True, truncation=True, max_length=max_length)
@@ -131,7 +151,10 @@ def encode(tokenizer: Any, sentences: list[Sentence], max_length: int = 128) -> 
         prev = None
         for pos, wid in enumerate(enc.word_ids()):
             if wid is not None and wid != prev:
-                labels.append(LABEL_ID[sent.tags[wid]])
+                tag = sent.tags[wid]
+                if label_id is not None and tag not in label_id:
+                    raise SystemExit(f"tag {tag!r} is not among the model's labels {sorted(label_id)}")
+                labels.append(-100 if label_id is None else label_id[tag])
                 first.append(pos)
             else:
                 labels.append(-100)
@@ -181,9 +204,11 @@ def finetune(
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     data = train if config.train_sentences is None else train[: config.train_sentences]
-    digest = hashlib.sha256(
-        json.dumps([str(model_path), asdict(config), [s.words for s in data[:50]], len(data)]).encode()
-    ).hexdigest()[:16]
+    labels = label_set(train)
+    key: list[Any] = [str(model_path), asdict(config), [s.words for s in data[:50]], len(data)]
+    if labels != LABELS:  # CoNLL-2003's cache keys stay as they were
+        key.append(labels)
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     folder = (cache or Path.home() / ".cache" / "oneshot" / "conll") / digest
     if (folder / "finetune.json").exists():
         info = json.loads((folder / "finetune.json").read_text())
@@ -194,12 +219,12 @@ def finetune(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForTokenClassification.from_pretrained(
         model_path,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id=LABEL_ID,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
         dtype=torch.float32,
     ).to(device)
-    items = encode(tokenizer, data, config.max_length)
+    items = encode(tokenizer, data, config.max_length, {label: i for i, label in enumerate(labels)})
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = max(1, int(steps_per_epoch * config.epochs))
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -246,6 +271,7 @@ def predict(model: nn.Module, tokenizer: Any, sentences: list[Sentence], batch_s
     Runs on the device the model's parameters are on.
     """
     items = encode(tokenizer, sentences)
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}  # type: ignore[union-attr]
     preds: list[list[str]] = [[] for _ in sentences]
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -254,7 +280,7 @@ def predict(model: nn.Module, tokenizer: Any, sentences: list[Sentence], batch_s
             logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
             best = logits.argmax(-1).cpu()
             for row, i in enumerate(idx):
-                tags = [LABELS[int(best[row, p])] for p in items[i]["first"]]
+                tags = [id2label[int(best[row, p])] for p in items[i]["first"]]
                 preds[i] = tags + ["O"] * (items[i]["n_words"] - len(tags))
     return preds
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from torch import nn
 
-from benchmarks.ner import entities, f1_score, iob1_to_iob2, read_conll
+from benchmarks.ner import Sentence, entities, f1_score, iob1_to_iob2, read_conll
 
 
 def test_iob1_to_iob2() -> None:
@@ -96,3 +98,26 @@ def test_wikitext_halves_partition_the_test_set() -> None:
     assert abs(len(head) - len(tail)) < 0.01 * len(full)
     with pytest.raises(SystemExit, match="wikitext2:head"):
         eval_text("wikitext2:middle")
+
+
+def test_labels_come_from_the_training_data(tmp_path: Path, tiny_model: Callable[[str], nn.Module]) -> None:
+    """A CoNLL folder with other entity types (WNUT-style) fine-tunes and predicts in its own label set."""
+    from conftest import char_tokenizer
+
+    from benchmarks.ner import FinetuneConfig, evaluate, finetune, label_set, load_split
+
+    rows = "Ann B-person\nwent O\nto O\nNew B-geo-loc\nYork I-geo-loc\n\nBob B-person\nsaw O\nit O\n\n"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text(rows * 4)
+    train = load_split(str(data), "train")
+    assert label_set(train) == ["O", "B-geo-loc", "I-geo-loc", "B-person", "I-person"]
+    conll = [Sentence(["x"] * 4, ["B-MISC", "B-PER", "I-PER", "B-LOC"])]
+    assert label_set(conll) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]  # CoNLL order kept
+    model_dir = tmp_path / "bert"
+    tiny_model("bert").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)  # type: ignore[attr-defined]
+    model, tok, info = finetune(str(model_dir), train, FinetuneConfig(epochs=1, batch_size=4), cache=tmp_path / "c")
+    assert info["steps"] == 2 and model.config.id2label[3] == "B-person"
+    scores = evaluate(model, tok, train)  # predictions are read through the model's own labels
+    assert 0.0 <= scores["f1"] <= 1.0
