@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet, build_calibration
-from oneshot.checkpoint import Checkpoint
+from oneshot.checkpoint import Checkpoint, has_safetensors
 from oneshot.config import CalibrationConfig, PruneConfig
 from oneshot.engine import PhaseTimes, prunable_layers
 from oneshot.errors import ConfigError, ModelError
@@ -279,10 +279,9 @@ def should_stream(folder: Path, config: PruneConfig, dtype: torch.dtype) -> bool
     """Stream when asked to, or when the weights (in ``dtype``) plus 20% would exceed the memory budget."""
     if config.stream is not None or config.resume:
         return bool(config.stream is not False)
-    try:
-        checkpoint = Checkpoint(folder)
-    except ModelError:
-        return False  # not safetensors: only the in-memory loader can read it
+    if not has_safetensors(folder):
+        return False  # pickled weights: only transformers' (weights-only) loader reads them, in memory
+    checkpoint = Checkpoint(folder)  # a corrupt, truncated or missing shard is a clear error here
     scale = torch.empty(0, dtype=dtype).element_size() / torch.empty(0, dtype=checkpoint.dtype()).element_size()
     need = int(checkpoint.nbytes * scale * 1.2)
     budget = config.max_memory or default_budget()

@@ -84,6 +84,11 @@ class TensorInfo:
         return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
+def has_safetensors(folder: Path) -> bool:
+    """Whether ``folder`` holds safetensors weights (a single file or an index of shards)."""
+    return (folder / INDEX_FILE).exists() or (folder / SINGLE_FILE).exists()
+
+
 class Checkpoint:
     """The safetensors shards of a model folder: tensor index, dtype, fingerprint and reads."""
 

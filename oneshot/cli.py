@@ -33,6 +33,8 @@ def _run(fn: Any) -> Any:
         return fn()
     except OneshotError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the machine, not the input: disk full, permission denied, ...
+        raise click.ClickException(str(exc)) from exc
 
 
 def _cli_fields() -> list[dataclasses.Field[Any]]:

@@ -28,6 +28,7 @@ from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
 from oneshot.capture import CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
+from oneshot.errors import ModelError
 from oneshot.layers import find_blocks, find_linears, input_width
 from oneshot.memory import release_freed_memory
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
@@ -218,6 +219,7 @@ class _DataFreeStep:
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Call the visitors on the block's layers with empty statistics."""
         t0, report_before = time.perf_counter(), self.times.report
+        check_weights(blocks_name, i, linears)
         for name, module in linears.items():
             self.visit(f"{blocks_name}.{i}.{name}", i, module, {})
             release_freed_memory()
@@ -243,11 +245,19 @@ class _BlockStep:
         """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
         times, store, calls = self.times, self.store, self.captured.calls
         factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        check_weights(blocks_name, i, linears)
         t0 = time.perf_counter()
         with torch.no_grad(), collect(linears, factories) as collector:
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
-                calls[b][i].run(block, store.get(b), self.device)
+                hidden = store.get(b)
+                if not bool(torch.isfinite(hidden).all()):
+                    raise ModelError(
+                        f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
+                        + ("" if i == 0 else f": {blocks_name}.{i - 1} overflowed")
+                        + f" in {hidden.dtype}; try --dtype float32 (or bfloat16 instead of float16)"
+                    )
+                calls[b][i].run(block, hidden, self.device)
         times.statistics += collector.seconds
         times.forward += time.perf_counter() - t0 - collector.seconds
 
@@ -266,6 +276,18 @@ class _BlockStep:
                 store.put(b, calls[b][i].run(block, store.get(b), self.device))
         store.commit()
         times.propagate += time.perf_counter() - t0
+
+
+def check_weights(blocks_name: str, index: int, linears: dict[str, nn.Module]) -> None:
+    """ModelError naming the first linear layer of block ``index`` whose weight holds NaN / Inf."""
+    for name, module in linears.items():
+        weight = module.weight
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ModelError(
+                f"{blocks_name}.{index}.{name}.weight holds {bad} NaN/Inf values: the checkpoint is damaged "
+                "(re-download it) or was saved from a diverged run"
+            )
 
 
 def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:

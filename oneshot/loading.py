@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,12 +145,25 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> tup
     """
     from transformers import AutoConfig
 
+    from oneshot.checkpoint import Checkpoint, has_safetensors
+
     folder = local_folder(name_or_path)
     config = AutoConfig.from_pretrained(folder)
-    try:
-        model = model_class(config).from_pretrained(folder, dtype=resolve_dtype(folder, dtype))
-    except OSError as exc:
-        raise ModelError(f"could not load the weights in {folder}: {exc}") from exc
+    if has_safetensors(folder):
+        Checkpoint(folder)  # headers and sizes checked: a corrupt or truncated shard is named here
+    try:  # transformers reads pickled .bin weights with torch.load(weights_only=True) only
+        model, info = model_class(config).from_pretrained(
+            folder, dtype=resolve_dtype(folder, dtype), output_loading_info=True
+        )
+    except (OSError, pickle.UnpicklingError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load the weights in {folder}: {first}") from exc
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise ModelError(
+            f"{folder} lacks {len(missing)} of the model's weights (e.g. {sorted(missing)[0]}): the checkpoint is "
+            "incomplete; re-download it"
+        )
     model.eval()
     return model, load_tokenizer(folder)
 
