@@ -255,7 +255,11 @@ class _BlockStep:
                     raise ModelError(
                         f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
                         + ("" if i == 0 else f": {blocks_name}.{i - 1} overflowed")
-                        + f" in {hidden.dtype}; try --dtype float32 (or bfloat16 instead of float16)"
+                        + (
+                            f" in {hidden.dtype}; try --dtype bfloat16 or float32"
+                            if hidden.dtype == torch.float16
+                            else "; check the checkpoint's norm weights and the calibration text"
+                        )
                     )
                 calls[b][i].run(block, hidden, self.device)
         times.statistics += collector.seconds

@@ -53,7 +53,7 @@ def test_nm_mask_pattern() -> None:
     kept_min = torch.where(grouped, scores.reshape(5, 4, 4), torch.inf).amin(-1)
     dropped_max = torch.where(~grouped, scores.reshape(5, 4, 4), -torch.inf).amax(-1)
     assert (dropped_max <= kept_min).all()
-    with pytest.raises(ValueError, match="multiple of M"):
+    with pytest.raises(ConfigError, match="multiple of M"):
         nm_mask(torch.rand(2, 6), 2, 4)
 
 

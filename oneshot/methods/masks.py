@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from oneshot.errors import ConfigError
+
 
 def prune_count(numel: int, sparsity: float) -> int:
     """How many of ``numel`` weights to remove at ``sparsity`` (rounded to nearest)."""
@@ -53,7 +55,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     rows, cols = scores.shape
     if cols % m != 0:
-        raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}")
+        raise ConfigError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}; choose another M")
     grouped = scores.reshape(rows, cols // m, m)  # [out, in/m, m]
     return _lowest(grouped, m - n).reshape(rows, cols)
 
