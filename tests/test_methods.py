@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from oneshot.errors import NumericalError
+from oneshot.errors import ConfigError, NumericalError
 from oneshot.methods.magnitude import magnitude
 from oneshot.methods.masks import nm_mask, unstructured_mask
 from oneshot.methods.sparsegpt import sparsegpt
