@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
+from oneshot.errors import ModelError
 
 
 class StopForward(Exception):
@@ -73,6 +74,42 @@ def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in params or (accepts_any and k == "use_cache")}
 
 
+@dataclass
+class _Recorder:
+    """Replaces each block's forward during capture: records its call, passes hidden states through."""
+
+    captured: CapturedInputs
+    sink: Callable[[int, torch.Tensor], None]
+    storage: torch.device
+    last: int
+    kind: tuple[str, int] | None = None  # how the block family returns its output, learnt once
+
+    def wrap(self, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        """The recording forward of block ``index`` (``original`` runs once, on block 0, to learn ``kind``)."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden_kw = None
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden_kw = "hidden_states"
+                hidden, rest = kwargs.pop(hidden_kw), ()
+            call = BlockCall(to_device(rest, self.storage), to_device(kwargs, self.storage), hidden_kw)
+            self.captured.calls[-1].append(call)
+            if index == 0:
+                self.sink(len(self.captured.calls) - 1, hidden.detach())
+                if self.kind is None:
+                    out = original(*args, **({hidden_kw: hidden} if hidden_kw else {}), **kwargs)
+                    self.kind = ("tuple", len(out)) if isinstance(out, (tuple, list)) else ("tensor", 1)
+            if index == self.last:
+                raise StopForward
+            assert self.kind is not None
+            kind, length = self.kind
+            return (hidden,) + (None,) * (length - 1) if kind == "tuple" else hidden
+
+        return forward
+
+
 def capture_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -90,36 +127,13 @@ def capture_inputs(
     """
     storage = storage or torch.device("cpu")
     captured = CapturedInputs()
-    structure: dict[str, Any] = {}
-    last = len(blocks) - 1
-
-    def recorder(index: int, original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            hidden_kw = None
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            else:
-                hidden_kw = "hidden_states"
-                hidden, rest = kwargs.pop(hidden_kw), ()
-            call = BlockCall(to_device(rest, storage), to_device(kwargs, storage), hidden_kw)
-            captured.calls[-1].append(call)
-            if index == 0:
-                sink(len(captured.calls) - 1, hidden.detach())
-                if "kind" not in structure:  # learn once how this block family returns its output
-                    out = original(*args, **({hidden_kw: hidden} if hidden_kw else {}), **kwargs)
-                    structure["kind"] = ("tuple", len(out)) if isinstance(out, (tuple, list)) else ("tensor", 1)
-            if index == last:
-                raise StopForward
-            kind, length = structure["kind"]
-            return (hidden,) + (None,) * (length - 1) if kind == "tuple" else hidden
-
-        return forward
+    recorder = _Recorder(captured, sink, storage, len(blocks) - 1)
 
     call_kwargs = model_call_kwargs(model)
     patched: list[nn.Module] = []
     try:
         for i, block in enumerate(blocks):
-            block.forward = recorder(i, block.forward)
+            block.forward = recorder.wrap(i, block.forward)
             patched.append(block)
         with torch.no_grad():
             for ids, mask in calib.batches(batch_size):
@@ -132,7 +146,7 @@ def capture_inputs(
                         **call_kwargs,
                     )
                 if len(captured.calls[-1]) != len(blocks):
-                    raise RuntimeError(
+                    raise ModelError(
                         f"the model called {len(captured.calls[-1])} of its {len(blocks)} blocks during "
                         "capture; blocks skipped at inference (layer drop, early exit) are not supported"
                     )

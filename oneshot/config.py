@@ -227,6 +227,24 @@ class PruneConfig:
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ConfigError(f"--sparsity must be in [0, 1) (got {self.sparsity}); e.g. 0.5 zeroes half the weights")
         object.__setattr__(self, "sparsity", float(self.sparsity))
+        self._check_knobs()
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        if self.owl:
+            self._check_owl()
+        object.__setattr__(self, "sparsity_map", _sparsity_map(self.sparsity_map))
+        if nm is not None and any(value != "skip" for _, value in self.sparsity_map):
+            raise ConfigError(
+                f"--nm {nm[0]}:{nm[1]} gives every pruned layer the same pattern, so a sparsity map can only "
+                'leave layers dense ("skip"); drop its sparsity values or drop --nm'
+            )
+        object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
+        if self.resume and self.stream is False:
+            raise ConfigError("--resume continues a streaming run; drop --no-stream")
+
+    def _check_knobs(self) -> None:
+        """Numeric and named knobs within their ranges."""
         if self.block_size < 1:
             raise ConfigError(f"block size must be at least 1 (got {self.block_size})")
         if not self.damp > 0:
@@ -239,34 +257,24 @@ class PruneConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
-        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
-        if self.owl:
-            if nm is not None:
-                raise ConfigError("--owl allocates unstructured sparsity per block; it cannot be combined with --nm")
-            if not self.owl_m > 0:
-                raise ConfigError(f"--owl-m must be positive (got {self.owl_m}); the paper uses 5 (3-10 work)")
-            if not 0 <= self.owl_lambda < self.sparsity:
-                raise ConfigError(
-                    f"--owl-lambda must be in [0, sparsity) = [0, {self.sparsity}) (got {self.owl_lambda}); "
-                    "the paper uses 0.08"
-                )
-            if self.sparsity + self.owl_lambda >= 1.0:
-                raise ConfigError(
-                    f"--sparsity {self.sparsity} + --owl-lambda {self.owl_lambda} reaches 1; use a smaller --owl-lambda"
-                )
-        object.__setattr__(self, "sparsity_map", _sparsity_map(self.sparsity_map))
-        if nm is not None and any(value != "skip" for _, value in self.sparsity_map):
-            raise ConfigError(
-                f"--nm {nm[0]}:{nm[1]} gives every pruned layer the same pattern, so a sparsity map can only "
-                'leave layers dense ("skip"); drop its sparsity values or drop --nm'
-            )
-        object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
-        if self.max_memory is not None and self.max_memory <= 0:
-            raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
-        if self.resume and self.stream is False:
-            raise ConfigError("--resume continues a streaming run; drop --no-stream")
         if self.obs_memory_mb < 1:
             raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
+
+    def _check_owl(self) -> None:
+        """OWL's M and λ, and its incompatibility with N:M."""
+        sparsity = float(self.sparsity or 0.0)
+        if self.nm is not None:
+            raise ConfigError("--owl allocates unstructured sparsity per block; it cannot be combined with --nm")
+        if not self.owl_m > 0:
+            raise ConfigError(f"--owl-m must be positive (got {self.owl_m}); the paper uses 5 (3-10 work)")
+        if not 0 <= self.owl_lambda < sparsity:
+            raise ConfigError(
+                f"--owl-lambda must be in [0, sparsity) = [0, {sparsity}) (got {self.owl_lambda}); the paper uses 0.08"
+            )
+        if sparsity + self.owl_lambda >= 1.0:
+            raise ConfigError(
+                f"--sparsity {sparsity} + --owl-lambda {self.owl_lambda} reaches 1; use a smaller --owl-lambda"
+            )
 
     def _refuse_unused(self) -> None:
         """Refuse an option set away from its default that the chosen method (or setting) ignores."""
