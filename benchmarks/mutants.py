@@ -1,16 +1,25 @@
 """One-token mutants of the code a change touched, each run against the fast tests that should kill it.
 
-A mutant that survives is a missing test or dead code. The list is explicit (file, original, mutant)
-so the report says exactly what was tried; each file is restored after its mutant runs.
+A mutant that survives is a missing test or dead code. Two sources of mutants: the explicit list
+below (file, original, mutant), and ``--auto FILE,...``, which makes every one-token change of a
+fixed set (arithmetic and comparison operators, ``and``/``or``, ``True``/``False``, integer and
+float constants, ``dim`` arguments, reductions such as ``sum``/``mean``, ``max``/``min``, and dropping
+``.sqrt()`` / ``.abs()`` / ``.square()`` / ``not``) on the code lines of those files (strings,
+comments and docstrings are left alone). Each file is restored after its mutant runs. Run it in a
+separate clone: the files are rewritten while it runs.
 
     .venv/bin/python -m benchmarks.mutants --tests tests/test_shards.py,tests/test_streaming.py
+    .venv/bin/python -m benchmarks.mutants --auto oneshot/methods/wanda.py --tests tests/test_methods.py
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +61,89 @@ MUTANTS: list[tuple[str, str, str]] = [
 ]  # fmt: skip
 
 
+#: One-token replacements of --auto: operator / name -> its alternatives.
+SWAPS: dict[str, tuple[str, ...]] = {
+    "+": ("-",), "-": ("+",), "*": ("/",), "/": ("*",), "**": ("*",), "//": ("/",),
+    "<": ("<=",), "<=": ("<",), ">": (">=",), ">=": (">",), "==": ("!=",), "!=": ("==",),
+    "and": ("or",), "or": ("and",), "True": ("False",), "False": ("True",),
+    "sum": ("mean",), "mean": ("sum",), "max": ("min",), "min": ("max",), "amax": ("amin",), "amin": ("amax",),
+    "sqrt": ("rsqrt",), "float32": ("bfloat16",), "float64": ("float32",),
+}  # fmt: skip
+#: Calls dropped by --auto: ``x.sqrt()`` -> ``x``.
+DROPPED = ("sqrt", "abs", "square", "clone", "detach")
+
+
+def auto_mutants(file: str) -> list[tuple[str, int, str, str]]:
+    """Every one-token mutant of ``file``'s code: (file, line number, original line, mutated line)."""
+    text = (ROOT / file).read_text()
+    lines = text.splitlines(keepends=True)
+    out: list[tuple[str, int, str, str]] = []
+    tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    for i, tok in enumerate(tokens):
+        (row, col), (end_row, end) = tok.start, tok.end
+        if row > len(lines) or end_row != row:
+            continue
+        line = lines[row - 1]
+        if line.lstrip().startswith(("log.", "raise ", "assert ", "def ", "class ", "@", "from ", "import ")):
+            continue
+        new: list[str] = []
+        prev = tokens[i - 1].string if i else ""
+        if tok.string in ("*", "**", "-") and prev in ("(", ",", "=", "[", ":"):  # unary: a star-arg, a sign
+            continue
+        swap = tok.type == tokenize.OP or prev == "." or tok.string in ("and", "or", "True", "False")
+        if tok.type in (tokenize.OP, tokenize.NAME) and tok.string in SWAPS and swap:
+            new = [line[:col] + alt + line[end:] for alt in SWAPS[tok.string]]
+        if tok.type == tokenize.NAME and tok.string in DROPPED and i and tokens[i - 1].string == ".":
+            after = line[end:]
+            if after.startswith("()"):
+                new.append(line[: col - 1] + after[2:])
+        if tok.type == tokenize.NAME and tok.string == "not":
+            new.append(line[:col] + line[end:].lstrip())
+        if tok.type == tokenize.NUMBER:
+            value = tok.string
+            alt = (
+                str(int(value) + 1)
+                if value.isdigit()
+                else (f"{float(value) * 2!r}" if re.fullmatch(r"[0-9.e+-]+", value) else None)
+            )
+            if alt is not None:
+                new.append(line[:col] + alt + line[end:])
+        out += [(file, row, line, m) for m in new if m != line]
+    return out  # fmt: skip
+
+
+def _pytest(tests: list[str]) -> bool:
+    """Whether the tests fail (the mutant is killed)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return res.returncode != 0
+
+
+def run_auto(files: list[str], tests: list[str]) -> list[tuple[str, str, bool]]:
+    """Apply each --auto mutant of ``files`` in turn, run ``tests``; returns (file:line, mutant, killed)."""
+    results = []
+    for file in files:
+        path = ROOT / file
+        text = path.read_text()
+        lines = text.splitlines(keepends=True)
+        for _, row, _original, mutant in auto_mutants(file):
+            mutated = "".join(lines[: row - 1] + [mutant] + lines[row:])
+            try:
+                compile(mutated, file, "exec")
+            except SyntaxError:
+                continue
+            path.write_text(mutated)
+            try:
+                killed = _pytest(tests)
+            finally:
+                path.write_text(text)
+            results.append((f"{file}:{row}", mutant.strip(), killed))
+            print(f"{'killed  ' if killed else 'SURVIVED'} {file}:{row}: {mutant.strip()}", flush=True)
+    return results
+
+
 def run(tests: list[str]) -> list[tuple[str, str, bool]]:
     """Apply each mutant, run ``tests``; returns (file, mutant, killed)."""
     results = []
@@ -80,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
         "--tests",
         default="tests/test_shards.py,tests/test_streaming.py,tests/test_methods.py,tests/test_api_cli.py",
     )
+    parser.add_argument("--auto", default="", help="comma-separated files: mutate every listed token of them")
+    parser.add_argument("--list", action="store_true", help="with --auto: only print the mutants")
     args = parser.parse_args(argv)
-    results = run(args.tests.split(","))
+    if args.auto and args.list:
+        for file in args.auto.split(","):
+            for _, row, _, mutant in auto_mutants(file):
+                print(f"{file}:{row}: {mutant.strip()}")
+        return
+    results = run_auto(args.auto.split(","), args.tests.split(",")) if args.auto else run(args.tests.split(","))
     survived = [r for r in results if not r[2]]
     print(f"{len(results) - len(survived)} of {len(results)} mutants killed")
 
