@@ -93,6 +93,20 @@ def test_wanda_equals_magnitude_when_column_norms_equal(random_layer: Layer) -> 
         assert torch.equal(a.weight, b.weight)
 
 
+def test_wanda_hand_computed() -> None:
+    """Score |W_ij|·‖X_j‖₂ (Sun et al. 2023, eq. 1): the activation norm enters with power 1, not 2 or -1."""
+    w = torch.tensor([[1.0, -3.0, 2.0, 0.5], [4.0, 1.0, -1.0, 2.0]])
+    col_sq = torch.tensor([4.0, 1.0, 9.0, 64.0])  # ‖X_j‖ = 2, 1, 3, 8
+    # scores row 0: 2, 3, 6, 4 -> drop cols 0, 1; row 1: 8, 1, 3, 16 -> drop cols 1, 2
+    # (with 1/‖X‖ instead, row 0 would drop cols 3 and 0)
+    got = wanda(w, col_sq, 0.5)
+    assert got.mask.tolist() == [[False, False, True, True], [True, False, False, True]]
+    assert torch.equal(got.weight, w * got.mask)
+    # a case where the square of the norm ranks differently: |w|·‖x‖ = 3·1 = 3 vs 1·2 = 2, |w|·‖x‖² = 3 vs 4
+    got = wanda(torch.tensor([[3.0, 1.0]]), torch.tensor([1.0, 4.0]), 0.5)
+    assert got.mask.tolist() == [[True, False]]
+
+
 def _obs_reference(
     w: torch.Tensor, h: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 
@@ -42,6 +43,13 @@ class PruneResult:
     info: dict[str, float] = field(default_factory=dict)
 
 
+class Damping(TypedDict):
+    """Keywords of the Hessian damping the OBS-family solvers take."""
+
+    damp: float
+    max_damp_retries: int
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Method-independent knobs forwarded from the run config."""
@@ -51,6 +59,10 @@ class MethodOptions:
     damp: float = 0.01
     max_damp_retries: int = 4
     memory_budget: int = 1 << 30  # bytes of per-row inverse Hessians (OBS)
+
+    def damping(self) -> Damping:
+        """The Hessian damping keywords the OBS-family solvers take (``damp``, ``max_damp_retries``)."""
+        return {"damp": self.damp, "max_damp_retries": self.max_damp_retries}
 
 
 #: Statistics a method may ask for; the engine maps each to an accumulator.

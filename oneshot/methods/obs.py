@@ -121,15 +121,8 @@ def obs(
 
 
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
-    return obs(
-        w,
-        require(stats.hessian, STAT_HESSIAN, "obs"),
-        sparsity,
-        nm=opt.nm,
-        damp=opt.damp,
-        max_damp_retries=opt.max_damp_retries,
-        memory_budget=opt.memory_budget,
-    )
+    hessian = require(stats.hessian, STAT_HESSIAN, "obs")
+    return obs(w, hessian, sparsity, nm=opt.nm, memory_budget=opt.memory_budget, **opt.damping())
 
 
 SPEC = MethodSpec(

@@ -123,15 +123,8 @@ def sparsegpt(
 
 
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
-    return sparsegpt(
-        w,
-        require(stats.hessian, STAT_HESSIAN, "sparsegpt"),
-        sparsity,
-        nm=opt.nm,
-        block_size=opt.block_size,
-        damp=opt.damp,
-        max_damp_retries=opt.max_damp_retries,
-    )
+    hessian = require(stats.hessian, STAT_HESSIAN, "sparsegpt")
+    return sparsegpt(w, hessian, sparsity, nm=opt.nm, block_size=opt.block_size, **opt.damping())
 
 
 SPEC = MethodSpec(
