@@ -21,7 +21,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.engine import PhaseTimes, prunable_layers
+from oneshot.engine import PhaseTimes, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks
@@ -349,7 +349,8 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
         if saved is None:
             assert calib is not None  # OWL reads data
             t0 = time.perf_counter()
-            owl = owl_allocation(model, calib, config, io=run.read_only_io("owl") if run is not None else None)
+            io = run.read_only_io("owl") if run is not None else None
+            owl = owl_allocation(model, calib, config, io=io, single_pass=_single_pass(job))
             saved = {
                 "m": config.owl_m,
                 "lambda": config.owl_lambda,
@@ -368,6 +369,27 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
     return allocation
 
 
+def _single_pass(job: _Job) -> bool:
+    """Whether this run sweeps each block once (``--passes``; ``auto``: if one batch of all samples fits)."""
+    config, calib = job.config, job.calib
+    assert calib is not None
+    need = single_pass_bytes(job.model, calib.nsamples, calib.seqlen)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
+    else:
+        budget = config.max_memory or default_budget()
+    single = config.passes == "single" or (config.passes == "auto" and need <= budget)
+    job.extra["passes"] = "single" if single else "two"
+    if config.passes == "auto" and not single:
+        job.extra["passes_reason"] = (
+            f"one forward of all {calib.nsamples} samples needs about {need / 1e9:.1f} GB, more than the "
+            f"{budget / 1e9:.1f} GB budget: two passes per block"
+        )
+        log.info("%s", job.extra["passes_reason"])
+    return single
+
+
 def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -> Report:
     model, calib, config, extra, run = job.model, job.calib, job.config, job.extra, job.run
     allocation = _allocation(job, sparsities)
@@ -376,9 +398,9 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
         run.restore(result)
         if run.start:
             extra["resumed_from_block"] = run.start
-    sweep = prune_sequential(
-        model, calib, config, sparsities=allocation, io=run.io(result) if run is not None else None, result=result
-    )
+    io = run.io(result) if run is not None else None
+    single = calib is not None and _single_pass(job)
+    sweep = prune_sequential(model, calib, config, sparsities=allocation, io=io, result=result, single_pass=single)
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
     return Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)

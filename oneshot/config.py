@@ -24,6 +24,8 @@ from oneshot.methods.registry import METHODS
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: How a block is swept: see ``PruneConfig.passes``.
+PASSES = ("auto", "single", "two")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -167,6 +169,14 @@ class PruneConfig:
         None, "Memory budget that decides streaming, e.g. 20GB [default: 70% of the available memory].", type=str
     )
     resume: bool = option(False, "Continue an interrupted streaming run into the same --out from its last block.")
+    passes: str = option(
+        "auto",
+        "single: prune each layer inside the block's one forward (later layers calibrated on the pruned ones, "
+        "no second pass; the calibration set is one batch); two: a statistics forward, then a propagation "
+        "forward per block; auto: single when that batch fits the memory budget.",
+        choices=PASSES,
+        uses=UNSTRUCTURED,
+    )
     batch_size: int = option(8, "Calibration sequences per forward.", uses=USES_DATA)
     block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))
     damp: float = option(0.01, "Relative Hessian damping.", uses=("sparsegpt", "obs"))
@@ -253,6 +263,8 @@ class PruneConfig:
             raise ConfigError(f"max_damp_retries must be >= 0 (got {self.max_damp_retries})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.passes not in PASSES:
+            raise ConfigError(f"--passes must be one of {', '.join(PASSES)} (got {self.passes!r})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):

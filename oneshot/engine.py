@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
 
 
 def _capture(
-    model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO
+    model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO, batch_size: int
 ) -> tuple[CapturedInputs, ActivationStore]:
     """Record every block's call arguments; block 0's inputs go into the store (unless resuming)."""
     device = resolve_device(config.device)
@@ -136,7 +136,7 @@ def _capture(
     io.source.load(0, blocks[0])
     blocks[0].to(device)
     sink = store.put if io.start == 0 else (lambda b, h: None)
-    captured = capture_inputs(model, blocks, calib, config.batch_size, device, sink)
+    captured = capture_inputs(model, blocks, calib, batch_size, device, sink)
     if io.start != 0:
         io.source.unload(0, blocks[0])
     if len(store) != len(captured.calls):
@@ -158,12 +158,16 @@ def sweep(
     block_visit: BlockVisitor | None = None,
     desc: str = "blocks",
     io: SweepIO | None = None,
+    single_pass: bool = False,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
     For each block: forward all batches with hooks gathering the statistics named in ``needs``
     (plus a token sample), call ``visit`` for each linear layer (it may rewrite the weights), then
     re-run the block to produce the next block's inputs, so later blocks see what ``visit`` did.
+    With ``single_pass`` the whole calibration set is one batch and each layer is visited from
+    its own forward pre-hook, so the one forward of the block goes on with the visited weights and
+    its output is already the next block's input (``block_visit`` must then not change the block).
     With ``calib=None`` (a data-free pass: ``needs`` must be empty) no forward runs and ``visit``
     gets no accumulators. Layers matching ``config.skip_layers`` are not visited. ``io`` says where
     blocks and activations live (default: in memory). Returns the blocks' qualified name.
@@ -175,16 +179,19 @@ def sweep(
     home = next(blocks[0].parameters()).device
     if home.type == "meta":
         home = torch.device("cpu")
-    step: _BlockStep | _DataFreeStep
+    step: _BlockStep | _SinglePassStep | _DataFreeStep
     if calib is None:
         if needs or observer is not None:
             raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
         step = _DataFreeStep(visit, block_visit, times, device)
     else:
         t0 = time.perf_counter()
-        captured, store = _capture(model, blocks, calib, config, io)
+        captured, store = _capture(
+            model, blocks, calib, config, io, calib.nsamples if single_pass else config.batch_size
+        )
         times.capture += time.perf_counter() - t0
-        step = _BlockStep(config, needs, visit, block_visit, times, device, captured, store)
+        kind = _SinglePassStep if single_pass else _BlockStep
+        step = kind(config, needs, visit, block_visit, times, device, captured, store)
     try:
         bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
         for i in bar:
@@ -194,7 +201,7 @@ def sweep(
                 io.source.load(i, block)
             block.to(device)
             step.run(i, block, block_linears(blocks_name, i, block, config), blocks_name)
-            if observer is not None and isinstance(step, _BlockStep):
+            if observer is not None and not isinstance(step, _DataFreeStep):
                 observer(i, [step.store.get(b) for b in range(len(step.store))])
             block.to(home)
             if io.after_block is not None:
@@ -250,18 +257,7 @@ class _BlockStep:
         with torch.no_grad(), collect(linears, factories) as collector:
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
-                hidden = store.get(b)
-                if not bool(torch.isfinite(hidden).all()):
-                    raise ModelError(
-                        f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
-                        + ("" if i == 0 else f": {blocks_name}.{i - 1} overflowed")
-                        + (
-                            f" in {hidden.dtype}; try --dtype bfloat16 or float32"
-                            if hidden.dtype == torch.float16
-                            else "; check the checkpoint's norm weights and the calibration text"
-                        )
-                    )
-                calls[b][i].run(block, hidden, self.device)
+                calls[b][i].run(block, _finite_inputs(store, b, i, blocks_name), self.device)
         times.statistics += collector.seconds
         times.forward += time.perf_counter() - t0 - collector.seconds
 
@@ -280,6 +276,96 @@ class _BlockStep:
                 store.put(b, calls[b][i].run(block, store.get(b), self.device))
         store.commit()
         times.propagate += time.perf_counter() - t0
+
+
+def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str) -> torch.Tensor:
+    """Batch ``b``'s inputs of block ``i``; ModelError naming the block if they hold NaN / Inf."""
+    hidden = store.get(b)
+    if not bool(torch.isfinite(hidden).all()):
+        raise ModelError(
+            f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
+            + ("" if i == 0 else f": {blocks_name}.{i - 1} overflowed")
+            + (
+                f" in {hidden.dtype}; try --dtype bfloat16 or float32"
+                if hidden.dtype == torch.float16
+                else "; check the checkpoint's norm weights and the calibration text"
+            )
+        )
+    return hidden
+
+
+@dataclass
+class _SinglePassStep:
+    """One block of a single-pass sweep: each layer visited in its own pre-hook, one forward in all."""
+
+    config: PruneConfig
+    needs: tuple[str, ...]
+    visit: LayerVisitor
+    block_visit: BlockVisitor | None
+    times: PhaseTimes
+    device: torch.device
+    captured: CapturedInputs
+    store: ActivationStore
+
+    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
+        """Forward the one calibration batch; layers are visited as the forward reaches them."""
+        times, store = self.times, self.store
+        if len(store) != 1:
+            raise RuntimeError(f"a single-pass sweep needs the calibration set as one batch, not {len(store)}")
+        check_weights(blocks_name, i, linears)
+        factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        visited: list[str] = []
+        solve, report_before = 0.0, times.report
+
+        def on_stats(name: str, accs: dict[str, Accumulator]) -> None:
+            nonlocal solve
+            if name in visited:  # a layer called twice in one forward is visited once
+                return
+            t0 = time.perf_counter()
+            self.visit(f"{blocks_name}.{i}.{name}", i, linears[name], accs)
+            visited.append(name)
+            release_freed_memory()
+            solve += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.no_grad(), collect(linears, factories, on_stats) as collector:
+            collector.next_batch(self.captured.token_masks[0])
+            out = self.captured.calls[0][i].run(block, _finite_inputs(store, 0, i, blocks_name), self.device)
+            missing = [name for name in linears if name not in visited]
+            if missing:
+                raise RuntimeError(f"module {missing[0]} received no input during calibration")
+            if self.block_visit is not None:
+                self.block_visit(i, block, collector.stats)
+        store.put(0, out)
+        store.commit()
+        report = times.report - report_before
+        times.statistics += collector.seconds
+        times.solve += solve - report
+        times.forward += time.perf_counter() - t0 - collector.seconds - solve
+
+
+def single_pass_bytes(model: nn.Module, nsamples: int, seqlen: int) -> int:
+    """Rough peak bytes of one block's forward over all ``nsamples`` at once (single-pass mode).
+
+    The hidden states in and out and the MLP's intermediate activations for every token, plus one
+    ``[heads, T, T]`` score matrix per sample for attention implementations that materialise it.
+    """
+    config: Any = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
+    inter = (
+        int(
+            getattr(config, "intermediate_size", 0)
+            or getattr(config, "ffn_dim", 0)
+            or getattr(config, "n_inner", 0)
+            or 0
+        )
+        or 4 * hidden
+    )
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+    item = next(model.parameters()).element_size()
+    tokens = nsamples * seqlen
+    return (tokens * (6 * hidden + 3 * inter) + 2 * nsamples * heads * seqlen * seqlen) * item
 
 
 def check_weights(blocks_name: str, index: int, linears: dict[str, nn.Module]) -> None:

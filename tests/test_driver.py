@@ -82,14 +82,14 @@ def _reference_wanda(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, sp
         linears = find_linears(block)
         sq: dict[str, torch.Tensor] = {}
 
-        def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(name: str, sq: dict[str, torch.Tensor]) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
             def gather(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
                 rows = inputs[0][real].double()  # [tokens, d]
                 sq[name] = sq.get(name, 0) + (rows * rows).sum(0)
 
             return gather
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+        handles = [m.register_forward_pre_hook(hook(n, sq)) for n, m in linears.items()]
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         for h in handles:

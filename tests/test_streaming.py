@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,12 +76,9 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
 
 def test_auto_mode_streams_when_over_budget(tmp_path: Path) -> None:
     src = make_checkpoint(tmp_path / "ck", torch.float32)
-    small = oneshot.prune(
-        src, calibration=IDS, out=tmp_path / "a", method="wanda", sparsity=0.5, max_memory="10KB", quiet=True
-    )
-    large = oneshot.prune(
-        src, calibration=IDS, out=tmp_path / "b", method="wanda", sparsity=0.5, max_memory="10GB", quiet=True
-    )
+    options: dict[str, Any] = {"method": "wanda", "sparsity": 0.5, "passes": "single", "quiet": True}
+    small = oneshot.prune(src, calibration=IDS, out=tmp_path / "a", max_memory="10KB", **options)
+    large = oneshot.prune(src, calibration=IDS, out=tmp_path / "b", max_memory="10GB", **options)
     assert small.extra["mode"] == "streaming" and large.extra["mode"] == "in-memory"
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
 

@@ -42,11 +42,21 @@ def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Te
     )
 
 
-class Collector:
-    """State of an open :func:`collect` block; ask it for each module's finalised statistics."""
+#: Called from a module's pre-hook, after its statistics took the input: (module name, its accumulators).
+StatsReady = Callable[[str, dict[str, Accumulator]], None]
 
-    def __init__(self, factories: Mapping[str, AccumulatorFactory]) -> None:
+
+class Collector:
+    """State of an open :func:`collect` block; ask it for each module's finalised statistics.
+
+    With ``on_stats`` every watched module's pre-hook calls it once the input is in the
+    accumulators, before the module's own forward runs: a single-pass sweep prunes the layer
+    there, so the forward goes on with the pruned weight.
+    """
+
+    def __init__(self, factories: Mapping[str, AccumulatorFactory], on_stats: StatsReady | None = None) -> None:
         self.factories = dict(factories)
+        self.on_stats = on_stats
         self.token_mask: torch.Tensor | None = None
         self._accs: dict[str, dict[str, Accumulator]] = {}
         self._alias: dict[str, str] = {}  # module -> module whose accumulators it shares
@@ -63,27 +73,32 @@ class Collector:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0]
-            if name in self._alias:
-                return
-            seen = self._seen.get(id(x))
-            if seen is not None and seen[0] is x:
-                if self._first_batch and name not in self._accs:
-                    self._alias[name] = seen[1]
-                    return
-            else:
-                self._seen[id(x)] = (x, name)  # holding x keeps its id unique for this batch
-            t0 = time.perf_counter()
-            rows = flatten_tokens(x.detach(), self.token_mask)
-            accs = self._accs.get(name)
-            if accs is None:
-                accs = {key: make(rows.shape[-1], rows.device) for key, make in self.factories.items()}
-                self._accs[name] = accs
-            for acc in accs.values():
-                acc.update(rows)
-            self.seconds += time.perf_counter() - t0
+            self._gather(name, inputs[0])
+            if self.on_stats is not None:
+                self.on_stats(name, self.stats(name))
 
         return hook
+
+    def _gather(self, name: str, x: torch.Tensor) -> None:
+        """Feed ``x`` into ``name``'s accumulators, unless it shares them with a module that saw ``x``."""
+        if name in self._alias:
+            return
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0] is x:
+            if self._first_batch and name not in self._accs:
+                self._alias[name] = seen[1]
+                return
+        else:
+            self._seen[id(x)] = (x, name)  # holding x keeps its id unique for this batch
+        t0 = time.perf_counter()
+        rows = flatten_tokens(x.detach(), self.token_mask)
+        accs = self._accs.get(name)
+        if accs is None:
+            accs = {key: make(rows.shape[-1], rows.device) for key, make in self.factories.items()}
+            self._accs[name] = accs
+        for acc in accs.values():
+            acc.update(rows)
+        self.seconds += time.perf_counter() - t0
 
     def stats(self, name: str) -> dict[str, Accumulator]:
         """The accumulators of module ``name`` (shared ones for modules with identical inputs)."""
@@ -94,9 +109,11 @@ class Collector:
 
 
 @contextmanager
-def collect(modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory]) -> Iterator[Collector]:
+def collect(
+    modules: Mapping[str, nn.Module], factories: Mapping[str, AccumulatorFactory], on_stats: StatsReady | None = None
+) -> Iterator[Collector]:
     """Gather statistics of each module's input while the block is open; hooks removed on exit."""
-    collector = Collector(factories)
+    collector = Collector(factories, on_stats)
     handles = [module.register_forward_pre_hook(collector._hook(name)) for name, module in modules.items()]
     try:
         yield collector

@@ -31,7 +31,7 @@ class OwlAllocation:
 
 
 def owl_allocation(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None, single_pass: bool = False
 ) -> OwlAllocation:
     """One dense, statistics-only sweep: each block's outlier ratio -> per-block sparsity (OWL).
 
@@ -56,7 +56,17 @@ def owl_allocation(
         pending.clear()
         counts[block] = [outlier_ratio(scores, config.owl_m), float(scores.numel())]
 
-    sweep(model, calib, config, (STAT_COL_NORM,), visit, block_visit=finish_block, desc="owl statistics", io=io)
+    sweep(
+        model,
+        calib,
+        config,
+        (STAT_COL_NORM,),
+        visit,
+        block_visit=finish_block,
+        desc="owl statistics",
+        io=io,
+        single_pass=single_pass,
+    )
     order = sorted(counts)
     ratios = [counts[b][0] for b in order]
     block_sparsity = owl_sparsities(

@@ -86,6 +86,7 @@ def prune_sequential(
     observer: BlockObserver | None = None,
     io: SweepIO | None = None,
     result: SweepResult | None = None,
+    single_pass: bool = False,
 ) -> SweepResult:
     """Prune ``model`` in place, block by block, with ``config.method`` (or an explicit ``method``).
 
@@ -93,6 +94,7 @@ def prune_sequential(
     (layer-wise allocation; None = leave dense). Layers matching ``config.skip_layers`` globs are
     left dense too. ``io`` streams blocks and activations (see :class:`SweepIO`); ``result``
     carries the records of blocks finished before a resume and receives the new ones.
+    ``single_pass`` prunes each layer inside the block's one forward (see :func:`sweep`).
     """
     spec = method or METHODS[config.method]
     if spec.run is None:
@@ -120,6 +122,15 @@ def prune_sequential(
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
 
     result.blocks_name = sweep(
-        model, calib, config, spec.needs, prune_layer, times=result.times, observer=observer, desc=spec.name, io=io
+        model,
+        calib,
+        config,
+        spec.needs,
+        prune_layer,
+        times=result.times,
+        observer=observer,
+        desc=spec.name,
+        io=io,
+        single_pass=single_pass,
     )
     return result

@@ -1,0 +1,141 @@
+"""Single-pass sweeps: each layer pruned inside the block's one forward (true sequential order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import VOCAB
+from torch import nn
+
+import oneshot
+from oneshot.calibration.data import CalibrationSet
+from oneshot.config import PruneConfig
+from oneshot.layers import find_blocks, find_linears
+from oneshot.methods.sparsegpt import sparsegpt
+from oneshot.methods.wanda import wanda
+from oneshot.passes.unstructured import prune_sequential
+
+
+class ParallelBlock(nn.Module):
+    """Two linear layers that read the same input and do not feed each other."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.a(x) + torch.tanh(self.b(x))
+
+
+class ParallelModel(nn.Module):
+    """Embedding + a stack of :class:`ParallelBlock`."""
+
+    def __init__(self, d: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.layers = nn.ModuleList([ParallelBlock(d) for _ in range(depth)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _ids(n: int = 8, t: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_single_pass_equals_two_passes_when_layers_do_not_feed_each_other(method: str) -> None:
+    torch.manual_seed(0)
+    one, two = ParallelModel(), ParallelModel()
+    two.load_state_dict(one.state_dict())
+    calib = CalibrationSet(_ids())
+    config = PruneConfig(method=method, sparsity=0.5, batch_size=2, quiet=True)
+    prune_sequential(one, calib, config, single_pass=True)
+    prune_sequential(two, calib, config, single_pass=False)
+    for (key, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=key)
+        assert torch.equal(a == 0, b == 0), key
+
+
+def _input_groups(model: nn.Module, block: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[list[str]]:
+    """The block's linear layers in forward order, grouped by the input tensor they share."""
+    order: list[tuple[str, torch.Tensor]] = []  # the inputs are held, so their ids stay unique
+    handles = [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: order.append((n, inp[0])))
+        for n, m in find_linears(block).items()
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, x in order:
+        groups.setdefault(id(x), []).append(name)
+    return list(groups.values())
+
+
+def _step_by_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prune: Callable[..., torch.Tensor]) -> None:
+    """Prune one input group, re-run the model, prune the next: the true sequential order, by brute force."""
+    real = mask.bool()
+    for block in find_blocks(model)[1]:
+        linears = find_linears(block)
+        for group in _input_groups(model, block, ids, mask):
+            seen: list[torch.Tensor] = []
+            handle = linears[group[0]].register_forward_pre_hook(
+                lambda mod, inp, seen=seen: seen.append(inp[0][real].double())
+            )
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            handle.remove()
+            x = seen[0]  # [tokens, in]
+            for name in group:
+                module = linears[name]
+                module.weight.data = prune(module.weight.data.float(), x).to(module.weight.dtype)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_single_pass_is_the_true_sequential_order(tiny_model: Callable[[str], nn.Module], method: str) -> None:
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    ids = _ids(6, 20, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[4, 5:] = 0
+
+    def prune(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if method == "wanda":
+            return wanda(w, x.square().sum(0).float(), 0.5).weight
+        return sparsegpt(w, (x.T @ x / x.shape[0]).float(), 0.5).weight
+
+    report = oneshot.prune(model, method=method, sparsity=0.5, calibration=CalibrationSet(ids, mask), quiet=True)
+    assert report.extra["passes"] == "single"
+    _step_by_step(reference, ids, mask, prune)
+    for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        if key.endswith("proj.weight"):
+            assert float(((a == 0) == (b == 0)).float().mean()) == 1.0, key
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3, msg=key)
+
+
+def test_auto_falls_back_to_two_passes_and_says_why(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("llama")
+    report = oneshot.prune(model, method="wanda", sparsity=0.5, calibration=_ids(), max_memory="10KB", quiet=True)
+    assert report.extra["passes"] == "two" and "budget" in report.extra["passes_reason"]
+    assert report.times.propagate > 0
+    single = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=_ids(), quiet=True)
+    assert single.extra["passes"] == "single" and single.times.propagate == 0.0
+    assert "passes_reason" not in single.extra
+
+
+def test_owl_allocation_is_the_same_in_one_pass(tiny_model: Callable[[str], nn.Module]) -> None:
+    results: dict[str, Any] = {}
+    for passes in ("single", "two"):
+        options: dict[str, Any] = {"owl": True, "owl_lambda": 0.1, "passes": passes, "quiet": True}
+        report = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=_ids(), **options)
+        results[passes] = [round(b["sparsity"], 10) for b in report.extra["owl"]["blocks"]]
+    assert results["single"] == results["two"]
