@@ -177,6 +177,12 @@ class PruneConfig:
         choices=PASSES,
         uses=UNSTRUCTURED,
     )
+    stack: bool = option(
+        True,
+        "Solve layers that read the same input (q/k/v, gate/up) as one stacked matrix: one factorisation and "
+        "one column loop, the same result as one by one.",
+        uses=("sparsegpt", "obs"),
+    )
     batch_size: int = option(8, "Calibration sequences per forward.", uses=USES_DATA)
     block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))
     damp: float = option(0.01, "Relative Hessian damping.", uses=("sparsegpt", "obs"))

@@ -11,6 +11,7 @@ data-free method) only loads, visits and hands back each block. What a pass does
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import time
@@ -26,7 +27,7 @@ from oneshot.activations import ActivationStore, MemoryStore
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
-from oneshot.capture import CapturedInputs, capture_inputs
+from oneshot.capture import BlockCall, CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
 from oneshot.errors import ModelError
 from oneshot.layers import find_blocks, find_linears, input_width
@@ -121,6 +122,10 @@ class SweepIO:
 #: (block index, block module, a lookup from linear-layer name to its accumulators).
 BlockVisitor = Callable[[int, nn.Module, Callable[[str], dict[str, Accumulator]]], None]
 
+#: Called for a group of linear layers that read the same input (q/k/v, gate/up) during a sweep:
+#: (qualified names, block index, modules, their shared accumulators).
+GroupVisitor = Callable[[list[str], int, list[nn.Module], dict[str, Accumulator]], None]
+
 #: Called for each linear layer of the current block during a sweep:
 #: (qualified name, block index, module, that layer's accumulators by statistic name).
 LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
@@ -159,6 +164,7 @@ def sweep(
     desc: str = "blocks",
     io: SweepIO | None = None,
     single_pass: bool = False,
+    visit_group: GroupVisitor | None = None,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
@@ -168,6 +174,8 @@ def sweep(
     With ``single_pass`` the whole calibration set is one batch and each layer is visited from
     its own forward pre-hook, so the one forward of the block goes on with the visited weights and
     its output is already the next block's input (``block_visit`` must then not change the block).
+    With ``visit_group``, layers that read the same input are visited together through it
+    (at the first one's pre-hook in a single pass) instead of one by one through ``visit``.
     With ``calib=None`` (a data-free pass: ``needs`` must be empty) no forward runs and ``visit``
     gets no accumulators. Layers matching ``config.skip_layers`` are not visited. ``io`` says where
     blocks and activations live (default: in memory). Returns the blocks' qualified name.
@@ -191,7 +199,7 @@ def sweep(
         )
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
-        step = kind(config, needs, visit, block_visit, times, device, captured, store)
+        step = kind(config, needs, visit, block_visit, times, device, captured, store, visit_group)
     try:
         bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
         for i in bar:
@@ -247,6 +255,7 @@ class _BlockStep:
     device: torch.device
     captured: CapturedInputs
     store: ActivationStore
+    visit_group: GroupVisitor | None = None
 
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
@@ -262,8 +271,11 @@ class _BlockStep:
         times.forward += time.perf_counter() - t0 - collector.seconds
 
         t0, report_before = time.perf_counter(), times.report
-        for name, module in linears.items():
-            self.visit(f"{blocks_name}.{i}.{name}", i, module, collector.stats(name))
+        groups: dict[int, list[str]] = {}  # layers sharing accumulators read the same input
+        for name in linears:
+            groups.setdefault(id(collector.stats(name)), []).append(name)
+        for group in groups.values():
+            _visit(self.visit, self.visit_group, blocks_name, i, linears, group, collector.stats(group[0]))
             release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
         if self.block_visit is not None:
             self.block_visit(i, block, collector.stats)
@@ -276,6 +288,57 @@ class _BlockStep:
                 store.put(b, calls[b][i].run(block, store.get(b), self.device))
         store.commit()
         times.propagate += time.perf_counter() - t0
+
+
+def _visit(
+    visit: LayerVisitor,
+    visit_group: GroupVisitor | None,
+    blocks_name: str,
+    i: int,
+    linears: dict[str, nn.Module],
+    group: list[str],
+    accs: dict[str, Accumulator],
+) -> None:
+    """Visit layers that share ``accs``: together through ``visit_group`` if given and several, else one by one."""
+    full = [f"{blocks_name}.{i}.{name}" for name in group]
+    if visit_group is not None and len(group) > 1:
+        visit_group(full, i, [linears[name] for name in group], accs)
+    else:
+        for name, qualified in zip(group, full, strict=True):
+            visit(qualified, i, linears[name], accs)
+
+
+class _Probed(Exception):
+    """Ends a probe forward once every linear layer has been reached."""
+
+
+def _input_groups(
+    block: nn.Module, call: BlockCall, hidden: torch.Tensor, device: torch.device, linears: dict[str, nn.Module]
+) -> dict[str, list[str]]:
+    """Which layers read the very same input tensor, learnt from one forward of the block up to its last layer."""
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their ids unique
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            order.append((name, inputs[0]))
+            if len({n for n, _ in order}) == len(linears):
+                raise _Probed
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    try:
+        with torch.no_grad(), contextlib.suppress(_Probed):
+            call.run(block, hidden, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_input: dict[int, list[str]] = {}
+    for name, x in order:
+        members = by_input.setdefault(id(x), [])
+        if name not in members:
+            members.append(name)
+    return {name: members for members in by_input.values() for name in members}
 
 
 def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str) -> torch.Tensor:
@@ -306,6 +369,8 @@ class _SinglePassStep:
     device: torch.device
     captured: CapturedInputs
     store: ActivationStore
+    visit_group: GroupVisitor | None = None
+    groups: dict[str, list[str]] | None = None  # layer -> the layers sharing its input (learnt on block 0)
 
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Forward the one calibration batch; layers are visited as the forward reaches them."""
@@ -317,20 +382,26 @@ class _SinglePassStep:
         visited: list[str] = []
         solve, report_before = 0.0, times.report
 
+        hidden = _finite_inputs(store, 0, i, blocks_name)
+        if self.visit_group is not None and self.groups is None:
+            self.groups = _input_groups(block, self.captured.calls[0][i], hidden, self.device, linears)
+        groups = self.groups or {}
+
         def on_stats(name: str, accs: dict[str, Accumulator]) -> None:
             nonlocal solve
-            if name in visited:  # a layer called twice in one forward is visited once
+            if name in visited:  # a layer called twice in one forward, or visited with its group
                 return
             t0 = time.perf_counter()
-            self.visit(f"{blocks_name}.{i}.{name}", i, linears[name], accs)
-            visited.append(name)
+            group = [n for n in groups.get(name, [name]) if n in linears and n not in visited]
+            _visit(self.visit, self.visit_group, blocks_name, i, linears, group, accs)
+            visited.extend(group)
             release_freed_memory()
             solve += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with torch.no_grad(), collect(linears, factories, on_stats) as collector:
             collector.next_batch(self.captured.token_masks[0])
-            out = self.captured.calls[0][i].run(block, _finite_inputs(store, 0, i, blocks_name), self.device)
+            out = self.captured.calls[0][i].run(block, hidden, self.device)
             missing = [name for name in linears if name not in visited]
             if missing:
                 raise RuntimeError(f"module {missing[0]} received no input during calibration")

@@ -21,6 +21,8 @@ def test_outlier_ratio() -> None:
     scores = torch.tensor([1.0] * 98 + [100.0, 100.0])  # mean 2.98
     assert outlier_ratio(scores, 5.0) == pytest.approx(0.02)
     assert outlier_ratio(torch.ones(10), 5.0) == 0.0
+    assert outlier_ratio(torch.tensor([2.0]), 0.5) == 1.0  # the share is over every score, even one
+    assert outlier_ratio(torch.tensor([1.0, 1.0, 7.0]), 2.0) == pytest.approx(1 / 3)  # > M × mean (3), not sum
 
 
 @pytest.mark.parametrize("seed", range(5))

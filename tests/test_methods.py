@@ -209,3 +209,35 @@ def test_vectorised_block_in_row_chunks(random_layer: Layer, monkeypatch: pytest
     for result in (whole, chunked):
         torch.testing.assert_close(result.weight, looped.weight, atol=1e-5, rtol=1e-5)
         assert torch.equal(result.mask, looped.mask) and result.loss == pytest.approx(looped.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_stacked_sparsegpt_equals_each_layer_alone(random_layer: Layer, nm: tuple[int, int] | None) -> None:
+    """q/k/v-like layers sharing one Hessian: one stacked solve, each layer's mask and weights as if alone."""
+    from oneshot.methods.sparsegpt import sparsegpt_stacked
+
+    _, _, h = random_layer(8, 64)
+    weights = [random_layer(rows, 64, seed=s)[0] for rows, s in ((24, 1), (8, 2), (40, 3))]
+    sparsities = [0.5, 0.3, 0.7] if nm is None else [0.5, 0.5, 0.5]
+    stacked = sparsegpt_stacked(weights, h, sparsities, nm=nm, block_size=32)
+    for w, s, got in zip(weights, sparsities, stacked, strict=True):
+        alone = sparsegpt(w, h, s, nm=nm, block_size=32)
+        assert torch.equal(got.mask, alone.mask)
+        torch.testing.assert_close(got.weight, alone.weight, atol=1e-5, rtol=1e-4)
+        assert int((~got.mask).sum()) == int((~alone.mask).sum())  # each layer's own exact sparsity
+        assert got.info["damp"] == alone.info["damp"]
+
+
+def test_stacked_obs_equals_each_layer_alone(random_layer: Layer) -> None:
+    from oneshot.methods.base import LayerStats, MethodOptions
+    from oneshot.methods.obs import SPEC as OBS
+
+    _, _, h = random_layer(8, 24)
+    weights = [random_layer(rows, 24, seed=s)[0] for rows, s in ((6, 1), (4, 2))]
+    assert OBS.run is not None and OBS.run_stacked is not None
+    for sparsities in ([0.5, 0.5], [0.5, 0.25]):
+        stacked = OBS.run_stacked(weights, LayerStats(hessian=h), sparsities, MethodOptions())
+        for w, s, got in zip(weights, sparsities, stacked, strict=True):
+            alone = OBS.run(w, LayerStats(hessian=h), s, MethodOptions())
+            assert torch.equal(got.mask, alone.mask)
+            torch.testing.assert_close(got.weight, alone.weight, atol=1e-5, rtol=1e-4)

@@ -174,3 +174,22 @@ def test_structured_errors(tiny_model: Callable[[str], nn.Module]) -> None:
     oneshot.prune(
         tiny_model("gemma3"), method="structured", ratio=0.25, calibration=ids, quiet=True, bias_compensation=False
     )
+
+
+def test_unit_score_formulas_hand_computed() -> None:
+    """FLAP's fluctuation Var(x_j)·‖W_:,j‖₂² (An et al. 2024, §3.1), and its two ablations."""
+    from oneshot.methods.structured import channel_scores, compensation, lowest, lowest_per_group, unit_scores
+
+    var = torch.tensor([1.0, 4.0, 0.5])
+    w_out = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 3.0]])  # column norms² 2, 4, 9
+    assert channel_scores(var, w_out, "fluctuation").tolist() == [2.0, 16.0, 4.5]
+    assert channel_scores(var, w_out, "variance").tolist() == [1.0, 4.0, 0.5]
+    assert channel_scores(var, w_out, "magnitude").tolist() == [2.0, 4.0, 9.0]
+    assert unit_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [3.0, 7.0]
+    assert lowest(torch.zeros(2000), 3).tolist() == [0, 1, 2]  # ties: lower index first, at any size
+    assert lowest(torch.tensor([3.0, 1.0, 2.0, 0.5]), 2).tolist() == [1, 3]
+    # per group of GQA heads: indices are global
+    assert lowest_per_group(torch.tensor([5.0, 1.0, 3.0, 0.0, 9.0, 2.0]), 2, 1).tolist() == [1, 3]
+    empty = compensation(w_out, torch.ones(3), torch.tensor([], dtype=torch.long))
+    assert empty.dtype == torch.float32 and empty.tolist() == [0.0, 0.0]
+    assert compensation(w_out, torch.tensor([2.0, 3.0, 5.0]), torch.tensor([0, 2])).tolist() == [2.0, 17.0]

@@ -73,6 +73,20 @@ STAT_MEANVAR = "meanvar"
 #: The callable a registry entry wraps: ``(W [out, in], stats, sparsity, options) -> PruneResult``.
 LayerPruner = Callable[[torch.Tensor, LayerStats, float, MethodOptions], PruneResult]
 
+#: Several layers that read the same input, solved as one: ``(weights, shared stats, sparsities, options)``.
+StackedPruner = Callable[[list[torch.Tensor], LayerStats, list[float], MethodOptions], list[PruneResult]]
+
+
+def split_rows(result: PruneResult, rows: list[int]) -> list[PruneResult]:
+    """Cut the result of a row-stacked solve back into one result per layer (``rows`` each)."""
+    out, r0 = [], 0
+    for n in rows:
+        part = slice(r0, r0 + n)
+        bias = None if result.bias is None else result.bias[part]
+        out.append(PruneResult(result.weight[part], result.mask[part], bias, None, dict(result.info)))
+        r0 += n
+    return out
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -80,6 +94,8 @@ class MethodSpec:
 
     ``run`` is None for a method that removes whole units (:mod:`oneshot.passes.structured`).
     A method that needs no statistics is data-free: it runs without calibration data.
+    ``run_stacked``, where given, solves layers that share an input (q/k/v, gate/up) as one
+    (one factorisation, one column loop) with the same result as ``run`` on each.
     """
 
     name: str
@@ -87,6 +103,7 @@ class MethodSpec:
     needs: tuple[str, ...]
     summary: str
     structured: bool = False
+    run_stacked: StackedPruner | None = None
 
     @property
     def data_free(self) -> bool:

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
+from oneshot.errors import ConfigError
+from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import prune_count
 
@@ -101,7 +102,7 @@ def obs(
     rows, cols = w.shape
     if nm is not None:
         if cols % nm[1] != 0:
-            raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={nm[1]}")
+            raise ConfigError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={nm[1]}")
         removals = (nm[1] - nm[0]) * (cols // nm[1])
     else:
         removals = prune_count(cols, sparsity)
@@ -125,9 +126,19 @@ def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions
     return obs(w, hessian, sparsity, nm=opt.nm, memory_budget=opt.memory_budget, **opt.damping())
 
 
+def _run_stacked(
+    ws: list[torch.Tensor], stats: LayerStats, sparsities: list[float], opt: MethodOptions
+) -> list[PruneResult]:
+    """Rows are independent in OBS: layers at one sparsity share one damped inverse and row batches."""
+    if len(set(sparsities)) > 1:
+        return [_run(w, stats, s, opt) for w, s in zip(ws, sparsities, strict=True)]
+    return split_rows(_run(torch.cat(ws, dim=0), stats, sparsities[0], opt), [int(w.shape[0]) for w in ws])
+
+
 SPEC = MethodSpec(
     "obs",
     _run,
     (STAT_HESSIAN,),
     "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
+    run_stacked=_run_stacked,
 )

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,21 +106,44 @@ def prune_sequential(
     device = resolve_device(config.device)
     result = result if result is not None else SweepResult(blocks_name="")
 
-    def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+    def target_of(full: str) -> float | None:
         target = sparsities.get(full, sparsity) if sparsities else sparsity
         if target is None:  # "skip" in a sparsity map
             result.skipped.append(full)
+        return target
+
+    def write(
+        full: str, block: int, module: nn.Module, weight: torch.Tensor, pruned: PruneResult, **facts: Any
+    ) -> None:
+        from_matrix(module, pruned.weight, pruned.bias)
+        t1 = time.perf_counter()
+        record = _record(full, block, weight, pruned, facts["target"], facts["accs"].get(SAMPLE), facts["seconds"])
+        result.layers.append(record)
+        result.times.report += time.perf_counter() - t1
+        log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
+
+    def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        target = target_of(full)
+        if target is None:
             return
         t0 = time.perf_counter()
         weight = as_matrix(module).to(device)  # [out, in]
         pruned = run(weight, layer_stats(accs), target, options)
-        from_matrix(module, pruned.weight, pruned.bias)
-        seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        record = _record(full, block, weight, pruned, target, accs.get(SAMPLE), seconds)
-        result.layers.append(record)
-        result.times.report += time.perf_counter() - t1
-        log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
+        write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
+
+    def prune_group(names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
+        assert spec.run_stacked is not None
+        todo = [(n, m, t) for n, m in zip(names, modules, strict=True) for t in [target_of(n)] if t is not None]
+        if len(todo) < 2:
+            for name, module, _ in todo:
+                prune_layer(name, block, module, accs)
+            return
+        t0 = time.perf_counter()
+        weights = [as_matrix(module).to(device) for _, module, _ in todo]  # each [out, in]
+        solved = spec.run_stacked(weights, layer_stats(accs), [t for _, _, t in todo], options)
+        seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
+        for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
+            write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
 
     result.blocks_name = sweep(
         model,
@@ -132,5 +156,6 @@ def prune_sequential(
         desc=spec.name,
         io=io,
         single_pass=single_pass,
+        visit_group=prune_group if spec.run_stacked is not None and config.stack else None,
     )
     return result
