@@ -5,6 +5,12 @@ process; each method's whole run is reported as a ratio to it (absolute seconds 
 2-core machine are noisy, ratios much less so).
 
     .venv/bin/python -m benchmarks.speed                       # 64 x 512 tokens, wanda + sparsegpt
+    .venv/bin/python -m benchmarks.speed --modes single,two,two-unstacked --eval-windows 64
+
+Each mode is one way to sweep: ``single`` (each layer pruned inside the block's one forward),
+``two`` (statistics forward, then propagation), ``*-unstacked`` (q/k/v and gate/up solved one by
+one instead of stacked). With ``--eval-windows`` the pruned model's WikiText-2 perplexity is
+measured too (first N 512-token windows).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import machine, machine_line, shared_file, smollm2_gguf, write_results
+from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--name", default="speed_smollm2")
+    parser.add_argument("--modes", default="single,two", help="comma-separated: single, two, single-unstacked, ...")
+    parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows to score (0: none)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -51,35 +59,49 @@ def main(argv: list[str] | None = None) -> None:
 
     baseline = dense_forward()
     rows: list[dict[str, Any]] = []
+    text = eval_text("wikitext2")[0] if args.eval_windows else ""
     for method in args.methods.split(","):
-        model.load_state_dict(dense)
-        with tempfile.TemporaryDirectory() as tmp:
-            report = oneshot.prune(
-                model,
-                tokenizer,
-                method=method,
-                sparsity=0.5,
-                calibration=calib,
-                out=Path(tmp) / "m",
-                batch_size=args.batch_size,
-                quiet=True,
-            )
-        t = report.times
-        row = {
-            "method": method,
-            "load": load_s,
-            "capture": t.capture,
-            "forwards": t.forward,
-            "statistics": t.statistics,
-            "solve": t.solve,
-            "error_report": t.report,
-            "propagate": t.propagate,
-            "write": report.extra.get("write_seconds", 0.0),
-            "total": report.seconds,
-            "ratio_to_dense_forward": report.seconds / baseline,
-        }
-        rows.append(row)
-        print(row, flush=True)
+        for mode in args.modes.split(","):
+            passes, _, unstacked = mode.partition("-")
+            options: dict[str, Any] = {"passes": passes}
+            if unstacked and method in ("sparsegpt", "obs"):
+                options["stack"] = False
+            model.load_state_dict(dense)
+            with tempfile.TemporaryDirectory() as tmp:
+                report = oneshot.prune(
+                    model,
+                    tokenizer,
+                    method=method,
+                    sparsity=0.5,
+                    calibration=calib,
+                    out=Path(tmp) / "m",
+                    batch_size=args.batch_size,
+                    quiet=True,
+                    **options,
+                )
+            t = report.times
+            row = {
+                "method": method,
+                "mode": mode,
+                "passes": report.extra.get("passes"),
+                "load": load_s,
+                "capture": t.capture,
+                "forwards": t.forward,
+                "statistics": t.statistics,
+                "solve": t.solve,
+                "error_report": t.report,
+                "propagate": t.propagate,
+                "write": report.extra.get("write_seconds", 0.0),
+                "total": report.seconds,
+                "ratio_to_dense_forward": report.seconds / baseline,
+                "peak_rss_bytes": report.extra.get("peak_rss_bytes"),
+            }
+            if args.eval_windows:
+                row["perplexity"] = oneshot.evaluate_perplexity(
+                    model, tokenizer, text=text, seqlen=512, max_windows=args.eval_windows, quiet=True
+                )
+            rows.append(row)
+            print(row, flush=True)
     baseline_again = dense_forward()  # the machine's speed drifts: show it
 
     command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -93,15 +115,19 @@ def main(argv: list[str] | None = None) -> None:
         f"(again after the runs: {baseline_again:.1f}s). `forwards` are the statistics-gathering block "
         "forwards without the hook time; `statistics` is the hook time; `error_report` estimates each layer's "
         "reconstruction error for the report on 1,024 sampled tokens; `total` is the whole `oneshot.prune` call "
-        "including the write (the model is already loaded: `load` is listed once, outside `total`).",
+        "including the write (the model is already loaded: `load` is listed once, outside `total`). Modes: "
+        "`single` = each layer pruned inside the block's one forward over the whole calibration set (no "
+        "propagation pass), `two` = statistics forward then propagation forward; `-unstacked` = q/k/v and "
+        "gate/up solved one by one instead of as one stacked matrix. Perplexity: WikiText-2 test, first "
+        f"{args.eval_windows} windows of 512 tokens (BOS once).",
         "",
-        "| method | " + " | ".join(cols) + " | total / dense forward |",
-        "|---|" + "---|" * (len(cols) + 1),
+        "| method | mode | " + " | ".join(cols) + " | total / dense forward | WikiText-2 ppl |",
+        "|---|---|" + "---|" * (len(cols) + 2),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + f" | {r['ratio_to_dense_forward']:.2f}x |"
-        )
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        cells = " | ".join(f"{r[c]:.1f}" for c in cols)
+        lines.append(f"| {r['method']} | {r['mode']} | {cells} | {r['ratio_to_dense_forward']:.2f}x | {ppl} |")
     payload = {"command": command, "machine": machine(), "baseline_seconds": [baseline, baseline_again], "rows": rows}
     write_results(args.name, payload, "\n".join(lines) + "\n")
 
