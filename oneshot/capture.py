@@ -127,8 +127,26 @@ def capture_inputs(
     """
     storage = storage or torch.device("cpu")
     captured = CapturedInputs()
-    recorder = _Recorder(captured, sink, storage, len(blocks) - 1)
+    kind = None
+    if min(batch_size, calib.nsamples) > 1:  # learn how blocks return on one sample, not on a big batch
+        one = CalibrationSet(calib.input_ids[:1], None if calib.attention_mask is None else calib.attention_mask[:1])
+        probe = _Recorder(CapturedInputs(), lambda b, h: None, storage, len(blocks) - 1)
+        _record_calls(model, blocks, one, 1, device, probe)
+        kind = probe.kind
+    _record_calls(model, blocks, calib, batch_size, device, _Recorder(captured, sink, storage, len(blocks) - 1, kind))
+    return captured
 
+
+def _record_calls(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calib: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    recorder: _Recorder,
+) -> None:
+    """Run the model on each batch with every block's forward replaced by ``recorder``'s."""
+    captured = recorder.captured
     call_kwargs = model_call_kwargs(model)
     patched: list[nn.Module] = []
     try:
@@ -153,4 +171,3 @@ def capture_inputs(
     finally:
         for block in patched:
             del block.forward
-    return captured

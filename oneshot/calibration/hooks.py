@@ -19,6 +19,8 @@ from torch import nn
 from oneshot.calibration.stats import Accumulator
 
 AccumulatorFactory = Callable[[int, torch.device], Accumulator]
+#: Token rows fed to the accumulators at a time.
+STATS_CHUNK_ROWS = 4096
 
 
 def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -96,8 +98,9 @@ class Collector:
         if accs is None:
             accs = {key: make(rows.shape[-1], rows.device) for key, make in self.factories.items()}
             self._accs[name] = accs
-        for acc in accs.values():
-            acc.update(rows)
+        for chunk in rows.split(STATS_CHUNK_ROWS):  # cache-sized pieces: one big batch is no slower than many
+            for acc in accs.values():
+                acc.update(chunk)
         self.seconds += time.perf_counter() - t0
 
     def stats(self, name: str) -> dict[str, Accumulator]:
