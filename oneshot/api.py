@@ -380,6 +380,8 @@ def _single_pass(job: _Job) -> bool:
     else:
         budget = config.max_memory or default_budget()
     single = config.passes == "single" or (config.passes == "auto" and need <= budget)
+    if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
+        single = job.run.progress.setdefault("passes", "single" if single else "two") == "single"
     job.extra["passes"] = "single" if single else "two"
     if config.passes == "auto" and not single:
         job.extra["passes_reason"] = (
