@@ -4,9 +4,16 @@ For each block: forward every calibration batch through it with hooks that gathe
 a pass needs, let the pass's visitors act on its linear layers (prune, score, remove units), then
 run the block again so the next block is calibrated on the *modified* block's outputs. Only the
 current block (and the model's stem during capture) has to sit on the compute device; captured
-activations live in an activation store between blocks. A sweep without calibration data (a
-data-free method) only loads, visits and hands back each block. What a pass does lives in
+activations live in an activation store between blocks. What a pass does lives in
 :mod:`oneshot.passes`.
+
+Single pass (``single_pass=True``): the whole calibration set is one batch, and each layer is
+visited from its own forward pre-hook, so the block's one forward goes on with the visited weights
+and its output is already the next block's input (a ``block_visit`` must then not change the
+block). Layers that read the very same input (q/k/v, gate/up) share one set of accumulators; with
+a group visitor they are visited together (in a single pass, at the first one's pre-hook, the
+groups learnt once by a probe forward). A sweep without calibration data (a data-free method)
+only loads, visits and hands back each block.
 """
 
 from __future__ import annotations
@@ -168,17 +175,11 @@ def sweep(
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
-    For each block: forward all batches with hooks gathering the statistics named in ``needs``
-    (plus a token sample), call ``visit`` for each linear layer (it may rewrite the weights), then
-    re-run the block to produce the next block's inputs, so later blocks see what ``visit`` did.
-    With ``single_pass`` the whole calibration set is one batch and each layer is visited from
-    its own forward pre-hook, so the one forward of the block goes on with the visited weights and
-    its output is already the next block's input (``block_visit`` must then not change the block).
-    With ``visit_group``, layers that read the same input are visited together through it
-    (at the first one's pre-hook in a single pass) instead of one by one through ``visit``.
-    With ``calib=None`` (a data-free pass: ``needs`` must be empty) no forward runs and ``visit``
-    gets no accumulators. Layers matching ``config.skip_layers`` are not visited. ``io`` says where
-    blocks and activations live (default: in memory). Returns the blocks' qualified name.
+    Two passes per block by default, one with ``single_pass``, none with ``calib=None`` (see the
+    module docstring); ``visit`` may rewrite the weights and later blocks see what it did.
+    ``needs`` names the statistics gathered; ``visit_group`` visits layers sharing an input
+    together; layers matching ``config.skip_layers`` are not visited; ``io`` says where blocks and
+    activations live (default: in memory). Returns the blocks' qualified name.
     """
     times = times if times is not None else PhaseTimes()
     io = io or SweepIO()
@@ -187,16 +188,13 @@ def sweep(
     home = next(blocks[0].parameters()).device
     if home.type == "meta":
         home = torch.device("cpu")
-    step: _BlockStep | _SinglePassStep | _DataFreeStep
-    if calib is None:
-        if needs or observer is not None:
-            raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
-        step = _DataFreeStep(visit, block_visit, times, device)
-    else:
+    if calib is None and (needs or observer is not None):
+        raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
+    step: _BlockStep | _SinglePassStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
+    if calib is not None:
         t0 = time.perf_counter()
-        captured, store = _capture(
-            model, blocks, calib, config, io, calib.nsamples if single_pass else config.batch_size
-        )
+        size = calib.nsamples if single_pass else config.batch_size
+        captured, store = _capture(model, blocks, calib, config, io, size)
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
         step = kind(config, needs, visit, block_visit, times, device, captured, store, visit_group)

@@ -22,7 +22,7 @@ from oneshot.config import PruneConfig
 from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, layer_stats, resolve_device, sweep
 from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, from_matrix
-from oneshot.methods.base import MethodSpec, PruneResult
+from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,62 @@ def _record(
     )
 
 
+@dataclass
+class _Pruner:
+    """The per-layer and per-group visitors of one unstructured sweep."""
+
+    spec: MethodSpec
+    options: MethodOptions
+    device: torch.device
+    sparsity: float
+    sparsities: Mapping[str, float | None] | None
+    result: SweepResult
+
+    def target_of(self, full: str) -> float | None:
+        """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
+        target = self.sparsities.get(full, self.sparsity) if self.sparsities else self.sparsity
+        if target is None:  # "skip" in a sparsity map
+            self.result.skipped.append(full)
+        return target
+
+    def write(
+        self, full: str, block: int, module: nn.Module, weight: torch.Tensor, pruned: PruneResult, **facts: Any
+    ) -> None:
+        """Put the pruned weight into the layer and record it."""
+        from_matrix(module, pruned.weight, pruned.bias)
+        t1 = time.perf_counter()
+        record = _record(full, block, weight, pruned, facts["target"], facts["accs"].get(SAMPLE), facts["seconds"])
+        self.result.layers.append(record)
+        self.result.times.report += time.perf_counter() - t1
+        log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
+
+    def layer(self, full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
+        """Prune one layer from its statistics."""
+        target = self.target_of(full)
+        if target is None:
+            return
+        assert self.spec.run is not None
+        t0 = time.perf_counter()
+        weight = as_matrix(module).to(self.device)  # [out, in]
+        pruned = self.spec.run(weight, layer_stats(accs), target, self.options)
+        self.write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
+
+    def group(self, names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
+        """Prune layers that read the same input with one stacked solve (``spec.run_stacked``)."""
+        assert self.spec.run_stacked is not None
+        todo = [(n, m, t) for n, m in zip(names, modules, strict=True) for t in [self.target_of(n)] if t is not None]
+        if len(todo) < 2:
+            for name, module, _ in todo:
+                self.layer(name, block, module, accs)
+            return
+        t0 = time.perf_counter()
+        weights = [as_matrix(module).to(self.device) for _, module, _ in todo]  # each [out, in]
+        solved = self.spec.run_stacked(weights, layer_stats(accs), [t for _, _, t in todo], self.options)
+        seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
+        for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
+            self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
+
+
 def prune_sequential(
     model: nn.Module,
     calib: CalibrationSet | None,
@@ -100,62 +156,21 @@ def prune_sequential(
     spec = method or METHODS[config.method]
     if spec.run is None:
         raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
-    run = spec.run
-    sparsity = float(config.sparsity or 0.0)
-    options = config.method_options()
-    device = resolve_device(config.device)
     result = result if result is not None else SweepResult(blocks_name="")
-
-    def target_of(full: str) -> float | None:
-        target = sparsities.get(full, sparsity) if sparsities else sparsity
-        if target is None:  # "skip" in a sparsity map
-            result.skipped.append(full)
-        return target
-
-    def write(
-        full: str, block: int, module: nn.Module, weight: torch.Tensor, pruned: PruneResult, **facts: Any
-    ) -> None:
-        from_matrix(module, pruned.weight, pruned.bias)
-        t1 = time.perf_counter()
-        record = _record(full, block, weight, pruned, facts["target"], facts["accs"].get(SAMPLE), facts["seconds"])
-        result.layers.append(record)
-        result.times.report += time.perf_counter() - t1
-        log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
-
-    def prune_layer(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
-        target = target_of(full)
-        if target is None:
-            return
-        t0 = time.perf_counter()
-        weight = as_matrix(module).to(device)  # [out, in]
-        pruned = run(weight, layer_stats(accs), target, options)
-        write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
-
-    def prune_group(names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
-        assert spec.run_stacked is not None
-        todo = [(n, m, t) for n, m in zip(names, modules, strict=True) for t in [target_of(n)] if t is not None]
-        if len(todo) < 2:
-            for name, module, _ in todo:
-                prune_layer(name, block, module, accs)
-            return
-        t0 = time.perf_counter()
-        weights = [as_matrix(module).to(device) for _, module, _ in todo]  # each [out, in]
-        solved = spec.run_stacked(weights, layer_stats(accs), [t for _, _, t in todo], options)
-        seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
-        for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
-            write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
-
+    device = resolve_device(config.device)
+    pruner = _Pruner(spec, config.method_options(), device, float(config.sparsity or 0.0), sparsities, result)
+    stacked = spec.run_stacked is not None and config.stack
     result.blocks_name = sweep(
         model,
         calib,
         config,
         spec.needs,
-        prune_layer,
+        pruner.layer,
         times=result.times,
         observer=observer,
         desc=spec.name,
         io=io,
         single_pass=single_pass,
-        visit_group=prune_group if spec.run_stacked is not None and config.stack else None,
+        visit_group=pruner.group if stacked else None,
     )
     return result
