@@ -190,7 +190,7 @@ def sweep(
         home = torch.device("cpu")
     if calib is None and (needs or observer is not None):
         raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
-    step: _BlockStep | _SinglePassStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
+    step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
     if calib is not None:
         t0 = time.perf_counter()
         size = calib.nsamples if single_pass else config.batch_size
@@ -356,18 +356,9 @@ def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str) -> 
 
 
 @dataclass
-class _SinglePassStep:
+class _SinglePassStep(_BlockStep):
     """One block of a single-pass sweep: each layer visited in its own pre-hook, one forward in all."""
 
-    config: PruneConfig
-    needs: tuple[str, ...]
-    visit: LayerVisitor
-    block_visit: BlockVisitor | None
-    times: PhaseTimes
-    device: torch.device
-    captured: CapturedInputs
-    store: ActivationStore
-    visit_group: GroupVisitor | None = None
     groups: dict[str, list[str]] | None = None  # layer -> the layers sharing its input (learnt on block 0)
 
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:

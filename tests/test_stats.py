@@ -26,6 +26,9 @@ def test_streaming_equals_batch() -> None:
     torch.testing.assert_close(mean, x.mean(0).float(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(var, x.var(0, unbiased=False).float(), rtol=1e-5, atol=1e-5)
     assert h.count == c.count == mv.count == 300
+    one = Hessian(3)
+    one.update(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert one.finalize().tolist() == [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 6.0, 9.0]]  # the mean over 1 token
 
 
 def test_token_sample_stride_is_global() -> None:
