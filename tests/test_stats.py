@@ -77,3 +77,27 @@ def test_calibration_batches_trim_trailing_padding() -> None:
     batches = CalibrationSet(ids, mask).batches(2)
     assert [tuple(b[0].shape) for b in batches] == [(2, 4), (2, 3)]
     assert torch.equal(batches[1][1], mask[2:, :3])
+
+
+def test_meanvar_keeps_float64_precision_and_edge_cases() -> None:
+    """Variance of activations with a large common offset: float32 accumulation would lose it entirely."""
+    gen = torch.Generator().manual_seed(0)
+    x = 1e4 + 1e-3 * torch.randn(400, 3, generator=gen, dtype=torch.float64)
+    mv = MeanVar(3)
+    for part in _split(x, [100, 300]):
+        mv.update(part)
+    _, var = mv.finalize()
+    torch.testing.assert_close(var.double(), x.var(0, unbiased=False), rtol=1e-3, atol=0.0)
+
+
+def test_token_sample_and_relative_error_edges() -> None:
+    sample = TokenSample(4, stride=1, max_rows=5)
+    sample.update(torch.randn(3, 4, dtype=torch.bfloat16))
+    sample.update(torch.randn(4, 4, dtype=torch.bfloat16))
+    kept = sample.finalize()
+    assert kept.shape == (5, 4) and kept.dtype == torch.float32 and sample.count == 7
+    assert TokenSample(4).finalize().shape == (0, 4)
+    x = torch.randn(6, 4)
+    assert relative_error(torch.zeros(2, 4), torch.zeros(2, 4), x) == 0.0  # no signal: no error, no crash
+    w = torch.full((2, 4), 1e-3)  # ‖WX‖² far below 1: still the exact ratio
+    assert abs(relative_error(w, torch.zeros_like(w), x) - 1.0) < 1e-6
