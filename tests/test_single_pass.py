@@ -130,6 +130,12 @@ def test_auto_falls_back_to_two_passes_and_says_why(tiny_model: Callable[[str], 
     single = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=_ids(), quiet=True)
     assert single.extra["passes"] == "single" and single.times.propagate == 0.0
     assert "passes_reason" not in single.extra
+    for run in (report, single):  # every phase is a real share of the run's wall time
+        t = run.times
+        phases = [t.capture, t.forward, t.statistics, t.solve, t.report, t.propagate]
+        assert all(p >= 0 for p in phases) and sum(phases) <= run.seconds
+        assert t.statistics > 0 and t.solve > 0 and t.forward > 0 and t.capture > 0
+        assert len(t.per_block) == 3 and sum(t.per_block) <= run.seconds
 
 
 def test_owl_allocation_is_the_same_in_one_pass(tiny_model: Callable[[str], nn.Module]) -> None:

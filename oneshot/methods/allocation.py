@@ -48,8 +48,10 @@ def owl_sparsities(ratios: Sequence[float], params: Sequence[int], target: float
         return [target] * len(ratios)
     t = (d - d.min()) / spread  # [0, 1]: 1 = most outliers
     centred = t - (w * t).sum()  # weighted mean 0
-    # OWL's spread is 2λ over the observed range; shrink it if centring pushes a block past ±λ.
-    scale = min(2.0 * lam, lam / float(centred.abs().max()))
+    # OWL spreads the sparsities over 2λ across the observed range. t spans [0, 1] and its weighted
+    # mean lies inside, so max|centred| ≥ 1/2 and λ / max|centred| ≤ 2λ: the furthest block sits
+    # exactly at ±λ (equal blocks with a symmetric spread get OWL's full 2λ range).
+    scale = lam / float(centred.abs().max())
     sparsity = target - scale * centred
     return [float(s) for s in sparsity]
 
