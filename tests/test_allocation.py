@@ -23,6 +23,7 @@ def test_outlier_ratio() -> None:
     assert outlier_ratio(torch.ones(10), 5.0) == 0.0
     assert outlier_ratio(torch.tensor([2.0]), 0.5) == 1.0  # the share is over every score, even one
     assert outlier_ratio(torch.tensor([0.0, 0.0, 3.0]), 3.0) == 0.0  # strictly above M × mean
+    assert parse_sparsity_map({"*": 0.0}) == (("*", 0.0),)  # 0 is a sparsity (prune nothing), not an error
     with pytest.raises(ValueError, match="one outlier ratio"):
         owl_sparsities([0.1, 0.2], [10], 0.5, 0.1)
     assert outlier_ratio(torch.tensor([1.0, 1.0, 7.0]), 2.0) == pytest.approx(1 / 3)  # > M × mean (3), not sum

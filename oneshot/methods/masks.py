@@ -60,9 +60,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _lowest(grouped, m - n).reshape(rows, cols)
 
 
-def select_mask(
-    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool = True
-) -> torch.Tensor:
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, *, per_row: bool) -> torch.Tensor:
     """N:M mask when ``nm`` is given, else an unstructured one (per row or per layer)."""
     if nm is not None:
         return nm_mask(scores, *nm)
