@@ -108,13 +108,19 @@ def test_wanda_hand_computed() -> None:
 
 
 def _obs_reference(
-    w: torch.Tensor, h: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: torch.Tensor,
+    h: torch.Tensor,
+    sparsity: float,
+    keep: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Unblocked OBS with explicit inverses, float64: freeze columns left to right.
 
     For column j, F = {j, ..., n-1}; a pruned weight w_j is removed with the OBS update
-    δw_F = -w_j / [H_F⁻¹]_00 · [H_F⁻¹]_{0,:}. The mask (if not given) is chosen once, per layer,
-    from w² / [H_F⁻¹]_00 as SparseGPT does within a single block.
+    δw_F = -w_j / [H_F⁻¹]_00 · [H_F⁻¹]_{0,:}, at a loss of w_j² / (2 [H_F⁻¹]_00) (Hassibi & Stork).
+    The mask (if not given) is chosen once, per layer, from w² / [H_F⁻¹]_00 as SparseGPT does
+    within a single block; with ``nm``, at the start of every group of M columns from the *updated*
+    weights (SparseGPT §3.4). Returns the weights, the mask and the total OBS loss.
     """
     w = w.double().clone()
     h = h.double()
@@ -122,30 +128,55 @@ def _obs_reference(
     h = h + 0.01 * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
     inv_rows = [torch.linalg.inv(h[j:, j:])[0] for j in range(n)]  # row 0 of H_F⁻¹ for each j
     diag = torch.stack([r[0] for r in inv_rows])  # [n]
-    if keep is None:
+    if keep is None and nm is None:
         scores = w.square() / diag.unsqueeze(0)
         k = round(w.numel() * sparsity)
         order = torch.sort(scores.flatten(), stable=True).indices[:k]
         keep = torch.ones(w.numel(), dtype=torch.bool)
         keep[order] = False
         keep = keep.reshape(w.shape)
+    keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.clone()
+    loss = 0.0
     for j in range(n):
+        if nm is not None and j % nm[1] == 0:
+            group = slice(j, j + nm[1])
+            scores = w[:, group].square() / diag[group].unsqueeze(0)  # [out, m]
+            drop = torch.sort(scores, dim=1, stable=True).indices[:, : nm[1] - nm[0]]
+            keep[:, group] = torch.ones_like(scores, dtype=torch.bool).scatter(1, drop, False)
         pruned = ~keep[:, j]
+        loss += float((w[pruned, j].square() / (2 * inv_rows[j][0])).sum())
         err = w[pruned, j] / inv_rows[j][0]  # [rows pruned]
         w[pruned, j:] -= err.unsqueeze(1) * inv_rows[j].unsqueeze(0)
-    return w, keep
+    return w, keep, loss
 
 
 def test_sparsegpt_equals_unblocked_obs_reference(random_layer: Layer) -> None:
     w, _, h = random_layer(12, 48, tokens=400, seed=3)
-    ref_w, ref_keep = _obs_reference(w, h, 0.5)
+    ref_w, ref_keep, ref_loss = _obs_reference(w, h, 0.5)
     one_block = sparsegpt(w, h, 0.5, block_size=48)  # one block: mask chosen like the reference
     assert torch.equal(one_block.mask, ref_keep)
     torch.testing.assert_close(one_block.weight.double(), ref_w, atol=1e-4, rtol=1e-4)
-    # lazy blocked updates give the same weights for the same mask
+    assert one_block.loss == pytest.approx(ref_loss, rel=1e-3)  # Σ err² / 2 over the pruned weights
+    # lazy blocked updates give the same weights for the same mask, and leave the given mask alone
+    given = ref_keep.clone()
     for bs in (1, 7, 16):
-        blocked = sparsegpt(w, h, 0.5, block_size=bs, mask=ref_keep)
+        blocked = sparsegpt(w, h, 0.5, block_size=bs, mask=given)
         torch.testing.assert_close(blocked.weight.double(), ref_w, atol=1e-4, rtol=1e-4)
+        assert blocked.loss == pytest.approx(ref_loss, rel=1e-3)
+    assert torch.equal(given, ref_keep)
+    # the defaults are the paper's: 128-column blocks, damping 0.01
+    assert torch.equal(sparsegpt(w, h, 0.5).weight, sparsegpt(w, h, 0.5, block_size=128, damp=0.01).weight)
+
+
+def test_sparsegpt_nm_mask_is_chosen_from_the_updated_weights(random_layer: Layer) -> None:
+    """SparseGPT §3.4: each group of M columns is masked by w² / [U]_jj² of the weights *after* the updates."""
+    w, _, h = random_layer(10, 32, tokens=400, seed=5)
+    ref_w, ref_keep, ref_loss = _obs_reference(w, h, 0.5, nm=(2, 4))
+    for bs in (4, 12, 32):
+        got = sparsegpt(w, h, 0.5, nm=(2, 4), block_size=bs)
+        assert torch.equal(got.mask, ref_keep), bs
+        torch.testing.assert_close(got.weight.double(), ref_w, atol=1e-4, rtol=1e-4)
+        assert got.loss == pytest.approx(ref_loss, rel=1e-3)
 
 
 def test_sparsegpt_dead_inputs_are_zeroed(random_layer: Layer) -> None:
@@ -153,7 +184,7 @@ def test_sparsegpt_dead_inputs_are_zeroed(random_layer: Layer) -> None:
     x[:, 5] = 0.0
     h = x.T @ x / x.shape[0]
     out = sparsegpt(w, h, 0.5)
-    assert (out.weight[:, 5] == 0).all()
+    assert (out.weight[:, 5] == 0).all() and not out.mask[:, 5].any()  # zeroed and marked pruned
     assert torch.isfinite(out.weight).all()
 
 
