@@ -136,6 +136,9 @@ def test_auto_falls_back_to_two_passes_and_says_why(tiny_model: Callable[[str], 
         assert all(p >= 0 for p in phases) and sum(phases) <= run.seconds
         assert t.statistics > 0 and t.solve > 0 and t.forward > 0 and t.capture > 0
         assert len(t.per_block) == 3 and sum(t.per_block) <= run.seconds
+        shapes = {r.name: r.shape for r in run.layers}
+        assert shapes["model.layers.0.mlp.down_proj"] == (64, 96)  # [out, in]
+        assert shapes["model.layers.2.self_attn.k_proj"] == (32, 64)
 
 
 def test_owl_allocation_is_the_same_in_one_pass(tiny_model: Callable[[str], nn.Module]) -> None:
