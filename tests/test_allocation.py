@@ -170,3 +170,34 @@ def test_cli_obs_owl_and_yaml_map(tiny_checkpoint: Callable[[str], Path], tmp_pa
     assert report["method"] == "obs" and len(report["owl"]["blocks"]) == 3
     assert all(name.startswith("transformer.h.0.") for name in report["skipped_layers"])
     assert not any(r["name"].startswith("transformer.h.0.") for r in report["layers"])
+
+
+def test_owl_ratios_equal_a_reference(tiny_model: Callable[[str], nn.Module]) -> None:
+    """Each block's D_l is the share of |W_ij|·‖X_j‖₂ over all its linear layers above M × their mean."""
+    from oneshot.calibration.data import CalibrationSet
+    from oneshot.config import PruneConfig
+    from oneshot.layers import find_blocks, find_linears
+    from oneshot.passes.owl import owl_allocation
+
+    model = tiny_model("llama")
+    ids = torch.randint(4, 100, (6, 24), generator=torch.Generator().manual_seed(2))
+    config = PruneConfig(method="wanda", sparsity=0.5, owl=True, owl_m=2.0, quiet=True)
+    got = owl_allocation(model, CalibrationSet(ids), config, single_pass=True)
+    sq: dict[str, torch.Tensor] = {}
+    blocks = find_blocks(model)[1]
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, inp, n=f"{i}.{n}": sq.__setitem__(n, inp[0].double().square().sum((0, 1)))
+        )
+        for i, block in enumerate(blocks)
+        for n, m in find_linears(block).items()
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)  # OWL's sweep prunes nothing, so the dense forward is the reference
+    for h in handles:
+        h.remove()
+    for i, block in enumerate(blocks):
+        scores = torch.cat(
+            [(m.weight.double().abs() * sq[f"{i}.{n}"].sqrt()).flatten() for n, m in find_linears(block).items()]
+        )
+        assert got.blocks[i]["outlier_ratio"] == pytest.approx(float((scores > 2.0 * scores.mean()).double().mean()))
