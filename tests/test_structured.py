@@ -174,6 +174,8 @@ def test_structured_errors(tiny_model: Callable[[str], nn.Module]) -> None:
     oneshot.prune(
         tiny_model("gemma3"), method="structured", ratio=0.25, calibration=ids, quiet=True, bias_compensation=False
     )
+    with pytest.raises(ConfigError, match="removes 0 of 96 MLP neurons"):
+        oneshot.prune(tiny_model("llama"), method="structured", ratio=0.001, calibration=ids, quiet=True)
 
 
 def test_unit_score_formulas_hand_computed() -> None:
