@@ -176,6 +176,17 @@ def test_structured_errors(tiny_model: Callable[[str], nn.Module]) -> None:
     )
     with pytest.raises(ConfigError, match="removes 0 of 96 MLP neurons"):
         oneshot.prune(tiny_model("llama"), method="structured", ratio=0.001, calibration=ids, quiet=True)
+    with pytest.raises(ConfigError, match="removes 96 of 96 MLP neurons"):
+        oneshot.prune(tiny_model("llama"), method="structured", ratio=0.999, calibration=ids, quiet=True)
+    with pytest.raises(ConfigError, match="removes 2 of the 2 query heads"):
+        oneshot.prune(
+            tiny_model("llama"), method="structured", ratio=0.99, target="attention", calibration=ids, quiet=True
+        )
+    # without compensation no bias appears, and the config does not claim one
+    model = tiny_model("llama")
+    oneshot.prune(model, method="structured", ratio=0.5, target="both", bias_compensation=False, calibration=ids)
+    assert not model.config.mlp_bias and not model.config.attention_bias
+    assert model.model.layers[0].mlp.down_proj.bias is None and model.model.layers[0].self_attn.o_proj.bias is None
 
 
 def test_unit_score_formulas_hand_computed() -> None:
