@@ -164,8 +164,11 @@ def test_sparsegpt_equals_unblocked_obs_reference(random_layer: Layer) -> None:
         torch.testing.assert_close(blocked.weight.double(), ref_w, atol=1e-4, rtol=1e-4)
         assert blocked.loss == pytest.approx(ref_loss, rel=1e-3)
     assert torch.equal(given, ref_keep)
-    # the defaults are the paper's: 128-column blocks, damping 0.01
-    assert torch.equal(sparsegpt(w, h, 0.5).weight, sparsegpt(w, h, 0.5, block_size=128, damp=0.01).weight)
+    # the defaults are the paper's: 128-column blocks, damping 0.01 (a layer wider than one block)
+    wide, _, wide_h = random_layer(6, 200, tokens=400, seed=4)
+    default = sparsegpt(wide, wide_h, 0.5)
+    assert torch.equal(default.weight, sparsegpt(wide, wide_h, 0.5, block_size=128, damp=0.01).weight)
+    assert not torch.equal(default.mask, sparsegpt(wide, wide_h, 0.5, block_size=129).mask)
 
 
 def test_sparsegpt_nm_mask_is_chosen_from_the_updated_weights(random_layer: Layer) -> None:
@@ -186,6 +189,9 @@ def test_sparsegpt_dead_inputs_are_zeroed(random_layer: Layer) -> None:
     out = sparsegpt(w, h, 0.5)
     assert (out.weight[:, 5] == 0).all() and not out.mask[:, 5].any()  # zeroed and marked pruned
     assert torch.isfinite(out.weight).all()
+    given = torch.ones_like(w, dtype=torch.bool)
+    assert not sparsegpt(w, h, 0.5, mask=given).mask[:, 5].any()
+    assert given.all()  # the caller's mask is not written into
 
 
 def test_sparsegpt_raises_damping_then_fails_loudly() -> None:

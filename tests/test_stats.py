@@ -91,11 +91,11 @@ def test_meanvar_keeps_float64_precision_and_edge_cases() -> None:
 
 
 def test_token_sample_and_relative_error_edges() -> None:
-    sample = TokenSample(4, stride=1, max_rows=5)
+    sample = TokenSample(4, stride=1, max_rows=4)
     sample.update(torch.randn(3, 4, dtype=torch.bfloat16))
-    sample.update(torch.randn(4, 4, dtype=torch.bfloat16))
+    sample.update(torch.randn(4, 4, dtype=torch.bfloat16))  # room for exactly one more row
     kept = sample.finalize()
-    assert kept.shape == (5, 4) and kept.dtype == torch.float32 and sample.count == 7
+    assert kept.shape == (4, 4) and kept.dtype == torch.float32 and sample.count == 7
     assert TokenSample(4).finalize().shape == (0, 4)
     x = torch.randn(6, 4)
     assert relative_error(torch.zeros(2, 4), torch.zeros(2, 4), x) == 0.0  # no signal: no error, no crash
