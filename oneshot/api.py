@@ -371,6 +371,8 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
 
 def _single_pass(job: _Job) -> bool:
     """Whether this run sweeps each block once (``--passes``; ``auto``: if one batch of all samples fits)."""
+    if "passes" in job.extra:  # decided once per run: OWL's sweep and the pruning sweep agree
+        return bool(job.extra["passes"] == "single")
     config, calib = job.config, job.calib
     assert calib is not None
     need = single_pass_bytes(job.model, calib.nsamples, calib.seqlen)

@@ -243,6 +243,7 @@ def prune_structured(
         block_visit=block_visit,
         desc="structured",
         io=io,
+        single_pass=False,  # units are removed after the statistics forward: the block must run again
     )
     for plan in todo:
         plan.update_config(getattr(model, "config", None))
