@@ -121,9 +121,13 @@ def _pytest(tests: list[str]) -> bool:
     return res.returncode != 0
 
 
-def run_auto(files: list[str], tests: list[str]) -> list[tuple[str, str, bool]]:
-    """Apply each --auto mutant of ``files`` in turn, run ``tests``; returns (file:line, mutant, killed)."""
+def run_auto(files: list[str], tests: list[str], start: int = 0) -> list[tuple[str, str, bool]]:
+    """Apply each --auto mutant of ``files`` in turn, run ``tests``; returns (file:line, mutant, killed).
+
+    ``start`` skips the first mutants that compile (to continue a run that was stopped).
+    """
     results = []
+    seen = 0
     for file in files:
         path = ROOT / file
         text = path.read_text()
@@ -133,6 +137,9 @@ def run_auto(files: list[str], tests: list[str]) -> list[tuple[str, str, bool]]:
             try:
                 compile(mutated, file, "exec")
             except SyntaxError:
+                continue
+            seen += 1
+            if seen <= start:
                 continue
             path.write_text(mutated)
             try:
@@ -174,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--auto", default="", help="comma-separated files: mutate every listed token of them")
     parser.add_argument("--list", action="store_true", help="with --auto: only print the mutants")
+    parser.add_argument("--start", type=int, default=0, help="with --auto: skip the first N mutants (continue a run)")
     args = parser.parse_args(argv)
     if args.auto and args.list:
         for file in args.auto.split(","):
             for _, row, _, mutant in auto_mutants(file):
                 print(f"{file}:{row}: {mutant.strip()}")
         return
-    results = run_auto(args.auto.split(","), args.tests.split(",")) if args.auto else run(args.tests.split(","))
+    results = run_auto(args.auto.split(","), args.tests.split(","), args.start) if args.auto else run(args.tests.split(","))
     survived = [r for r in results if not r[2]]
     print(f"{len(results) - len(survived)} of {len(results)} mutants killed")
 

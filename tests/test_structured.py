@@ -206,3 +206,94 @@ def test_unit_score_formulas_hand_computed() -> None:
     empty = compensation(w_out, torch.ones(3), torch.tensor([], dtype=torch.long))
     assert empty.dtype == torch.float32 and empty.tolist() == [0.0, 0.0]
     assert compensation(w_out, torch.tensor([2.0, 3.0, 5.0]), torch.tensor([0, 2])).tolist() == [2.0, 17.0]
+
+
+def _reference_flap_mlp(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, remove: int) -> list[list[int]]:
+    """FLAP on the MLP, block after block, with the model's own forward (An et al. 2024, §3).
+
+    Block i is scored on inputs that ran through the already shrunk blocks < i: fluctuation
+    Var(x_j) · ‖W_down[:, j]‖² over real tokens (population variance), the ``remove`` lowest
+    neurons go (ties: lower index), and W_down[:, removed] · mean(x)[removed] becomes down's bias.
+    """
+    _, blocks = find_blocks(model)
+    real = mask.bool()
+    removed_per_block: list[list[int]] = []
+    for block in blocks:
+        seen: list[torch.Tensor] = []
+        handle = block.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][real].double()))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        x = seen[0]  # [real tokens, intermediate]
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        w = block.mlp.down_proj.weight.data
+        score = var * w.double().square().sum(0)
+        removed = torch.sort(score, stable=True).indices[:remove].sort().values
+        keep = torch.tensor([j for j in range(w.shape[1]) if j not in set(removed.tolist())])
+        bias = (w.double()[:, removed] @ mean[removed]).float()
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(block.mlp, name)
+            new = nn.Linear(old.in_features, len(keep), bias=True)
+            new.weight.data, new.bias.data = old.weight.data[keep].clone(), torch.zeros(len(keep))
+            setattr(block.mlp, name, new)
+        down = nn.Linear(len(keep), w.shape[0], bias=True)
+        down.weight.data, down.bias.data = w[:, keep].clone(), bias
+        block.mlp.down_proj = down
+        removed_per_block.append(removed.tolist())
+    return removed_per_block
+
+
+def test_structured_equals_a_step_by_step_reference(tiny_model: Callable[[str], nn.Module]) -> None:
+    """Each block is scored on the shrunk blocks' outputs, padding left out, the mean folded into down's bias."""
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    ids = torch.randint(4, VOCAB, (6, 20), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([20, 9, 20, 14, 6, 20]):
+        mask[row, length:] = 0
+    report = oneshot.prune(
+        model, method="structured", ratio=0.25, target="mlp", calibration=CalibrationSet(ids, mask), batch_size=2
+    )
+    width = reference.config.intermediate_size
+    want = _reference_flap_mlp(reference, ids, mask, round(0.25 * width))
+    got = [u["removed"] for u in report.extra["structured"]["blocks"]]
+    assert got == want
+    assert len({tuple(r) for r in want}) > 1  # blocks differ: each is really scored on its own inputs
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_plan_counts_heads_and_biases(tiny_model: Callable[[str], nn.Module]) -> None:
+    """The head count left (heads − kv · removed per group) is what the hidden-size check sees."""
+    from oneshot.config import PruneConfig
+    from oneshot.passes.structured import AttentionPlan, MlpPlan
+
+    def llama(heads: int, kv: int) -> nn.Module:
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=96, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=96 // heads, max_position_embeddings=64,
+        )  # fmt: skip
+        return tf.LlamaForCausalLM(cfg)
+
+    config = PruneConfig(method="structured", ratio=0.5, target="attention")
+    model = llama(12, 2)  # 6 per group, 3 go from each: 12 − 2·3 = 6 heads divide 96
+    plan = AttentionPlan.of(model, find_blocks(model)[1][0], config)
+    assert (plan.remove_per_group, plan.heads_after) == (3, 6)
+    model = llama(12, 3)  # 4 per group, 2 go: 6 heads divide 96
+    assert AttentionPlan.of(model, find_blocks(model)[1][0], config).heads_after == 6
+    model = llama(16, 4)  # 4 per group, 1 goes (ratio 0.25): 12 heads, 96 % 12 == 0
+    quarter = PruneConfig(method="structured", ratio=0.25, target="attention")
+    assert AttentionPlan.of(model, find_blocks(model)[1][0], quarter).heads_after == 12
+    model = llama(12, 4)  # 3 per group, 1 goes (ratio 0.34): 8 heads divide 96
+    third = PruneConfig(method="structured", ratio=0.34, target="attention")
+    assert AttentionPlan.of(model, find_blocks(model)[1][0], third).heads_after == 8
+    model = llama(6, 1)  # 6 per group, ratio 0.5 → 3 go: 3 heads, fine; ratio 0.34 → 2 go: 4 heads divide 96
+    assert AttentionPlan.of(model, find_blocks(model)[1][0], third).heads_after == 4
+    model = llama(12, 3)  # 4 per group, 1 goes (ratio 0.25): 9 heads do not divide 96
+    with pytest.raises(ConfigError, match="leaves 9 heads"):
+        AttentionPlan.of(model, find_blocks(model)[1][0], quarter)
+    # an existing bias is used as it is: no new bias, the config flag untouched
+    opt = tiny_model("opt")
+    mlp = MlpPlan.of(opt, find_blocks(opt)[1][0], PruneConfig(method="structured", ratio=0.25))
+    assert not mlp.new_bias and mlp.compensate
+    llama_plan = MlpPlan.of(model, find_blocks(model)[1][0], PruneConfig(method="structured", ratio=0.25))
+    assert llama_plan.new_bias
