@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             for _, row, _, mutant in auto_mutants(file):
                 print(f"{file}:{row}: {mutant.strip()}")
         return
-    results = run_auto(args.auto.split(","), args.tests.split(","), args.start) if args.auto else run(args.tests.split(","))
+    tests = args.tests.split(",")
+    results = run_auto(args.auto.split(","), tests, args.start) if args.auto else run(tests)
     survived = [r for r in results if not r[2]]
     print(f"{len(results) - len(survived)} of {len(results)} mutants killed")
 

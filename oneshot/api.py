@@ -248,15 +248,17 @@ def _make_config(
     fields: dict[str, Any] = {"sparsity": sparsity, "nm": nm, **options}
     if method is not None:
         fields["method"] = method
-    spec = METHODS.get(str(fields.get("method", "sparsegpt")))
-    if spec is not None and spec.data_free and not fields.get("owl"):
-        pass  # the calibration argument is not used (see _calibration), so it is not part of the config
-    elif isinstance(calibration, CalibrationConfig):
+    plain = PruneConfig(**fields)
+    if not plain.uses_data:
+        return plain  # the calibration argument is not used (see _calibration), so it is not part of the config
+    if isinstance(calibration, CalibrationConfig):
         fields["calibration"] = calibration
     elif isinstance(calibration, (str, os.PathLike)):  # recorded in oneshot_config.json as the source used
         fields["calibration"] = dataclasses.replace(
             fields.get("calibration", CalibrationConfig()), source=str(calibration)
         )
+    else:
+        return plain
     return PruneConfig(**fields)
 
 
@@ -293,7 +295,7 @@ def should_stream(folder: Path, config: PruneConfig, dtype: torch.dtype) -> bool
 
 def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig) -> CalibrationSet | None:
     """The calibration tokens, or None when the run reads no data (a data-free method without OWL)."""
-    if METHODS[config.method].data_free and not config.owl:
+    if not config.uses_data:
         if calibration is not None:
             log.info("%s needs no calibration data: the calibration passed is not used", config.method)
         return None

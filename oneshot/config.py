@@ -72,6 +72,10 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 #: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data.
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
+KEEPS_WEIGHTS = "keeps weights"
+
+#: Mask refinements (``--refine``).
+REFINES = ("dsnot",)
 
 
 def option(
@@ -190,6 +194,27 @@ class PruneConfig:
         4, "Times the damping is raised ×10 when a Cholesky fails.", uses=("sparsegpt", "obs")
     )
     obs_memory_mb: int = option(1024, "OBS working memory per batch of rows, in MiB.", uses=("obs",))
+    ria_alpha: float = option(
+        0.5, "RIA's exponent a of the input norm: score = relative importance · ‖X_j‖^a.", uses=("ria",)
+    )
+    compare: str = option(
+        "layer",
+        "RIA: compare scores over the whole layer (the paper's code) or within each output row.",
+        choices=("layer", "row"),
+        uses=("ria",),
+    )
+    refine: str | None = option(
+        None,
+        "Refine each layer's mask after the method. dsnot: swap pruned and kept weights in each row to cancel "
+        "its expected output shift (DSnoT); for the methods that keep the surviving weights as they are.",
+        type=str,
+        choices=REFINES,
+        uses=KEEPS_WEIGHTS,
+    )
+    dsnot_cycles: int = option(50, "DSnoT: most swaps per row.", requires="refine")
+    dsnot_threshold: float = option(
+        5e-5, "DSnoT: a row stops once its expected output shift is at most this.", requires="refine"
+    )
     skip_layers: tuple[str, ...] = option(
         (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
     )
@@ -269,14 +294,18 @@ class PruneConfig:
             raise ConfigError(f"max_damp_retries must be >= 0 (got {self.max_damp_retries})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.passes not in PASSES:
-            raise ConfigError(f"--passes must be one of {', '.join(PASSES)} (got {self.passes!r})")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         if self.obs_memory_mb < 1:
             raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{_flag(f)} must be one of {', '.join(choices)} (got {value!r})")
+        if self.dsnot_cycles < 1:
+            raise ConfigError(f"--dsnot-cycles must be at least 1 (got {self.dsnot_cycles})")
+        if self.dsnot_threshold < 0:
+            raise ConfigError(f"--dsnot-threshold must be >= 0 (got {self.dsnot_threshold})")
 
     def _check_owl(self) -> None:
         """OWL's M and λ, and its incompatibility with N:M."""
@@ -297,7 +326,7 @@ class PruneConfig:
     def _refuse_unused(self) -> None:
         """Refuse an option set away from its default that the chosen method (or setting) ignores."""
         spec = METHODS[self.method]
-        uses_data = not spec.data_free or self.owl
+        uses_data = self.uses_data
         for f in dataclasses.fields(self):
             uses, requires = f.metadata.get("uses"), f.metadata.get("requires")
             if _is_default(getattr(self, f.name), f.default) or (uses is None and requires is None):
@@ -310,6 +339,7 @@ class PruneConfig:
                 uses is None
                 or (uses == UNSTRUCTURED and not spec.structured)
                 or (uses == USES_DATA and uses_data)
+                or (uses == KEEPS_WEIGHTS and not spec.structured and not spec.updates_weights)
                 or (isinstance(uses, tuple) and self.method in uses)
             )
             if not applies:
@@ -335,6 +365,18 @@ class PruneConfig:
         if self.target not in ("mlp", "attention", "both"):
             raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
 
+    @property
+    def uses_data(self) -> bool:
+        """Whether the run reads calibration data (a data-free method needs it only for OWL or a refinement)."""
+        return not METHODS[self.method].data_free or self.owl or self.refine is not None
+
+    def stat_needs(self) -> tuple[str, ...]:
+        """The input statistics the method and the refinement read, each once."""
+        from oneshot.methods.dsnot import NEEDS
+
+        needs = METHODS[self.method].needs + (NEEDS if self.refine == "dsnot" else ())
+        return tuple(dict.fromkeys(needs))
+
     def method_options(self) -> MethodOptions:
         """The knobs a method function takes, from this run's options."""
         return MethodOptions(
@@ -343,6 +385,10 @@ class PruneConfig:
             damp=self.damp,
             max_damp_retries=self.max_damp_retries,
             memory_budget=self.obs_memory_mb << 20,
+            ria_alpha=self.ria_alpha,
+            compare=self.compare,
+            dsnot_cycles=self.dsnot_cycles,
+            dsnot_threshold=self.dsnot_threshold,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,7 +400,12 @@ class PruneConfig:
         return data
 
 
-_KINDS = {UNSTRUCTURED: "the methods that prune single weights", USES_DATA: "the methods that read calibration data"}
+_KINDS = {
+    UNSTRUCTURED: "the methods that prune single weights",
+    USES_DATA: "the methods that read calibration data",
+    KEEPS_WEIGHTS: "the methods that keep the surviving weights as they are: "
+    + ", ".join(name for name, spec in METHODS.items() if not spec.updates_weights and not spec.structured),
+}
 
 
 def _is_default(value: object, default: object) -> bool:

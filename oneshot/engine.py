@@ -444,10 +444,14 @@ def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
     """Finalise a layer's accumulators into the :class:`LayerStats` a method consumes."""
     hessian = accs.get(STAT_HESSIAN)
     col = accs.get(STAT_COL_NORM)
+    meanvar = accs.get(STAT_MEANVAR)
+    mean, var = meanvar.finalize() if isinstance(meanvar, MeanVar) else (None, None)
     return LayerStats(
         hessian=hessian.finalize() if isinstance(hessian, Hessian) else None,
         col_sq_norm=col.finalize() if isinstance(col, ColumnSqNorm) else None,
         count=accs[SAMPLE].count if SAMPLE in accs else 0,
+        mean=mean,
+        var=var,
     )
 
 

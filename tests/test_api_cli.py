@@ -124,7 +124,10 @@ def test_cli_methods_lists_all() -> None:
         (["--nm", "4:4"], "0 < N < M"),
         (["--nm", "5:4"], "0 < N < M"),
         (["--nm", "two:four"], "not of the form N:M"),
-        (["--sparsity", "0.5", "--method", "bogus"], "choose one of: magnitude, obs, sparsegpt, structured, wanda"),
+        (
+            ["--sparsity", "0.5", "--method", "bogus"],
+            "choose one of: magnitude, obs, ria, sparsegpt, structured, wanda",
+        ),
         (["--sparsity", "0.5", "--seqlen", "100000"], "exceeds the model's context length 256"),
         (["--sparsity", "0.5", "--calib", "EMPTY"], "contains no text"),
         (["--sparsity", "0.5", "--calib", "SHORT"], "fewer than one sample"),

@@ -220,7 +220,7 @@ def _reference_flap_mlp(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     removed_per_block: list[list[int]] = []
     for block in blocks:
         seen: list[torch.Tensor] = []
-        handle = block.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][real].double()))
+        handle = block.mlp.down_proj.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0][real].double()))
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         handle.remove()

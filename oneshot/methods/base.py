@@ -19,12 +19,15 @@ class LayerStats:
     """Statistics of one linear layer's input over the calibration tokens.
 
     ``hessian`` is the mean ``X Xᵀ`` ``[in, in]``; ``col_sq_norm`` is ``‖X_j‖₂²`` ``[in]``;
+    ``mean`` / ``var`` are each input feature's mean and (population) variance ``[in]``;
     ``count`` the number of tokens. Each is None when the method did not ask for it.
     """
 
     hessian: torch.Tensor | None = None
     col_sq_norm: torch.Tensor | None = None
     count: int = 0
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class MethodOptions:
     damp: float = 0.01
     max_damp_retries: int = 4
     memory_budget: int = 1 << 30  # bytes of per-row inverse Hessians (OBS)
+    ria_alpha: float = 0.5  # RIA's exponent of ‖X_j‖
+    compare: str = "layer"  # RIA: scores compared over the whole layer or within each row
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 5e-5
 
     def damping(self) -> Damping:
         """The Hessian damping keywords the OBS-family solvers take (``damp``, ``max_damp_retries``)."""
@@ -96,6 +103,8 @@ class MethodSpec:
     A method that needs no statistics is data-free: it runs without calibration data.
     ``run_stacked``, where given, solves layers that share an input (q/k/v, gate/up) as one
     (one factorisation, one column loop) with the same result as ``run`` on each.
+    ``updates_weights`` is True for a method that changes the kept weights (SparseGPT, OBS), not
+    only zeroes the pruned ones; mask refinements (DSnoT) apply to the others.
     """
 
     name: str
@@ -104,6 +113,7 @@ class MethodSpec:
     summary: str
     structured: bool = False
     run_stacked: StackedPruner | None = None
+    updates_weights: bool = False
 
     @property
     def data_free(self) -> bool:

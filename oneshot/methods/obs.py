@@ -141,4 +141,5 @@ SPEC = MethodSpec(
     (STAT_HESSIAN,),
     "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
     run_stacked=_run_stacked,
+    updates_weights=True,
 )

@@ -7,14 +7,42 @@ needs, so the engine gathers only those. Adding a method is one module plus one 
 
 from __future__ import annotations
 
-from oneshot.methods import magnitude, obs, sparsegpt, structured, wanda
-from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, MethodSpec
+from collections.abc import Callable
 
-__all__ = ["METHODS", "STAT_COL_NORM", "STAT_HESSIAN", "STAT_MEANVAR", "MethodSpec", "list_methods"]
+import torch
+
+from oneshot.methods import dsnot, magnitude, obs, ria, sparsegpt, structured, wanda
+from oneshot.methods.base import (
+    STAT_COL_NORM,
+    STAT_HESSIAN,
+    STAT_MEANVAR,
+    LayerStats,
+    MethodOptions,
+    MethodSpec,
+    PruneResult,
+)
+
+__all__ = [
+    "METHODS",
+    "REFINERS",
+    "Refiner",
+    "STAT_COL_NORM",
+    "STAT_HESSIAN",
+    "STAT_MEANVAR",
+    "MethodSpec",
+    "list_methods",
+]
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (magnitude.SPEC, wanda.SPEC, sparsegpt.SPEC, obs.SPEC, structured.SPEC)
+    spec.name: spec for spec in (magnitude.SPEC, wanda.SPEC, ria.SPEC, sparsegpt.SPEC, obs.SPEC, structured.SPEC)
 }
+
+
+#: A mask refinement: ``(dense W [out, in], the method's result, stats, options) -> refined result``.
+Refiner = Callable[[torch.Tensor, PruneResult, LayerStats, MethodOptions], PruneResult]
+
+#: The refinements ``--refine`` names (see :data:`oneshot.config.REFINES`).
+REFINERS: dict[str, Refiner] = {"dsnot": dsnot.refine}
 
 
 def list_methods() -> list[MethodSpec]:

@@ -165,4 +165,5 @@ SPEC = MethodSpec(
     (STAT_HESSIAN,),
     "OBS updates with blocked inverse-Hessian Cholesky (Frantar & Alistarh 2023); accurate and fast",
     run_stacked=_run_stacked,
+    updates_weights=True,
 )

@@ -23,7 +23,7 @@ from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, layer_sta
 from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, from_matrix
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
-from oneshot.methods.registry import METHODS
+from oneshot.methods.registry import METHODS, REFINERS, Refiner
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class LayerRecord:
     relative_error: float | None
     seconds: float
     damp: float | None = None
+    dsnot_swaps: int | None = None
 
 
 @dataclass
@@ -74,6 +75,7 @@ def _record(
         relative_error=error,
         seconds=seconds,
         damp=pruned.info.get("damp"),
+        dsnot_swaps=int(pruned.info["dsnot_swaps"]) if "dsnot_swaps" in pruned.info else None,
     )
 
 
@@ -87,6 +89,7 @@ class _Pruner:
     sparsity: float
     sparsities: Mapping[str, float | None] | None
     result: SweepResult
+    refine: Refiner | None = None
 
     def target_of(self, full: str) -> float | None:
         """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
@@ -114,7 +117,10 @@ class _Pruner:
         assert self.spec.run is not None
         t0 = time.perf_counter()
         weight = as_matrix(module).to(self.device)  # [out, in]
-        pruned = self.spec.run(weight, layer_stats(accs), target, self.options)
+        stats = layer_stats(accs)
+        pruned = self.spec.run(weight, stats, target, self.options)
+        if self.refine is not None:
+            pruned = self.refine(weight, pruned, stats, self.options)
         self.write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
 
     def group(self, names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
@@ -158,13 +164,14 @@ def prune_sequential(
         raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
     result = result if result is not None else SweepResult(blocks_name="")
     device = resolve_device(config.device)
-    pruner = _Pruner(spec, config.method_options(), device, float(config.sparsity or 0.0), sparsities, result)
+    refine = REFINERS[config.refine] if config.refine and method is None else None
+    pruner = _Pruner(spec, config.method_options(), device, float(config.sparsity or 0.0), sparsities, result, refine)
     stacked = spec.run_stacked is not None and config.stack
     result.blocks_name = sweep(
         model,
         calib,
         config,
-        spec.needs,
+        config.stat_needs() if method is None else spec.needs,
         pruner.layer,
         times=result.times,
         observer=observer,
