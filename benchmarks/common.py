@@ -118,6 +118,15 @@ def parse_prune_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_method(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"wanda/refine=dsnot"`` -> ``("wanda", {"refine": "dsnot"})``: a method with its own options.
+
+    Lets one ``--methods`` list compare variants (``ria,ria/compare=row,wanda/refine=dsnot``).
+    """
+    name, *pairs = entry.split("/")
+    return name, parse_prune_options(pairs)
+
+
 def _option_value(key: str, raw: str) -> Any:
     """``raw`` as JSON (if it starts with ``{``), else int, else float, else the string itself."""
     if raw.lstrip().startswith("{"):

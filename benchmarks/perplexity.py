@@ -25,6 +25,7 @@ from benchmarks.common import (
     eval_text,
     machine,
     machine_line,
+    parse_method,
     parse_prune_options,
     shared_file,
     smollm2_gguf,
@@ -37,7 +38,11 @@ from oneshot.evaluation import bos_protocol
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument(
+        "--methods",
+        default="magnitude,wanda,sparsegpt",
+        help="comma-separated; a method may carry its own options: wanda/refine=dsnot, ria/compare=row",
+    )
     parser.add_argument("--patterns", default="0.5,2:4", help="comma-separated sparsities or N:M patterns")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -86,15 +91,16 @@ def main(argv: list[str] | None = None) -> None:
             for method in args.methods.split(","):
                 model.load_state_dict(dense_state)
                 owl: dict[str, Any] = {"owl": True} if allocation == "owl" else {}
+                name, own = parse_method(method)
                 report = oneshot.prune(
                     model,
                     tokenizer,
-                    method=method,
+                    method=name,
                     sparsity=sparsity,
                     nm=nm,
                     calibration=calib,
                     quiet=True,
-                    **extra,
+                    **{**extra, **own},
                     **owl,
                 )
                 value = ppl()
