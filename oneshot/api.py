@@ -383,11 +383,13 @@ def _single_pass(job: _Job) -> bool:
         budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
     else:
         budget = config.max_memory or default_budget()
-    single = config.passes == "single" or (config.passes == "auto" and need <= budget)
+    single = config.passes == "single" or (config.passes == "auto" and need <= budget and config.refine != "block")
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
         single = job.run.progress.setdefault("passes", "single" if single else "two") == "single"
     job.extra["passes"] = "single" if single else "two"
-    if config.passes == "auto" and not single:
+    if config.passes == "auto" and config.refine == "block":
+        job.extra["passes_reason"] = "--refine block fits each block to the dense block's outputs: two passes"
+    elif config.passes == "auto" and not single:
         job.extra["passes_reason"] = (
             f"one forward of all {calib.nsamples} samples needs about {need / 1e9:.1f} GB, more than the "
             f"{budget / 1e9:.1f} GB budget: two passes per block"
@@ -409,6 +411,8 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
     sweep = prune_sequential(model, calib, config, sparsities=allocation, io=io, result=result, single_pass=single)
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
+    if sweep.refits:
+        extra["block_refit"] = [dataclasses.asdict(r) for r in sweep.refits]
     return Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)
 
 

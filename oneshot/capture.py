@@ -36,11 +36,14 @@ class BlockCall:
     kwargs: dict[str, Any]
     hidden_kw: str | None = None  # the kwarg name of the hidden states if not passed positionally
 
-    def run(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Call ``block`` on ``hidden`` with these arguments (moved to ``device``); return hidden states."""
-        args = to_device(self.args, device)
-        kwargs = to_device(self.kwargs, device)
-        hidden = hidden.to(device)
+    def run(
+        self, block: nn.Module, hidden: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Call ``block`` on ``hidden`` with these arguments (moved to ``device``, floating ones cast to
+        ``dtype`` if given: a block cast to float32 for a refit); return hidden states."""
+        args = to_device(self.args, device, dtype)
+        kwargs = to_device(self.kwargs, device, dtype)
+        hidden = hidden.to(device, dtype)
         out = block(*args, **{self.hidden_kw: hidden}, **kwargs) if self.hidden_kw else block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -53,16 +56,19 @@ class CapturedInputs:
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to ``device`` (others unchanged)."""
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device`` (others unchanged).
+
+    With ``dtype``, floating-point tensors are cast to it as well (integer ones keep theirs).
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
 
 

@@ -72,10 +72,9 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 #: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data.
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
-KEEPS_WEIGHTS = "keeps weights"
 
 #: Mask refinements (``--refine``).
-REFINES = ("dsnot",)
+REFINES = ("dsnot", "block")
 
 
 def option(
@@ -92,7 +91,8 @@ def option(
     """Declare one run option: its default, ``--help`` text and CLI flag (default: from the field name).
 
     ``uses`` names the methods the option applies to (method names, or :data:`UNSTRUCTURED` /
-    :data:`USES_DATA`); ``requires`` another boolean option it only matters with. Setting an option
+    :data:`USES_DATA`); ``requires`` another option it only matters with (``"owl"``: a boolean that
+    must be on; ``"refine=dsnot"``: an option that must have that value). Setting an option
     that does not apply is refused. ``type`` is the CLI value type where the default is None;
     ``choices`` restricts the value. The CLI (:mod:`oneshot.cli`) is generated from these fields.
     """
@@ -205,16 +205,21 @@ class PruneConfig:
     )
     refine: str | None = option(
         None,
-        "Refine each layer's mask after the method. dsnot: swap pruned and kept weights in each row to cancel "
-        "its expected output shift (DSnoT); for the methods that keep the surviving weights as they are.",
+        "Refine after the method. dsnot: swap pruned and kept weights in each row to cancel its expected "
+        "output shift (DSnoT; methods that keep the surviving weights as they are: magnitude, wanda, ria). "
+        "block: refit each block's kept weights so its output matches the dense block's (masks fixed).",
         type=str,
         choices=REFINES,
-        uses=KEEPS_WEIGHTS,
+        uses=UNSTRUCTURED,
     )
-    dsnot_cycles: int = option(50, "DSnoT: most swaps per row.", requires="refine")
+    dsnot_cycles: int = option(50, "DSnoT: most swaps per row.", requires="refine=dsnot")
     dsnot_threshold: float = option(
-        5e-5, "DSnoT: a row stops once its expected output shift is at most this.", requires="refine"
+        5e-5, "DSnoT: a row stops once its expected output shift is at most this.", requires="refine=dsnot"
     )
+    recon_epochs: int = option(
+        4, "Block reconstruction: Adam passes over the calibration set per block.", requires="refine=block"
+    )
+    recon_lr: float = option(1e-4, "Block reconstruction: Adam's learning rate.", requires="refine=block")
     skip_layers: tuple[str, ...] = option(
         (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
     )
@@ -302,6 +307,19 @@ class PruneConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{_flag(f)} must be one of {', '.join(choices)} (got {value!r})")
+        if self.refine == "dsnot" and METHODS[self.method].updates_weights:
+            keeps = ", ".join(n for n, spec in METHODS.items() if not spec.updates_weights and not spec.structured)
+            raise ConfigError(
+                f"--refine dsnot swaps weights back at their dense values, so it refines the methods that keep the "
+                f"surviving weights as they are ({keeps}), not {self.method}, which updates them; "
+                "use --refine block instead"
+            )
+        if self.refine == "block" and self.passes == "single":
+            raise ConfigError("--refine block fits each block to the dense block's outputs: it needs --passes two")
+        if self.recon_epochs < 1 or not self.recon_lr > 0:
+            raise ConfigError(
+                f"--recon-epochs must be at least 1 and --recon-lr positive (got {self.recon_epochs}, {self.recon_lr})"
+            )
         if self.dsnot_cycles < 1:
             raise ConfigError(f"--dsnot-cycles must be at least 1 (got {self.dsnot_cycles})")
         if self.dsnot_threshold < 0:
@@ -331,15 +349,13 @@ class PruneConfig:
             uses, requires = f.metadata.get("uses"), f.metadata.get("requires")
             if _is_default(getattr(self, f.name), f.default) or (uses is None and requires is None):
                 continue
-            if requires is not None and not getattr(self, requires):
-                raise ConfigError(
-                    f"{_flag(f)} only matters with --{requires.replace('_', '-')}; add it or drop {_flag(f)}"
-                )
+            if requires is not None and not _satisfied(self, requires):
+                needed = "--" + requires.replace("_", "-").replace("=", " ")
+                raise ConfigError(f"{_flag(f)} only matters with {needed}; add it or drop {_flag(f)}")
             applies = (
                 uses is None
                 or (uses == UNSTRUCTURED and not spec.structured)
                 or (uses == USES_DATA and uses_data)
-                or (uses == KEEPS_WEIGHTS and not spec.structured and not spec.updates_weights)
                 or (isinstance(uses, tuple) and self.method in uses)
             )
             if not applies:
@@ -403,14 +419,18 @@ class PruneConfig:
 _KINDS = {
     UNSTRUCTURED: "the methods that prune single weights",
     USES_DATA: "the methods that read calibration data",
-    KEEPS_WEIGHTS: "the methods that keep the surviving weights as they are: "
-    + ", ".join(name for name, spec in METHODS.items() if not spec.updates_weights and not spec.structured),
 }
 
 
 def _is_default(value: object, default: object) -> bool:
     """Whether an option still has its default (an empty list or dict counts as the empty tuple)."""
     return value == default or (default == () and isinstance(value, (list, tuple, dict)) and not value)
+
+
+def _satisfied(config: PruneConfig, requires: str) -> bool:
+    """Whether ``config`` meets an option's ``requires`` (``"owl"`` or ``"refine=dsnot"``)."""
+    name, sep, value = requires.partition("=")
+    return getattr(config, name) == value if sep else bool(getattr(config, name))
 
 
 def _flag(f: dataclasses.Field[Any]) -> str:

@@ -64,6 +64,7 @@ class PhaseTimes:
     statistics: float = 0.0
     solve: float = 0.0
     report: float = 0.0  # reconstruction-error estimates for the report
+    refit: float = 0.0  # block-output reconstruction (--refine block)
     propagate: float = 0.0
     per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
@@ -138,6 +139,22 @@ GroupVisitor = Callable[[list[str], int, list[nn.Module], dict[str, Accumulator]
 LayerVisitor = Callable[[str, int, nn.Module, dict[str, Accumulator]], None]
 
 
+@dataclass
+class RefitBatches:
+    """What a block refit sees: ``run(b)`` is the block's output on batch ``b``, computed in float32
+    (the refit casts the block), with autograd where enabled; ``targets[b]`` the dense block's output
+    on the same inputs; ``token_masks[b]`` the real tokens ``[B, T]`` (None: all)."""
+
+    run: Callable[[int], torch.Tensor]
+    targets: list[torch.Tensor]
+    token_masks: list[torch.Tensor | None]
+
+
+#: Called after a block's layers are pruned, before its outputs are propagated (two-pass sweeps):
+#: (block index, block, its linear layers, the batches) — e.g. to refit the kept weights.
+BlockRefit = Callable[[int, nn.Module, dict[str, nn.Module], RefitBatches], None]
+
+
 def _capture(
     model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO, batch_size: int
 ) -> tuple[CapturedInputs, ActivationStore]:
@@ -172,6 +189,7 @@ def sweep(
     io: SweepIO | None = None,
     single_pass: bool = False,
     visit_group: GroupVisitor | None = None,
+    refit: BlockRefit | None = None,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
@@ -179,7 +197,9 @@ def sweep(
     module docstring); ``visit`` may rewrite the weights and later blocks see what it did.
     ``needs`` names the statistics gathered; ``visit_group`` visits layers sharing an input
     together; layers matching ``config.skip_layers`` are not visited; ``io`` says where blocks and
-    activations live (default: in memory). Returns the blocks' qualified name.
+    activations live (default: in memory); ``refit`` is called after each block's visitors with the
+    dense block's outputs kept from the statistics forward (two passes only). Returns the blocks'
+    qualified name.
     """
     times = times if times is not None else PhaseTimes()
     io = io or SweepIO()
@@ -188,8 +208,10 @@ def sweep(
     home = next(blocks[0].parameters()).device
     if home.type == "meta":
         home = torch.device("cpu")
-    if calib is None and (needs or observer is not None):
+    if calib is None and (needs or observer is not None or refit is not None):
         raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
+    if refit is not None and single_pass:
+        raise RuntimeError("a block refit needs the dense block's outputs: it runs in two-pass sweeps only")
     step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
     if calib is not None:
         t0 = time.perf_counter()
@@ -197,7 +219,7 @@ def sweep(
         captured, store = _capture(model, blocks, calib, config, io, size)
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
-        step = kind(config, needs, visit, block_visit, times, device, captured, store, visit_group)
+        step = kind(config, needs, visit, block_visit, times, device, captured, store, visit_group, refit)
     try:
         bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
         for i in bar:
@@ -254,17 +276,22 @@ class _BlockStep:
     captured: CapturedInputs
     store: ActivationStore
     visit_group: GroupVisitor | None = None
+    refit: BlockRefit | None = None
 
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
         times, store, calls = self.times, self.store, self.captured.calls
         factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
         check_weights(blocks_name, i, linears)
+        targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
         t0 = time.perf_counter()
         with torch.no_grad(), collect(linears, factories) as collector:
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
-                calls[b][i].run(block, _finite_inputs(store, b, i, blocks_name), self.device)
+                hidden = _finite_inputs(store, b, i, blocks_name)
+                out = calls[b][i].run(block, hidden, self.device)
+                if self.refit is not None:
+                    targets.append(out.to(hidden.device))
         times.statistics += collector.seconds
         times.forward += time.perf_counter() - t0 - collector.seconds
 
@@ -279,6 +306,11 @@ class _BlockStep:
             self.block_visit(i, block, collector.stats)
         times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
         del collector
+        if self.refit is not None:
+            t0 = time.perf_counter()
+            run = lambda b: calls[b][i].run(block, store.get(b), self.device, torch.float32)  # noqa: E731
+            self.refit(i, block, linears, RefitBatches(run, targets, self.captured.token_masks))
+            times.refit += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with torch.no_grad():

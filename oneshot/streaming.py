@@ -31,6 +31,7 @@ from oneshot.config import PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.layers import find_blocks
+from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
 from oneshot.shards import ShardWriter, header_room, verify_shards
 from oneshot.writer import CONFIG_FILE, REPORT_FILE, publish
@@ -208,6 +209,7 @@ class StreamingRun:
             if result is not None:
                 self.progress["layers"] = [dataclasses.asdict(r) for r in result.layers]
                 self.progress["skipped"] = list(result.skipped)
+                self.progress["refits"] = [dataclasses.asdict(r) for r in result.refits]
             self.save_progress()
 
         if self.start == 0:
@@ -226,6 +228,7 @@ class StreamingRun:
         for record in self.progress.get("layers", []):
             result.layers.append(LayerRecord(**{**record, "shape": tuple(record["shape"])}))
         result.skipped.extend(self.progress.get("skipped", []))
+        result.refits.extend(RefitRecord(**record) for record in self.progress.get("refits", []))
 
     def _write_block(self, index: int, block: nn.Module) -> None:
         assert self.writer is not None

@@ -183,12 +183,16 @@ def test_engine_runs_ria_and_dsnot(tiny_model: Callable[[str], nn.Module]) -> No
 
 
 def test_refine_options_are_checked(tiny_model: Callable[[str], nn.Module]) -> None:
-    with pytest.raises(ConfigError, match="--refine does not apply to --method sparsegpt"):
+    with pytest.raises(ConfigError, match=r"\(magnitude, wanda, ria\), not sparsegpt.*use --refine block"):
         oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="dsnot")
-    with pytest.raises(ConfigError, match="--dsnot-cycles only matters with --refine"):
+    with pytest.raises(ConfigError, match="--dsnot-cycles only matters with --refine dsnot"):
         oneshot.PruneConfig(method="wanda", sparsity=0.5, dsnot_cycles=3)
-    with pytest.raises(ConfigError, match="--refine must be one of dsnot"):
-        oneshot.PruneConfig(method="wanda", sparsity=0.5, refine="block")
+    with pytest.raises(ConfigError, match="--dsnot-cycles only matters with --refine dsnot"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, refine="block", dsnot_cycles=3)
+    with pytest.raises(ConfigError, match="--refine must be one of dsnot, block"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, refine="admm")
+    with pytest.raises(ConfigError, match="--refine does not apply to --method structured"):
+        oneshot.PruneConfig(method="structured", ratio=0.5, refine="block")
     with pytest.raises(ConfigError, match="--compare does not apply to --method wanda"):
         oneshot.PruneConfig(method="wanda", sparsity=0.5, compare="row")
     with pytest.raises(ConfigError, match="--dsnot-cycles must be at least 1"):

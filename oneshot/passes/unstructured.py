@@ -24,6 +24,7 @@ from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, from_matrix
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
+from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class SweepResult:
     layers: list[LayerRecord] = field(default_factory=list)
     times: PhaseTimes = field(default_factory=PhaseTimes)
     skipped: list[str] = field(default_factory=list)
+    refits: list[RefitRecord] = field(default_factory=list)  # --refine block, one per block
 
 
 def _record(
@@ -164,7 +166,8 @@ def prune_sequential(
         raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
     result = result if result is not None else SweepResult(blocks_name="")
     device = resolve_device(config.device)
-    refine = REFINERS[config.refine] if config.refine and method is None else None
+    refine = REFINERS.get(config.refine or "") if method is None else None
+    refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
     pruner = _Pruner(spec, config.method_options(), device, float(config.sparsity or 0.0), sparsities, result, refine)
     stacked = spec.run_stacked is not None and config.stack
     result.blocks_name = sweep(
@@ -179,5 +182,6 @@ def prune_sequential(
         io=io,
         single_pass=single_pass,
         visit_group=pruner.group if stacked else None,
+        refit=refit if method is None else None,
     )
     return result

@@ -1,0 +1,123 @@
+"""Block-output reconstruction (--refine block): errors that only fall, masks that stay, padding left out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import VOCAB
+from torch import nn
+
+import oneshot
+from oneshot.calibration.data import CalibrationSet
+from oneshot.engine import RefitBatches
+from oneshot.errors import ConfigError
+from oneshot.layers import find_blocks, find_linears
+from oneshot.passes.reconstruct import output_error, refit_block
+
+
+def _block_batches(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, RefitBatches, list[torch.Tensor]]:
+    """A dense MLP 'block', a 70%-magnitude-pruned copy, and batches whose targets are the dense outputs."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype)
+    pruned = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype)
+    pruned.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for layer in (pruned[0], pruned[2]):
+            w = layer.weight
+            w.mul_(w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values)
+    inputs = [torch.randn(4, 10, 16).to(dtype) for _ in range(3)]
+    masks: list[torch.Tensor | None] = [None, torch.ones(4, 10, dtype=torch.long), None]
+    assert masks[1] is not None
+    masks[1][2, 6:] = 0
+    with torch.no_grad():
+        targets = [dense(x) for x in inputs]
+
+    def run(b: int) -> torch.Tensor:
+        return pruned(inputs[b].float())
+
+    return dense, pruned, RefitBatches(run, targets, masks), inputs
+
+
+def test_output_error_formula_and_padding() -> None:
+    """Σ‖f(x) − y‖² / Σ‖y‖² over real tokens: what padded positions hold does not count."""
+    target = torch.arange(24.0).reshape(1, 4, 6)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    out = target.clone()
+    out[0, 2:] = 1e6  # garbage on the padding
+    out[0, 1, 0] += 3.0
+    batches = RefitBatches(lambda b: out, [target], [mask])
+    real = target[0, :2]
+    assert output_error(batches) == pytest.approx(9.0 / float(real.square().sum()))
+    assert output_error(RefitBatches(lambda b: target + 1.0, [target], [None])) == pytest.approx(
+        24.0 / float(target.square().sum())
+    )
+
+
+def test_refit_lowers_the_error_monotonically_and_keeps_masks() -> None:
+    _, pruned, batches, _ = _block_batches()
+    zeros = [layer.weight.detach() == 0 for layer in (pruned[0], pruned[2])]
+    before = output_error(batches)
+    errors = refit_block(pruned, {"0": pruned[0], "2": pruned[2]}, batches, epochs=6, lr=1e-2)
+    assert errors[0] == pytest.approx(before)
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False))
+    assert len(errors) > 2 and errors[-1] < 0.7 * errors[0]
+    assert output_error(batches) == pytest.approx(errors[-1])  # the weights left are the last accepted ones
+    for layer, zero in zip((pruned[0], pruned[2]), zeros, strict=True):
+        assert torch.equal(layer.weight.detach() == 0, zero)
+        assert not layer.weight.requires_grad or layer.weight.grad is None
+
+
+def test_a_pass_that_raises_the_error_is_undone() -> None:
+    _, pruned, batches, _ = _block_batches()
+    start = {k: v.clone() for k, v in pruned.state_dict().items()}
+    errors = refit_block(pruned, {"0": pruned[0], "2": pruned[2]}, batches, epochs=2, lr=50.0)  # wild steps
+    assert errors == [pytest.approx(output_error(batches))]  # nothing accepted: the weights are the start's
+    for key, value in pruned.state_dict().items():
+        assert torch.equal(value, start[key]), key
+
+
+def test_refit_of_a_bf16_block_keeps_its_dtype_and_flags() -> None:
+    _, pruned, batches, _ = _block_batches(torch.bfloat16)
+    pruned[0].bias.requires_grad_(False)
+    errors = refit_block(pruned, {"0": pruned[0], "2": pruned[2]}, batches, epochs=3, lr=1e-2)
+    assert errors[-1] < errors[0]
+    assert all(p.dtype == torch.bfloat16 for p in pruned.parameters())
+    assert pruned[0].weight.requires_grad and not pruned[0].bias.requires_grad  # as they were
+
+
+def test_engine_refits_every_block(tiny_model: Callable[[str], nn.Module]) -> None:
+    ids = torch.randint(4, VOCAB, (6, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    calib = CalibrationSet(ids, mask)
+    plain, refit = tiny_model("llama"), tiny_model("llama")
+    oneshot.prune(plain, method="wanda", sparsity=0.7, calibration=calib, quiet=True, passes="two", batch_size=2)
+    report = oneshot.prune(
+        refit, method="wanda", sparsity=0.7, refine="block", recon_lr=1e-3, calibration=calib, quiet=True, batch_size=2
+    )
+    records = report.extra["block_refit"]
+    assert [r["block"] for r in records] == list(range(len(find_blocks(refit)[1])))
+    for r in records:
+        assert all(b < a for a, b in zip(r["errors"], r["errors"][1:], strict=False)) and len(r["errors"]) > 1
+    assert report.extra["passes"] == "two" and "two passes" in report.extra["passes_reason"]
+    assert report.times.refit > 0
+    # block 0's masks are chosen before any refit: the same as plain Wanda's; its kept weights moved
+    for (name, a), b in zip(
+        find_linears(find_blocks(plain)[1][0]).items(), find_linears(find_blocks(refit)[1][0]).values(), strict=True
+    ):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        assert not torch.equal(a.weight, b.weight), name
+    assert report.achieved_sparsity == pytest.approx(0.7, abs=0.01)
+
+
+def test_refine_block_options() -> None:
+    with pytest.raises(ConfigError, match="--refine block .* needs --passes two"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, refine="block", passes="single")
+    with pytest.raises(ConfigError, match="--recon-lr only matters with --refine block"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, recon_lr=1e-3)
+    with pytest.raises(ConfigError, match="--recon-epochs must be at least 1"):
+        oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block", recon_epochs=0)
+    config = oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block")
+    assert config.stat_needs() == ("hessian",)
