@@ -241,3 +241,45 @@ def check_loadable(folder: Path) -> None:
                 f"saved {keys[name]} has shape {checkpoint.tensors[keys[name]].shape} but the saved config "
                 f"builds {tuple(param.shape)}"
             )
+
+
+class ReferenceWeights:
+    """The weights of the same layers in another checkpoint (a base model for movement pruning).
+
+    Layers are looked up by their qualified name in the pruned model, directly or with the model's
+    ``base_model_prefix`` added or removed (a ``BertForTokenClassification`` fine-tuned from a
+    ``BertModel``). Each weight is read on demand from the memory-mapped shards.
+    """
+
+    def __init__(self, folder: str | Path, prefix: str = "") -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelError(f"base checkpoint {folder} is not a folder; pass the base model's save_pretrained folder")
+        self.checkpoint = Checkpoint(folder)
+        self.prefix = prefix
+
+    def key(self, layer: str) -> str:
+        """The checkpoint key of ``layer``'s weight; ModelError naming the layer if it has none."""
+        name = f"{layer}.weight"
+        candidates = [name]
+        if self.prefix:
+            candidates += [f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")]
+        for key in candidates:
+            if key in self.checkpoint.tensors:
+                return key
+        raise ModelError(
+            f"the base checkpoint {self.checkpoint.folder} has no weight for {layer} (looked for "
+            f"{', '.join(candidates)}); pass the checkpoint this model was fine-tuned from"
+        )
+
+    def matrix(self, layer: str, shape: tuple[int, int], transposed: bool) -> torch.Tensor:
+        """``layer``'s weight as float32 ``[out, in]`` (``transposed``: stored ``[in, out]``, GPT-2's Conv1D)."""
+        key = self.key(layer)
+        weight = self.checkpoint.read([key])[key]
+        weight = (weight.T if transposed else weight).to(torch.float32)
+        if tuple(weight.shape) != tuple(shape):
+            raise ModelError(
+                f"{layer} is {tuple(shape)} but the base checkpoint's {key} is {tuple(weight.shape)}: "
+                "the base must have the same architecture"
+            )
+        return weight

@@ -194,6 +194,12 @@ class PruneConfig:
         4, "Times the damping is raised ×10 when a Cholesky fails.", uses=("sparsegpt", "obs")
     )
     obs_memory_mb: int = option(1024, "OBS working memory per batch of rows, in MiB.", uses=("obs",))
+    base: str | None = option(
+        None,
+        "Movement: the base checkpoint folder the model was fine-tuned from (safetensors); score |W| − |W_base|.",
+        type=str,
+        uses=("movement",),
+    )
     ria_alpha: float = option(
         0.5, "RIA's exponent a of the input norm: score = relative importance · ‖X_j‖^a.", uses=("ria",)
     )
@@ -307,6 +313,11 @@ class PruneConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{_flag(f)} must be one of {', '.join(choices)} (got {value!r})")
+        if METHODS[self.method].reference and self.base is None:
+            raise ConfigError(
+                f"--method {self.method} scores each weight against the model it was fine-tuned from: "
+                "pass --base BASE_FOLDER"
+            )
         if self.refine == "dsnot" and METHODS[self.method].updates_weights:
             keeps = ", ".join(n for n, spec in METHODS.items() if not spec.updates_weights and not spec.structured)
             raise ConfigError(

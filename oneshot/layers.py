@@ -13,15 +13,15 @@ from torch import nn
 from oneshot.errors import ModelError
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D stores weight as [in, out]; matched by name to avoid
-    # importing a private module path that has moved between versions.
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 style Conv1D, which stores its weight as ``[in, out]``."""
+    # matched by name to avoid importing a private module path that has moved between versions
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _params(module: nn.Module) -> int:
@@ -70,13 +70,13 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
 def input_width(module: nn.Module) -> int:
     """A linear layer's input width (the ``in`` of its ``[out, in]`` matrix; works on the meta device)."""
     shape = _tensor(module, "weight").shape
-    return int(shape[0] if _is_conv1d(module) else shape[1])
+    return int(shape[0] if is_conv1d(module) else shape[1])
 
 
 def as_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float32 ``[out, in]`` copy (Conv1D's ``[in, out]`` is transposed)."""
     weight = _tensor(module, "weight").detach()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         weight = weight.T
     return weight.to(torch.float32).clone()  # [out, in]
 
@@ -84,7 +84,7 @@ def as_matrix(module: nn.Module) -> torch.Tensor:
 def from_matrix(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Write a ``[out, in]`` matrix (and optionally a bias) back into the layer, in its own dtype/device."""
     target = _tensor(module, "weight")
-    if _is_conv1d(module):
+    if is_conv1d(module):
         weight = weight.T
     if tuple(weight.shape) != tuple(target.shape):
         raise ValueError(f"shape mismatch writing weight: {tuple(weight.shape)} into {tuple(target.shape)}")

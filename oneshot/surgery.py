@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from oneshot.errors import ConfigError
-from oneshot.layers import _is_conv1d, find_linears
+from oneshot.layers import find_linears, is_conv1d
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def slice_linear(
     """
     old: Any = root.get_submodule(name)
     weight: torch.Tensor = old.weight.detach()
-    conv = _is_conv1d(old)
+    conv = is_conv1d(old)
     w = weight.T if conv else weight  # [out, in]
     w = w[keep] if side == "out" else w[:, keep]
     old_bias = old.bias.detach() if getattr(old, "bias", None) is not None else None

@@ -20,6 +20,7 @@ class LayerStats:
 
     ``hessian`` is the mean ``X Xᵀ`` ``[in, in]``; ``col_sq_norm`` is ``‖X_j‖₂²`` ``[in]``;
     ``mean`` / ``var`` are each input feature's mean and (population) variance ``[in]``;
+    ``reference`` is the layer's weight in a base checkpoint (for methods with ``reference=True``);
     ``count`` the number of tokens. Each is None when the method did not ask for it.
     """
 
@@ -28,6 +29,7 @@ class LayerStats:
     count: int = 0
     mean: torch.Tensor | None = None
     var: torch.Tensor | None = None
+    reference: torch.Tensor | None = None  # the layer's weight in a base checkpoint ``[out, in]`` (movement)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ class MethodSpec:
     ``run_stacked``, where given, solves layers that share an input (q/k/v, gate/up) as one
     (one factorisation, one column loop) with the same result as ``run`` on each.
     ``updates_weights`` is True for a method that changes the kept weights (SparseGPT, OBS), not
-    only zeroes the pruned ones; mask refinements (DSnoT) apply to the others.
+    only zeroes the pruned ones; mask refinements (DSnoT) apply to the others. ``reference`` is
+    True for a method that reads each layer's weight in a base checkpoint (movement, ``--base``).
     """
 
     name: str
@@ -114,6 +117,7 @@ class MethodSpec:
     structured: bool = False
     run_stacked: StackedPruner | None = None
     updates_weights: bool = False
+    reference: bool = False
 
     @property
     def data_free(self) -> bool:

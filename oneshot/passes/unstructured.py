@@ -7,6 +7,7 @@ block is calibrated on pruned outputs. A data-free method (magnitude) sweeps wit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -18,10 +19,20 @@ from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator, TokenSample, relative_error
+from oneshot.checkpoint import ReferenceWeights
 from oneshot.config import PruneConfig
-from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, layer_stats, resolve_device, sweep
+from oneshot.engine import (
+    SAMPLE,
+    BlockObserver,
+    PhaseTimes,
+    SweepIO,
+    layer_stats,
+    prunable_layers,
+    resolve_device,
+    sweep,
+)
 from oneshot.errors import ConfigError
-from oneshot.layers import as_matrix, from_matrix
+from oneshot.layers import as_matrix, from_matrix, is_conv1d
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
@@ -92,6 +103,7 @@ class _Pruner:
     sparsities: Mapping[str, float | None] | None
     result: SweepResult
     refine: Refiner | None = None
+    reference: ReferenceWeights | None = None
 
     def target_of(self, full: str) -> float | None:
         """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
@@ -120,6 +132,9 @@ class _Pruner:
         t0 = time.perf_counter()
         weight = as_matrix(module).to(self.device)  # [out, in]
         stats = layer_stats(accs)
+        if self.reference is not None:
+            base = self.reference.matrix(full, (int(weight.shape[0]), int(weight.shape[1])), is_conv1d(module))
+            stats = dataclasses.replace(stats, reference=base.to(self.device))
         pruned = self.spec.run(weight, stats, target, self.options)
         if self.refine is not None:
             pruned = self.refine(weight, pruned, stats, self.options)
@@ -139,6 +154,16 @@ class _Pruner:
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
             self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
+
+
+def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
+    """The base checkpoint's weights, every prunable layer checked to be there before any work."""
+    if config.base is None:
+        raise ConfigError(f"--method {config.method} needs --base BASE_FOLDER")
+    reference = ReferenceWeights(config.base, str(getattr(model, "base_model_prefix", "") or ""))
+    for layer in prunable_layers(model, config):
+        reference.key(layer)
+    return reference
 
 
 def prune_sequential(
@@ -167,8 +192,10 @@ def prune_sequential(
     result = result if result is not None else SweepResult(blocks_name="")
     device = resolve_device(config.device)
     refine = REFINERS.get(config.refine or "") if method is None else None
+    reference = _reference(model, config) if spec.reference else None
     refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
-    pruner = _Pruner(spec, config.method_options(), device, float(config.sparsity or 0.0), sparsities, result, refine)
+    target = float(config.sparsity or 0.0)
+    pruner = _Pruner(spec, config.method_options(), device, target, sparsities, result, refine, reference)
     stacked = spec.run_stacked is not None and config.stack
     result.blocks_name = sweep(
         model,
