@@ -205,9 +205,16 @@ class PruneConfig:
     )
     compare: str = option(
         "layer",
-        "RIA: compare scores over the whole layer (the paper's code) or within each output row.",
+        "RIA / Fisher: compare scores over the whole layer (RIA's code) or within each output row.",
         choices=("layer", "row"),
-        uses=("ria",),
+        uses=("ria", "fisher"),
+    )
+    optimizer_state: str | None = option(
+        None,
+        "Fisher: E[g²] from a saved optimizer state (safetensors or torch.save'd {name: exp_avg_sq}, or a "
+        "one-group optimizer state_dict) instead of the empirical Fisher over the calibration samples.",
+        type=str,
+        uses=("fisher",),
     )
     refine: str | None = option(
         None,
@@ -395,7 +402,9 @@ class PruneConfig:
     @property
     def uses_data(self) -> bool:
         """Whether the run reads calibration data (a data-free method needs it only for OWL or a refinement)."""
-        return not METHODS[self.method].data_free or self.owl or self.refine is not None
+        spec = METHODS[self.method]
+        gradients = spec.gradients and self.optimizer_state is None  # the empirical Fisher runs the samples
+        return bool(spec.needs) or spec.structured or gradients or self.owl or self.refine is not None
 
     def stat_needs(self) -> tuple[str, ...]:
         """The input statistics the method and the refinement read, each once."""

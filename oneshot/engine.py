@@ -496,11 +496,16 @@ def block_linears(blocks_name: str, index: int, block: nn.Module, config: PruneC
     }
 
 
-def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
-    """Qualified names of the linear layers a run would prune (not skipped), with their input widths."""
+def prunable_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    """The linear layers a run would prune (not skipped), by qualified name."""
     blocks_name, blocks = find_blocks(model)
     return {
-        f"{blocks_name}.{i}.{name}": input_width(module)
+        f"{blocks_name}.{i}.{name}": module
         for i, block in enumerate(blocks)
         for name, module in block_linears(blocks_name, i, block, config).items()
     }
+
+
+def prunable_layers(model: nn.Module, config: PruneConfig) -> dict[str, int]:
+    """Qualified names of the linear layers a run would prune (not skipped), with their input widths."""
+    return {name: input_width(module) for name, module in prunable_modules(model, config).items()}

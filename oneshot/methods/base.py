@@ -30,6 +30,7 @@ class LayerStats:
     mean: torch.Tensor | None = None
     var: torch.Tensor | None = None
     reference: torch.Tensor | None = None  # the layer's weight in a base checkpoint ``[out, in]`` (movement)
+    grad_sq: torch.Tensor | None = None  # E[g²] of the layer's weight ``[out, in]`` (fisher)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ class MethodSpec:
     (one factorisation, one column loop) with the same result as ``run`` on each.
     ``updates_weights`` is True for a method that changes the kept weights (SparseGPT, OBS), not
     only zeroes the pruned ones; mask refinements (DSnoT) apply to the others. ``reference`` is
-    True for a method that reads each layer's weight in a base checkpoint (movement, ``--base``).
+    True for a method that reads each layer's weight in a base checkpoint (movement, ``--base``);
+    ``gradients`` for one that reads each weight's squared gradient (fisher).
     """
 
     name: str
@@ -118,11 +120,12 @@ class MethodSpec:
     run_stacked: StackedPruner | None = None
     updates_weights: bool = False
     reference: bool = False
+    gradients: bool = False
 
     @property
     def data_free(self) -> bool:
         """Whether the method prunes from the weights alone (no calibration data, no forwards)."""
-        return not self.needs and not self.structured
+        return not self.needs and not self.structured and not self.gradients
 
 
 def require(stat: torch.Tensor | None, name: str, method: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from oneshot.methods import dsnot, magnitude, movement, obs, ria, sparsegpt, structured, wanda
+from oneshot.methods import dsnot, fisher, magnitude, movement, obs, ria, sparsegpt, structured, wanda
 from oneshot.methods.base import (
     STAT_COL_NORM,
     STAT_HESSIAN,
@@ -35,7 +35,16 @@ __all__ = [
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
-    for spec in (magnitude.SPEC, wanda.SPEC, ria.SPEC, sparsegpt.SPEC, obs.SPEC, movement.SPEC, structured.SPEC)
+    for spec in (
+        magnitude.SPEC,
+        wanda.SPEC,
+        ria.SPEC,
+        sparsegpt.SPEC,
+        obs.SPEC,
+        fisher.SPEC,
+        movement.SPEC,
+        structured.SPEC,
+    )
 }
 
 

@@ -28,10 +28,12 @@ from oneshot.engine import (
     SweepIO,
     layer_stats,
     prunable_layers,
+    prunable_modules,
     resolve_device,
     sweep,
 )
 from oneshot.errors import ConfigError
+from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, from_matrix, is_conv1d
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
@@ -104,6 +106,7 @@ class _Pruner:
     result: SweepResult
     refine: Refiner | None = None
     reference: ReferenceWeights | None = None
+    grad_sq: Mapping[str, torch.Tensor] | None = None
 
     def target_of(self, full: str) -> float | None:
         """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
@@ -135,6 +138,8 @@ class _Pruner:
         if self.reference is not None:
             base = self.reference.matrix(full, (int(weight.shape[0]), int(weight.shape[1])), is_conv1d(module))
             stats = dataclasses.replace(stats, reference=base.to(self.device))
+        if self.grad_sq is not None:
+            stats = dataclasses.replace(stats, grad_sq=self.grad_sq[full].to(self.device))
         pruned = self.spec.run(weight, stats, target, self.options)
         if self.refine is not None:
             pruned = self.refine(weight, pruned, stats, self.options)
@@ -166,6 +171,22 @@ def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
     return reference
 
 
+def _grad_sq(model: nn.Module, calib: CalibrationSet | None, config: PruneConfig) -> dict[str, torch.Tensor]:
+    """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``."""
+    layers = prunable_modules(model, config)
+    if config.optimizer_state is not None:
+        prefix = str(getattr(model, "base_model_prefix", "") or "")
+        return layer_grad_sq(load_optimizer_state(config.optimizer_state, model), layers, prefix)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ConfigError(
+            f"--method {config.method} takes gradients through the whole model, which a streamed run never holds: "
+            "drop --stream, or pass --optimizer-state"
+        )
+    if calib is None:
+        raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
+    return empirical_fisher(model, calib, layers, quiet=config.quiet)
+
+
 def prune_sequential(
     model: nn.Module,
     calib: CalibrationSet | None,
@@ -193,15 +214,19 @@ def prune_sequential(
     device = resolve_device(config.device)
     refine = REFINERS.get(config.refine or "") if method is None else None
     reference = _reference(model, config) if spec.reference else None
+    grad_sq = _grad_sq(model, calib, config) if spec.gradients else None
     refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
     target = float(config.sparsity or 0.0)
-    pruner = _Pruner(spec, config.method_options(), device, target, sparsities, result, refine, reference)
+    pruner = _Pruner(spec, config.method_options(), device, target, sparsities, result, refine, reference, grad_sq)
+    needs = config.stat_needs() if method is None else spec.needs
+    if not needs and refit is None and observer is None:
+        calib = None  # nothing to gather from the data in this sweep: no forwards
     stacked = spec.run_stacked is not None and config.stack
     result.blocks_name = sweep(
         model,
         calib,
         config,
-        config.stat_needs() if method is None else spec.needs,
+        needs,
         pruner.layer,
         times=result.times,
         observer=observer,

@@ -1,0 +1,150 @@
+"""Squared gradients of each prunable weight: the empirical Fisher diagonal, or a saved optimizer state.
+
+``empirical_fisher`` runs the dense model over the calibration samples one at a time and averages
+each sample's squared gradient of the model's own loss: next-token cross-entropy for a causal LM,
+and for any other model with logits (a fine-tuned encoder) the cross-entropy against its own
+predictions (no labels are needed). Only the prunable linear weights get gradients; the model is
+used as it is (whole, on its device), so this needs the model in memory, not streamed.
+
+``load_optimizer_state`` reads ``E[g²]`` saved by training instead: a safetensors file or a
+``torch.save``'d dict ``{parameter name: exp_avg_sq}``, or a torch optimizer ``state_dict`` with one
+parameter group in the model's parameter order. Files are read with ``weights_only=True``; one that
+needs full unpickling is refused (re-save it as safetensors), never unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from oneshot.calibration.data import CalibrationSet
+from oneshot.errors import ModelError
+from oneshot.layers import is_conv1d
+
+log = logging.getLogger(__name__)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token (its loss is next-token cross-entropy)."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def own_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The model's loss on one batch without labels: next-token CE (causal LM) or CE against its own argmax."""
+    out = model(input_ids=ids, attention_mask=mask)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise ModelError(
+            f"{type(model).__name__} gives no logits, so it has no loss to take gradients of; load the model "
+            "with its head (e.g. AutoModelForCausalLM or the task model), or pass --optimizer-state"
+        )
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if is_causal_lm(model):
+        logits, targets, real = logits[:, :-1], ids[:, 1:], real[:, 1:] & real[:, :-1]
+    else:
+        targets = logits.detach().argmax(dim=-1)
+    return F.cross_entropy(logits[real].float(), targets[real])
+
+
+def empirical_fisher(
+    model: nn.Module, calib: CalibrationSet, layers: Mapping[str, nn.Module], *, quiet: bool = True
+) -> dict[str, torch.Tensor]:
+    """``E[g²]`` of each layer's weight as float32 ``[out, in]``: the mean over samples of the squared gradient."""
+    device = next(model.parameters()).device
+    weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for s in tqdm(range(calib.nsamples), desc="fisher", unit="sample", disable=True if quiet else None):
+            ids = calib.input_ids[s : s + 1].to(device)
+            mask = None if calib.attention_mask is None else calib.attention_mask[s : s + 1].to(device)
+            grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
+            for acc, grad in zip(sums, grads, strict=True):
+                acc.add_(grad.float().square())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+    return {
+        name: (acc.T if is_conv1d(module) else acc) / calib.nsamples
+        for (name, module), acc in zip(layers.items(), sums, strict=True)
+    }
+
+
+def load_optimizer_state(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{parameter name: exp_avg_sq}`` from a saved optimizer state (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"optimizer state {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ModelError(
+            f"{path} is not a weights-only file ({str(exc).splitlines()[0][:120]}); oneshot never unpickles "
+            "arbitrary objects: re-save it as a safetensors file of {parameter name: exp_avg_sq}"
+        ) from exc
+    if isinstance(state, dict) and "state" in state and "param_groups" in state:
+        return _from_state_dict(state, model, path)
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {str(k): v for k, v in state.items()}
+    raise ModelError(f"{path} holds neither {{name: exp_avg_sq}} tensors nor a torch optimizer state_dict")
+
+
+def _from_state_dict(state: dict[str, object], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """A torch optimizer state_dict mapped to names: one group, parameters in the model's order."""
+    groups = state["param_groups"]
+    assert isinstance(groups, list)
+    names = [name for name, _ in model.named_parameters()]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(names):
+        raise ModelError(
+            f"{path} has {len(groups)} parameter groups over {sum(len(g['params']) for g in groups)} parameters; "
+            f"only an optimizer built on model.parameters() ({len(names)}) can be matched to names; save "
+            "{name: exp_avg_sq} as safetensors instead"
+        )
+    per_param = state["state"]
+    assert isinstance(per_param, dict)
+    return {
+        names[i]: per_param[index]["exp_avg_sq"]
+        for i, index in enumerate(groups[0]["params"])
+        if index in per_param and "exp_avg_sq" in per_param[index]
+    }
+
+
+def stored_shape(module: nn.Module) -> torch.Size:
+    """The shape ``module.weight`` is stored in."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.shape
+
+
+def layer_grad_sq(
+    saved: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], prefix: str
+) -> dict[str, torch.Tensor]:
+    """Each layer's ``E[g²]`` ``[out, in]`` from ``{parameter name: tensor}``; ModelError naming a missing one."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in layers.items():
+        key = f"{name}.weight"
+        candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
+        found = next((c for c in candidates if c in saved), None)
+        if found is None:
+            raise ModelError(f"the optimizer state has no exp_avg_sq for {key}; was it saved from this model?")
+        value, shape = saved[found].float(), tuple(stored_shape(module))
+        if tuple(value.shape) != shape:
+            raise ModelError(f"the optimizer state's {found} is {tuple(value.shape)}, the model's weight {shape}")
+        out[name] = value.T if is_conv1d(module) else value
+    return out

@@ -1,0 +1,145 @@
+"""Fisher (bitter7): |W|·(E[g²]+ε)^¼ with E[g²] the empirical Fisher or a saved optimizer state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import VOCAB
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+import oneshot
+from oneshot.calibration.data import CalibrationSet
+from oneshot.errors import ConfigError, ModelError
+from oneshot.gradients import empirical_fisher, load_optimizer_state
+from oneshot.layers import as_matrix, find_blocks, find_linears
+from oneshot.methods.fisher import fisher, fisher_scores
+
+
+def test_fisher_score_hand_computed() -> None:
+    weight = torch.tensor([[2.0, -1.0, 3.0]])
+    grad_sq = torch.tensor([[16.0, 0.0625, 0.0]])
+    assert fisher_scores(weight, grad_sq, eps=0.0).tolist() == [[4.0, 0.5, 0.0]]
+    assert fisher_scores(weight, grad_sq)[0, 2] == pytest.approx(3.0 * 1e-4)  # ε = 1e-16: (1e-16)^¼
+    result = fisher(torch.tensor([[2.0, -1.0, 3.0, 0.5]]), torch.tensor([[16.0, 0.0625, 0.0, 1.0]]), 0.5)
+    assert result.mask.tolist() == [[True, False, False, True]]  # scores 4, .5, 3e-4, .5: ties by position
+    rows = fisher(torch.ones(2, 2), torch.tensor([[1.0, 16.0], [81.0, 0.0]]), 0.5, per_row=True)
+    assert rows.mask.tolist() == [[False, True], [True, False]]
+
+
+def _ids(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(4, VOCAB, (n, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return ids, mask
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    name, blocks = find_blocks(model)
+    return {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in find_linears(b).items()}
+
+
+def test_empirical_fisher_is_the_mean_of_per_sample_squared_gradients(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("llama")
+    ids, mask = _ids()
+    got = empirical_fisher(model, CalibrationSet(ids, mask), _linears(model))
+    want = {name: torch.zeros(as_matrix(m).shape) for name, m in _linears(model).items()}
+    for s in range(3):  # transformers' own next-token loss, padding labelled -100, one sample at a time
+        labels = ids[s : s + 1].masked_fill(mask[s : s + 1] == 0, -100)
+        model.zero_grad()
+        model(input_ids=ids[s : s + 1], attention_mask=mask[s : s + 1], labels=labels).loss.backward()
+        for name, m in _linears(model).items():
+            want[name] += m.weight.grad.square() / 3
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-12, msg=name)
+    # the squared mean gradient of the whole batch is something else
+    assert all(p.grad is None or p.requires_grad for p in model.parameters())
+
+
+def test_encoder_fisher_uses_its_own_predictions() -> None:
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_labels=5)  # fmt: skip
+    model = tf.BertForTokenClassification(cfg).eval()
+    ids, mask = _ids(2)
+    got = empirical_fisher(model, CalibrationSet(ids, mask), _linears(model))
+    name, layer = next(iter(_linears(model).items()))
+    want = torch.zeros_like(layer.weight)
+    for s in range(2):
+        model.zero_grad()
+        logits = model(input_ids=ids[s : s + 1], attention_mask=mask[s : s + 1]).logits[0]
+        real = mask[s].bool()
+        F.cross_entropy(logits[real], logits[real].argmax(-1).detach()).backward()
+        want += layer.weight.grad.square() / 2
+    torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-12)
+
+
+def test_engine_prunes_by_fisher(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("llama")
+    ids, mask = _ids(4)
+    grad_sq = empirical_fisher(model, CalibrationSet(ids, mask), _linears(model))
+    dense = {name: as_matrix(m) for name, m in _linears(model).items()}
+    report = oneshot.prune(model, method="fisher", sparsity=0.5, calibration=CalibrationSet(ids, mask), quiet=True)
+    assert report.achieved_sparsity == pytest.approx(0.5)
+    for name, module in _linears(model).items():
+        assert torch.equal(as_matrix(module) != 0, fisher(dense[name], grad_sq[name], 0.5).mask), name
+
+
+def _adam_state(model: nn.Module) -> dict[str, object]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids, _ = _ids(2, seed=5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_optimizer_state_files(tiny_model: Callable[[str], nn.Module], tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    state = _adam_state(model)
+    torch.save(state, tmp_path / "optimizer.pt")
+    by_name = load_optimizer_state(tmp_path / "optimizer.pt", model)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    index = [n for n, _ in model.named_parameters()].index(q)
+    assert torch.equal(by_name[q], state["state"][index]["exp_avg_sq"])  # type: ignore[index]
+    save_file({k: v.contiguous() for k, v in by_name.items()}, str(tmp_path / "sq.safetensors"))
+
+    dense = {name: as_matrix(m) for name, m in _linears(model).items()}
+    for file in ("optimizer.pt", "sq.safetensors"):
+        pruned = tiny_model("llama")
+        pruned.load_state_dict(model.state_dict())
+        oneshot.prune(pruned, method="fisher", sparsity=0.6, optimizer_state=str(tmp_path / file), quiet=True)
+        for name, module in _linears(pruned).items():
+            want = fisher(dense[name], by_name[f"{name}.weight"], 0.6).mask
+            assert torch.equal(as_matrix(module) != 0, want), (file, name)
+
+
+def test_optimizer_state_refusals(tiny_model: Callable[[str], nn.Module], tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    torch.save({"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}, tmp_path / "two.pt")
+    with pytest.raises(ModelError, match="2 parameter groups"):
+        load_optimizer_state(tmp_path / "two.pt", model)
+    torch.save({"anything": Path("x")}, tmp_path / "pickled.pt")  # needs full unpickling
+    with pytest.raises(ModelError, match="never unpickles"):
+        load_optimizer_state(tmp_path / "pickled.pt", model)
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2)}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ModelError, match="is \\(2, 2\\), the model's weight"):
+        oneshot.prune(model, method="fisher", sparsity=0.5, optimizer_state=str(tmp_path / "short.safetensors"))
+    with pytest.raises(ConfigError, match="--optimizer-state does not apply to --method wanda"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, optimizer_state="x.pt")
+    assert oneshot.PruneConfig(method="fisher", sparsity=0.5).uses_data
+    assert not oneshot.PruneConfig(method="fisher", sparsity=0.5, optimizer_state="x.pt").uses_data
+
+
+def test_streamed_fisher_is_refused(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = tiny_checkpoint("llama")
+    with pytest.raises(ConfigError, match="drop --stream, or pass --optimizer-state"):
+        oneshot.prune(str(folder), method="fisher", sparsity=0.5, stream=True, out=tmp_path / "o", quiet=True,
+                      calibration=CalibrationSet(_ids(2)[0]))  # fmt: skip
+    assert not (tmp_path / "o").exists()
