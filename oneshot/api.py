@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.engine import PhaseTimes, prunable_layers, resolve_device, single_pass_bytes
+from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks
@@ -30,6 +31,7 @@ from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
 from oneshot.passes.owl import owl_allocation
+from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
 from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
 from oneshot.streaming import StreamingRun, partial_dir
@@ -340,35 +342,59 @@ def _prune_structured(job: _Job) -> Report:
 
 
 def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[str, float | None] | None:
-    """Per-layer sparsities from OWL, the sparsity map and explicit overrides (None = uniform)."""
-    model, calib, config, extra, run = job.model, job.calib, job.config, job.extra, job.run
+    """Per-layer sparsities from OWL or sensitivity, the sparsity map and explicit overrides (None = uniform)."""
+    model, config = job.model, job.config
     layers = uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
     if config.sparsity_map:  # validate the map before any expensive work
         apply_sparsity_map(layers, config.sparsity_map)
     allocation: dict[str, float | None] | None = None
     if config.owl:
-        saved = run.progress.get("owl") if run is not None else None
-        if saved is None:
-            assert calib is not None  # OWL reads data
-            t0 = time.perf_counter()
-            io = run.read_only_io("owl") if run is not None else None
-            owl = owl_allocation(model, calib, config, io=io, single_pass=_single_pass(job))
-            saved = {
-                "m": config.owl_m,
-                "lambda": config.owl_lambda,
-                "seconds": time.perf_counter() - t0,
-                "blocks": owl.blocks,
-                "sparsities": owl.sparsities,
-            }
-            if run is not None:
-                run.progress["owl"] = saved
-        allocation = dict(saved["sparsities"])
-        extra["owl"] = {k: v for k, v in saved.items() if k != "sparsities"}
+        allocation = _allocation_pass(job, "owl", _owl_pass)
+    elif config.allocate == "sensitivity":
+        allocation = _allocation_pass(job, "sensitivity", _sensitivity_pass)
     if config.sparsity_map:
         allocation = apply_sparsity_map(allocation or layers, config.sparsity_map)
     if sparsities:
         allocation = {**(allocation or {}), **sparsities}
     return allocation
+
+
+def _owl_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
+    assert job.calib is not None  # OWL reads data
+    owl = owl_allocation(job.model, job.calib, job.config, io=io, single_pass=_single_pass(job))
+    return {"m": job.config.owl_m, "lambda": job.config.owl_lambda, "blocks": owl.blocks, "sparsities": owl.sparsities}
+
+
+def _sensitivity_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
+    assert job.calib is not None  # the probes read data
+    found = sensitivity_allocation(job.model, job.calib, job.config, io=io)
+    return {
+        "lambda": job.config.allocate_lambda,
+        "probes": found.probes,
+        "cost_vs_dense_forward": found.cost_vs_forward,
+        "blocks": found.blocks,
+        "sparsities": found.sparsities,
+    }
+
+
+def _allocation_pass(
+    job: _Job, name: str, run_pass: Callable[[_Job, SweepIO | None], dict[str, Any]]
+) -> dict[str, Any]:
+    """Per-layer sparsities from an allocation sweep (OWL, sensitivity), kept in a streaming run's progress.
+
+    The report gets the pass's facts under ``name`` (without the per-layer map) and its seconds.
+    """
+    run = job.run
+    saved = run.progress.get(name) if run is not None else None
+    if saved is None:
+        t0 = time.perf_counter()
+        io = run.read_only_io(name) if run is not None else None
+        saved = {**run_pass(job, io), "seconds": 0.0}
+        saved["seconds"] = time.perf_counter() - t0
+        if run is not None:
+            run.progress[name] = saved
+    job.extra[name] = {k: v for k, v in saved.items() if k != "sparsities"}
+    return dict(saved["sparsities"])
 
 
 def _single_pass(job: _Job) -> bool:

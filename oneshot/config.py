@@ -239,6 +239,18 @@ class PruneConfig:
     owl: bool = option(
         False, "Outlier-weighted layerwise sparsity: blocks with more outliers pruned less.", uses=UNSTRUCTURED
     )
+    allocate: str | None = option(
+        None,
+        "sensitivity: measure each block's output error at a few sparsities around the target with the run's "
+        "method, then give each block the sparsity that minimises the summed error at the same overall "
+        "sparsity (an alternative to --owl).",
+        type=str,
+        choices=("sensitivity",),
+        uses=UNSTRUCTURED,
+    )
+    allocate_lambda: float = option(
+        0.1, "Sensitivity allocation: largest deviation of a block from --sparsity.", requires="allocate=sensitivity"
+    )
     owl_m: float = option(5.0, "OWL outlier threshold M (× mean score).", requires="owl")
     owl_lambda: float = option(0.08, "OWL max deviation from --sparsity.", requires="owl")
     sparsity_map: tuple[tuple[str, float | str], ...] = option(
@@ -290,6 +302,8 @@ class PruneConfig:
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
         if self.owl:
             self._check_owl()
+        if self.allocate:
+            self._check_allocate()
         object.__setattr__(self, "sparsity_map", _sparsity_map(self.sparsity_map))
         if nm is not None and any(value != "skip" for _, value in self.sparsity_map):
             raise ConfigError(
@@ -359,6 +373,25 @@ class PruneConfig:
                 f"--sparsity {sparsity} + --owl-lambda {self.owl_lambda} reaches 1; use a smaller --owl-lambda"
             )
 
+    def _check_allocate(self) -> None:
+        """--allocate's range, and that it is one allocation (not with OWL or N:M)."""
+        sparsity = float(self.sparsity or 0.0)
+        if self.owl:
+            raise ConfigError("--allocate sensitivity and --owl are two ways to set per-block sparsities: pick one")
+        if self.nm is not None:
+            raise ConfigError("--allocate sets unstructured sparsity per block; it cannot be combined with --nm")
+        spec = METHODS[self.method]
+        if spec.gradients or spec.reference:
+            raise ConfigError(
+                f"--allocate sensitivity probes blocks with the method's own statistics; {self.method} scores from "
+                "gradients or a base model it reads once per run: use --owl or a --sparsity-map instead"
+            )
+        if not 0 < self.allocate_lambda <= sparsity or sparsity + self.allocate_lambda >= 1.0:
+            raise ConfigError(
+                f"--allocate-lambda must be in (0, {sparsity}] and keep --sparsity + λ below 1 "
+                f"(got {self.allocate_lambda}); 0.1 is the default"
+            )
+
     def _refuse_unused(self) -> None:
         """Refuse an option set away from its default that the chosen method (or setting) ignores."""
         spec = METHODS[self.method]
@@ -404,7 +437,8 @@ class PruneConfig:
         """Whether the run reads calibration data (a data-free method needs it only for OWL or a refinement)."""
         spec = METHODS[self.method]
         gradients = spec.gradients and self.optimizer_state is None  # the empirical Fisher runs the samples
-        return bool(spec.needs) or spec.structured or gradients or self.owl or self.refine is not None
+        extra = self.owl or self.allocate is not None or self.refine is not None
+        return bool(spec.needs) or spec.structured or gradients or extra
 
     def stat_needs(self) -> tuple[str, ...]:
         """The input statistics the method and the refinement read, each once."""

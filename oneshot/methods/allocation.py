@@ -1,4 +1,4 @@
-"""Layer-wise sparsity allocation: uniform, OWL (outlier-weighted), and user sparsity maps.
+"""Layer-wise sparsity allocation: uniform, OWL (outlier-weighted), measured sensitivity, and user maps.
 
 OWL: Yin et al., "Outlier Weighed Layerwise Sparsity (OWL)" (ICML 2024), §3. A block's outlier
 ratio D_l is the share of its Wanda scores ``|W_ij|·‖X_j‖`` above M times their mean; blocks with
@@ -6,10 +6,15 @@ more outliers are pruned less. The published code maps D linearly onto keep-rati
 centres them on the *plain* mean, which is only right when blocks have equal size. Here the
 sparsities are centred on the **parameter-weighted** mean, so the model as a whole hits the target
 exactly, and the spread is shrunk if needed so every block stays inside [S − λ, S + λ].
+
+Sensitivity: each block's relative output error measured at a few probe sparsities, interpolated
+linearly; the per-block sparsities minimise the summed error at the parameter-weighted target
+(:func:`sensitivity_sparsities`).
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 from collections.abc import Mapping, Sequence
 
@@ -54,6 +59,55 @@ def owl_sparsities(ratios: Sequence[float], params: Sequence[int], target: float
     scale = lam / float(centred.abs().max())
     sparsity = target - scale * centred
     return [float(s) for s in sparsity]
+
+
+def probe_sparsities(target: float, lam: float, count: int = 5) -> list[float]:
+    """``count`` evenly spaced sparsities over ``[target − lam, target + lam]`` (inside [0, 0.99])."""
+    lo, hi = max(0.0, target - lam), min(0.99, target + lam)
+    return [lo + (hi - lo) * k / (count - 1) for k in range(count)]
+
+
+def sensitivity_sparsities(
+    errors: Sequence[Sequence[float]],
+    probes: Sequence[float],
+    params: Sequence[int],
+    target: float,
+    step: float = 0.0025,
+) -> list[float]:
+    """Per-block sparsities minimising ``Σ_b e_b(s_b)`` subject to ``Σ_b n_b s_b = target · Σ_b n_b``.
+
+    ``errors[b][k]`` is block b's output error at ``probes[k]`` (ascending); ``e_b`` interpolates
+    them linearly and each ``s_b`` stays inside the probed range. Greedy: every block starts at the
+    lowest probe and the sparsity budget is handed out in ``step`` increments, each to the block whose
+    error grows least per pruned parameter (optimal when the curves are convex); the last increment
+    is cut so the weighted mean equals ``target`` exactly.
+    """
+    if len(errors) != len(params) or not errors or any(len(e) != len(probes) for e in errors):
+        raise ValueError("need one error per probe sparsity and one parameter count per block")
+    lo, hi = probes[0], probes[-1]
+    if not lo <= target <= hi:
+        raise ValueError(f"target {target} outside the probed range [{lo}, {hi}]")
+
+    def error(b: int, s: float) -> float:
+        k = min(max(bisect.bisect_left(probes, s), 1), len(probes) - 1)
+        t = (s - probes[k - 1]) / max(probes[k] - probes[k - 1], 1e-12)
+        return errors[b][k - 1] + t * (errors[b][k] - errors[b][k - 1])
+
+    sparsity = [lo] * len(errors)
+    budget = (target - lo) * sum(params)  # parameters still to prune
+    while budget > 1e-9:
+        best, cost = -1, float("inf")
+        for b, s in enumerate(sparsity):
+            if s >= hi - 1e-12:
+                continue
+            up = min(step, hi - s)
+            per_param = (error(b, s + up) - error(b, s)) / (up * params[b])
+            if per_param < cost:
+                best, cost = b, per_param
+        up = min(step, hi - sparsity[best], budget / params[best])
+        sparsity[best] += up
+        budget -= up * params[best]
+    return sparsity
 
 
 def apply_sparsity_map(

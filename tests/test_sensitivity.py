@@ -1,0 +1,128 @@
+"""Sensitivity allocation: measured block errors at probe sparsities -> least summed error at the target."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import VOCAB
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import oneshot
+from oneshot.calibration.data import CalibrationSet
+from oneshot.errors import ConfigError
+from oneshot.layers import as_matrix, find_blocks, find_linears
+from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
+from oneshot.methods.wanda import wanda
+
+
+def test_probes_and_a_hand_case() -> None:
+    assert probe_sparsities(0.7, 0.1) == pytest.approx([0.6, 0.65, 0.7, 0.75, 0.8])
+    assert probe_sparsities(0.95, 0.1, 3) == pytest.approx([0.85, 0.92, 0.99])
+    # equal blocks; A's error grows 1 per 0.1, B's 5: A takes all it can (0.6), B the rest (0.4)
+    got = sensitivity_sparsities([[0.0, 0.1, 0.2], [0.0, 0.5, 1.0]], [0.4, 0.5, 0.6], [10, 10], 0.5)
+    assert got == pytest.approx([0.6, 0.4])
+    # B three times larger: B's error per pruned parameter is 5/3 < 1·3? no: per parameter A costs 1/10, B 5/30
+    got = sensitivity_sparsities([[0.0, 0.1, 0.2], [0.0, 0.5, 1.0]], [0.4, 0.5, 0.6], [10, 30], 0.5)
+    assert got[0] == pytest.approx(0.6) and 10 * got[0] + 30 * got[1] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="outside the probed range"):
+        sensitivity_sparsities([[0.0, 1.0]], [0.4, 0.6], [1], 0.7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2), min_size=2, max_size=3),
+    st.lists(st.integers(1, 4), min_size=3, max_size=3),
+    st.floats(0.45, 0.55),
+)
+def test_greedy_matches_brute_force_on_convex_curves(
+    slopes: list[list[float]], sizes: list[int], target: float
+) -> None:
+    """Convex piecewise-linear curves: the greedy sum is the best any grid allocation at the target reaches."""
+    probes = [0.4, 0.5, 0.6]
+    curves = [[0.0, a * 0.1, a * 0.1 + (a + b) * 0.1] for a, b in slopes]  # slopes a, a + b: convex
+    params = sizes[: len(curves)]
+    got = sensitivity_sparsities(curves, probes, params, target, step=0.001)
+    assert sum(n * s for n, s in zip(params, got, strict=True)) == pytest.approx(target * sum(params), abs=1e-9)
+    assert all(0.4 - 1e-12 <= s <= 0.6 + 1e-12 for s in got)
+
+    def total(alloc: tuple[float, ...]) -> float:
+        out = 0.0
+        for curve, s in zip(curves, alloc, strict=True):
+            k = 1 if s <= 0.5 else 2
+            t = (s - probes[k - 1]) / 0.1
+            out += curve[k - 1] + t * (curve[k] - curve[k - 1])
+        return out
+
+    grid = [0.4 + 0.005 * k for k in range(41)]
+    best = float("inf")
+    for head in itertools.product(grid, repeat=len(curves) - 1):
+        last = (target * sum(params) - sum(n * s for n, s in zip(params, head, strict=False))) / params[-1]
+        if 0.4 <= last <= 0.6:
+            best = min(best, total((*head, last)))
+    assert total(tuple(got)) <= best + 1e-6
+
+
+def test_engine_allocates_from_measured_errors(tiny_model: Callable[[str], nn.Module]) -> None:
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    ids = torch.randint(4, VOCAB, (6, 20), generator=torch.Generator().manual_seed(6))
+    calib = CalibrationSet(ids)
+    report = oneshot.prune(
+        model, method="wanda", sparsity=0.6, allocate="sensitivity", calibration=calib, quiet=True, batch_size=3
+    )
+    found = report.extra["sensitivity"]
+    assert found["probes"] == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    blocks = found["blocks"]
+    assert all(b["errors"] == sorted(b["errors"]) for b in blocks)  # more sparsity, more error
+    params = [b["parameters"] for b in blocks]
+    chosen = [b["sparsity"] for b in blocks]
+    assert sum(n * s for n, s in zip(params, chosen, strict=True)) == pytest.approx(0.6 * sum(params))
+    assert len({round(s, 6) for s in chosen}) > 1 and found["cost_vs_dense_forward"] > 0
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=0.01)
+    for record in report.layers:  # each layer pruned at its block's sparsity
+        assert record.target_sparsity == pytest.approx(chosen[record.block])
+
+    # block 0's probe at 0.7, measured independently: Wanda at 70% on dense inputs, relative output error
+    block = find_blocks(reference)[1][0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_input(n)) for n, m in find_linears(block).items()]
+    outs: list[torch.Tensor] = []
+    hooks.append(block.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        reference(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        dense_out = outs[0].clone()
+        for name, module in find_linears(block).items():
+            module.weight.copy_(wanda(as_matrix(module), seen[name].double().square().sum(0).float(), 0.7).weight)
+        outs.clear()
+        hooks = [block.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))]
+        reference(input_ids=ids)
+        hooks[0].remove()
+    error = float((outs[0] - dense_out).square().sum() / dense_out.square().sum())
+    assert blocks[0]["errors"][-1] == pytest.approx(error, rel=1e-3)
+
+
+def test_allocate_options() -> None:
+    with pytest.raises(ConfigError, match="pick one"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate="sensitivity", owl=True)
+    with pytest.raises(ConfigError, match="cannot be combined with --nm"):
+        oneshot.PruneConfig(method="wanda", nm="2:4", allocate="sensitivity")
+    with pytest.raises(ConfigError, match="--allocate-lambda must be in"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate="sensitivity", allocate_lambda=0.45)
+    with pytest.raises(ConfigError, match="--allocate-lambda only matters with --allocate sensitivity"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate_lambda=0.2)
+    with pytest.raises(ConfigError, match="use --owl or a --sparsity-map"):
+        oneshot.PruneConfig(method="fisher", sparsity=0.6, allocate="sensitivity")
+    assert oneshot.PruneConfig(method="magnitude", sparsity=0.6, allocate="sensitivity").uses_data
