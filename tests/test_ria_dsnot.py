@@ -183,7 +183,7 @@ def test_engine_runs_ria_and_dsnot(tiny_model: Callable[[str], nn.Module]) -> No
 
 
 def test_refine_options_are_checked(tiny_model: Callable[[str], nn.Module]) -> None:
-    with pytest.raises(ConfigError, match=r"\(magnitude, wanda, ria\), not sparsegpt.*use --refine block"):
+    with pytest.raises(ConfigError, match=r"\(magnitude, wanda, ria, fisher, movement\), not sparsegpt.*use --refine block"):
         oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="dsnot")
     with pytest.raises(ConfigError, match="--dsnot-cycles only matters with --refine dsnot"):
         oneshot.PruneConfig(method="wanda", sparsity=0.5, dsnot_cycles=3)
@@ -201,3 +201,26 @@ def test_refine_options_are_checked(tiny_model: Callable[[str], nn.Module]) -> N
     config = oneshot.PruneConfig(method="magnitude", sparsity=0.5, refine="dsnot")
     assert config.uses_data and config.stat_needs() == ("meanvar", "col_sq_norm")
     assert not oneshot.PruneConfig(method="magnitude", sparsity=0.5).uses_data
+
+
+def test_dsnot_removes_only_opposite_contributions() -> None:
+    """e = 3 > 0: revive weight 0 (+3); of the kept, only a negative contribution may go (weight 2, −1),
+    not the zero one (weight 1: W = 0, lowest score), although removing it would leave e = 0."""
+    weight = torch.tensor([[3.0, 0.0, -1.0, 4.0]])
+    keep = torch.tensor([[False, True, True, True]])
+    ones = torch.ones(4)
+    got = dsnot(weight, keep, ones, ones, ones, threshold=0.0, max_cycles=1)
+    assert got.mask.tolist() == [[True, True, False, True]]
+    # mirrored: e = −3 < 0 removes only a positive contribution
+    got = dsnot(-weight, keep, ones, ones, ones, threshold=0.0, max_cycles=1)
+    assert got.mask.tolist() == [[True, True, False, True]]
+
+
+def test_dsnot_defaults_are_the_configs() -> None:
+    """The function's defaults are the documented run defaults (50 cycles, threshold 5e-5)."""
+    import inspect
+
+    params = inspect.signature(dsnot).parameters
+    config = oneshot.PruneConfig(method="wanda", sparsity=0.5)
+    assert params["max_cycles"].default == config.dsnot_cycles == 50
+    assert params["threshold"].default == config.dsnot_threshold == 5e-5
