@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import RESULTS, SHARED, machine, machine_line, minilm_dir, parse_prune_options, write_results
+from benchmarks.common import (
+    RESULTS,
+    SHARED,
+    machine,
+    machine_line,
+    minilm_dir,
+    parse_method,
+    parse_prune_options,
+    write_results,
+)
 from benchmarks.ner import FinetuneConfig, calibration_set, evaluate, finetune, load_split
 from oneshot.engine import resolve_device
 
@@ -54,23 +63,19 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         method: str, sparsity: float, owl: bool, n_calib: int, sparsity_map: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         model.load_state_dict(dense_state)
-        calib_set = calib(n_calib)
+        name, own = parse_method(method)
+        if name == "movement":  # the fine-tuned classifier's base: the encoder it was fine-tuned from
+            own.setdefault("base", str(args.model or minilm_dir()))
+        if name == "obs":
+            own.setdefault("obs_memory_mb", args.obs_memory_mb)
         opts: dict[str, Any] = {"owl": True, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda} if owl else {}
         if sparsity_map:
             opts["sparsity_map"] = sparsity_map
-        report = oneshot.prune(
-            model,
-            tokenizer,
-            method=method,
-            sparsity=sparsity,
-            calibration=calib_set,
-            batch_size=64,
-            device=str(device),
-            obs_memory_mb=args.obs_memory_mb,
-            quiet=True,
-            **extra_opts,
-            **opts,
-        )
+        opts.update(extra_opts)
+        opts.update(own)
+        if oneshot.PruneConfig(method=name, sparsity=sparsity, **opts).uses_data:
+            opts.update(calibration=calib(n_calib), batch_size=64)
+        report = oneshot.prune(model, tokenizer, method=name, sparsity=sparsity, device=str(device), quiet=True, **opts)
         scores = evaluate(model, tokenizer, test)
         row = {
             "method": method,
