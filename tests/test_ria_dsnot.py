@@ -183,7 +183,9 @@ def test_engine_runs_ria_and_dsnot(tiny_model: Callable[[str], nn.Module]) -> No
 
 
 def test_refine_options_are_checked(tiny_model: Callable[[str], nn.Module]) -> None:
-    with pytest.raises(ConfigError, match=r"\(magnitude, wanda, ria, fisher, movement\), not sparsegpt.*use --refine block"):
+    with pytest.raises(
+        ConfigError, match=r"\(magnitude, wanda, ria, fisher, movement\), not sparsegpt.*use --refine block"
+    ):
         oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="dsnot")
     with pytest.raises(ConfigError, match="--dsnot-cycles only matters with --refine dsnot"):
         oneshot.PruneConfig(method="wanda", sparsity=0.5, dsnot_cycles=3)
@@ -224,3 +226,12 @@ def test_dsnot_defaults_are_the_configs() -> None:
     config = oneshot.PruneConfig(method="wanda", sparsity=0.5)
     assert params["max_cycles"].default == config.dsnot_cycles == 50
     assert params["threshold"].default == config.dsnot_threshold == 5e-5
+
+
+def test_dsnot_refuses_a_swap_that_does_not_lower_the_error() -> None:
+    """e = 2: reviving weight 0 (+2) and removing weight 1 (−2) would leave e = −2, no smaller: refused."""
+    weight = torch.tensor([[2.0, -2.0, 5.0]])
+    keep = torch.tensor([[False, True, True]])
+    ones = torch.ones(3)
+    got = dsnot(weight, keep, ones, ones, ones, threshold=0.0)
+    assert torch.equal(got.mask, keep) and got.info["dsnot_swaps"] == 0.0
