@@ -53,6 +53,16 @@ def test_output_error_formula_and_padding() -> None:
     assert output_error(RefitBatches(lambda b: target + 1.0, [target], [None])) == pytest.approx(
         24.0 / float(target.square().sum())
     )
+    # sums over every real token of every batch (not means per batch), in float32 (not the target's bf16)
+    gen = torch.Generator().manual_seed(0)
+    targets = [torch.randn(2, 5, 3, generator=gen), torch.randn(1, 5, 3, generator=gen)]
+    outs = [t + 0.1 * torch.randn(t.shape, generator=gen) for t in targets]
+    masks = [torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), None]
+    real = [outs[0][masks[0].bool()] - targets[0][masks[0].bool()], (outs[1] - targets[1]).reshape(-1, 3)]
+    want = sum(float(r.square().sum()) for r in real) / (
+        float(targets[0][masks[0].bool()].square().sum()) + float(targets[1].square().sum())
+    )
+    assert output_error(RefitBatches(lambda b: outs[b], targets, masks)) == pytest.approx(want, rel=1e-6)
 
 
 def test_refit_lowers_the_error_monotonically_and_keeps_masks() -> None:
@@ -67,6 +77,18 @@ def test_refit_lowers_the_error_monotonically_and_keeps_masks() -> None:
     for layer, zero in zip((pruned[0], pruned[2]), zeros, strict=True):
         assert torch.equal(layer.weight.detach() == 0, zero)
         assert not layer.weight.requires_grad or layer.weight.grad is None
+
+
+def test_rejected_passes_restore_the_last_accepted_weights() -> None:
+    """Over a range of step sizes some passes are rejected after others were accepted; the weights
+    left are always those of the last accepted pass (its recorded error is the error measured now)."""
+    rejected_after_accepted = 0
+    for lr in (0.02, 0.05, 0.1, 0.2):
+        _, pruned, batches, _ = _block_batches()
+        errors = refit_block(pruned, {"0": pruned[0], "2": pruned[2]}, batches, epochs=6, lr=lr)
+        assert output_error(batches) == pytest.approx(errors[-1], rel=1e-6)
+        rejected_after_accepted += int(1 < len(errors) < 7)
+    assert rejected_after_accepted > 0  # the case the test is about did occur
 
 
 def test_a_pass_that_raises_the_error_is_undone() -> None:
@@ -103,6 +125,7 @@ def test_engine_refits_every_block(tiny_model: Callable[[str], nn.Module]) -> No
         assert all(b < a for a, b in zip(r["errors"], r["errors"][1:], strict=False)) and len(r["errors"]) > 1
     assert report.extra["passes"] == "two" and "two passes" in report.extra["passes_reason"]
     assert report.times.refit > 0
+    assert all(0 < r["seconds"] <= report.times.refit + 1e-6 for r in records)
     # block 0's masks are chosen before any refit: the same as plain Wanda's; its kept weights moved
     for (name, a), b in zip(
         find_linears(find_blocks(plain)[1][0]).items(), find_linears(find_blocks(refit)[1][0]).values(), strict=True

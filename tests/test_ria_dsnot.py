@@ -143,6 +143,8 @@ def test_dsnot_hand_case() -> None:
     stopped = dsnot(weight, keep, ones, ones, ones, threshold=4.0)  # |e| = 4 is not above the threshold
     assert torch.equal(stopped.mask, keep)
     assert dsnot(weight, keep, ones, ones, ones, threshold=0.0, max_cycles=1).info["dsnot_cycles"] == 1.0
+    # after the swap |e| = 1: a threshold of exactly 1 stops the row there (one cycle, not two)
+    assert dsnot(weight, keep, ones, ones, ones, threshold=1.0).info == {"dsnot_swaps": 1.0, "dsnot_cycles": 1.0}
 
 
 def test_dsnot_growth_prefers_low_variance() -> None:
