@@ -232,7 +232,7 @@ class PruneConfig:
     recon_epochs: int = option(
         4, "Block reconstruction: Adam passes over the calibration set per block.", requires="refine=block"
     )
-    recon_lr: float = option(1e-4, "Block reconstruction: Adam's learning rate.", requires="refine=block")
+    recon_lr: float = option(1e-3, "Block reconstruction: Adam's learning rate.", requires="refine=block")
     skip_layers: tuple[str, ...] = option(
         (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
     )
