@@ -128,7 +128,7 @@ def parse_method(entry: str) -> tuple[str, dict[str, Any]]:
 
 
 def _option_value(key: str, raw: str) -> Any:
-    """``raw`` as JSON (if it starts with ``{``), a bool (``true`` / ``false``), else int, else float, else the string."""
+    """``raw`` as JSON (if it starts with ``{``), a bool (``true``/``false``), int, float, else the string."""
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     if raw.lstrip().startswith("{"):
