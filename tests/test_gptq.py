@@ -1,0 +1,106 @@
+"""GPTQ: the grid by hand, RTN under an identity Hessian, an unblocked reference, the joint sparse solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oneshot.errors import ConfigError
+from oneshot.methods.gptq import QuantSpec, gptq, grid, quantize, rtn
+from oneshot.methods.linalg import inverse_cholesky_upper
+
+
+def test_grid_hand_computed() -> None:
+    x = torch.tensor([[-1.0, 0.5, 2.0]])
+    asym = QuantSpec(bits=2, group_size=None, symmetric=False)  # range [−1, 2]: scale 1, zero 1
+    scale, zero = grid(x, asym)
+    assert (scale.item(), zero.item()) == (1.0, 1.0)
+    assert quantize(x, scale, zero, asym.maxq).tolist() == [[-1.0, 0.0, 2.0]]  # 0.5 rounds half to even
+    sym = QuantSpec(bits=2, group_size=None)  # ±2: scale 4/3, zero 2; 2/scale = 1.5 -> 2 -> code 4, clamped to 3
+    scale, zero = grid(x, sym)
+    assert scale.item() == pytest.approx(4 / 3) and zero.item() == 2.0
+    torch.testing.assert_close(quantize(x, scale, zero, sym.maxq), torch.tensor([[-4 / 3, 0.0, 4 / 3]]))
+    # a positive-only row still contains 0; an all-zero row gets [−1, 1]
+    scale, zero = grid(torch.tensor([[1.0, 3.0], [0.0, 0.0]]), QuantSpec(bits=2, group_size=None, symmetric=False))
+    assert scale[:, 0].tolist() == pytest.approx([1.0, 2 / 3]) and zero[:, 0].tolist() == [0.0, 2.0]
+    with pytest.raises(ConfigError, match="--bits must be"):
+        QuantSpec(bits=5)
+
+
+def _problem(rows: int = 12, cols: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen)
+    x = torch.randn(256, cols, generator=gen) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen))
+    return w, x.T @ x / 256
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_identity_hessian_is_round_to_nearest(group: int | None) -> None:
+    w, _ = _problem()
+    spec = QuantSpec(bits=3, group_size=group, symmetric=False)
+    got, want = gptq(w, torch.eye(w.shape[1]), spec, block_size=16), rtn(w, spec)
+    torch.testing.assert_close(got.weight, want.weight)
+    assert torch.equal(got.codes(), want.codes())
+
+
+def _unblocked(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor) -> torch.Tensor:
+    """GPTQ written out column by column, every update applied at once (no lazy blocks)."""
+    w = w.double().clone()
+    upper, _ = inverse_cholesky_upper(h.double(), 0.01, 0)
+    size = spec.group_size or w.shape[1]
+    scale = zero = torch.empty(0)
+    for j in range(w.shape[1]):
+        if j % size == 0:
+            scale, zero = grid((w[:, j : j + size] * keep[:, j : j + size]), spec)
+        q = quantize(w[:, j : j + 1] * keep[:, j : j + 1], scale, zero, spec.maxq)[:, 0]
+        err = (w[:, j] - q) / upper[j, j]
+        w[:, j:] -= err.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+        w[:, j] = q
+    return w.float()
+
+
+@pytest.mark.parametrize(("group", "symmetric", "pruned"), [(None, True, False), (16, False, False), (16, True, True)])
+def test_gptq_equals_the_unblocked_reference(group: int | None, symmetric: bool, pruned: bool) -> None:
+    w, h = _problem()
+    spec = QuantSpec(bits=4, group_size=group, symmetric=symmetric)
+    keep = (
+        torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) > 0.5 if pruned else torch.ones_like(w).bool()
+    )
+    got = gptq(w, h, spec, block_size=8, mask=keep if pruned else None)
+    want = _unblocked(w, h, spec, keep)
+    agree = float((got.weight - want).abs().lt(1e-4).float().mean())
+    assert agree >= 0.99, agree  # blocked and unblocked round the same, bar float-order ties
+
+    # better than rounding in the Hessian norm tr((W−Q) H (W−Q)ᵀ)
+    def loss(q: torch.Tensor) -> float:
+        d = w - q
+        return float((d @ h * d).sum())
+
+    if not pruned:
+        assert loss(got.weight) < 0.8 * loss(rtn(w, spec).weight)
+
+
+def test_joint_sparse_quantized_solve() -> None:
+    w, h = _problem(seed=1)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    spec = QuantSpec(bits=4, group_size=16, symmetric=False)
+    got = gptq(w, h, spec, mask=keep, block_size=16)
+    assert torch.equal(got.weight[~keep], torch.zeros(int((~keep).sum())))  # pruned: exactly zero
+    codes = got.codes()
+    assert int(codes.min()) >= 0 and int(codes.max()) <= spec.maxq
+    scale = got.scales.gather(1, got.g_idx.expand(w.shape[0], -1))
+    zero = got.zeros.gather(1, got.g_idx.expand(w.shape[0], -1))
+    torch.testing.assert_close(got.weight, scale * (codes - zero))  # every kept weight on its grid
+    assert torch.equal(got.mask, keep)
+
+
+def test_act_order_is_gptq_on_the_permuted_problem() -> None:
+    w, h = _problem(seed=4)
+    spec = QuantSpec(bits=4, group_size=16, act_order=True)
+    got = gptq(w, h, spec, block_size=16)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    plain = gptq(w[:, order], h[order][:, order], QuantSpec(bits=4, group_size=16), block_size=16)
+    inverse = torch.argsort(order)
+    torch.testing.assert_close(got.weight, plain.weight[:, inverse])
+    assert torch.equal(got.g_idx, (torch.arange(48) // 16)[inverse])
+    assert not torch.equal(got.g_idx, torch.arange(48) // 16)  # the groups really are permuted
