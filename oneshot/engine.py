@@ -205,13 +205,8 @@ def sweep(
     io = io or SweepIO()
     device = resolve_device(config.device)
     blocks_name, blocks = find_blocks(model)
-    home = next(blocks[0].parameters()).device
-    if home.type == "meta":
-        home = torch.device("cpu")
-    if calib is None and (needs or observer is not None or refit is not None):
-        raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
-    if refit is not None and single_pass:
-        raise RuntimeError("a block refit needs the dense block's outputs: it runs in two-pass sweeps only")
+    home = _home(blocks)
+    _check_sweep(calib is not None, needs, observer is not None, refit is not None, single_pass)
     step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
     if calib is not None:
         t0 = time.perf_counter()
@@ -240,6 +235,20 @@ def sweep(
     finally:
         _move_outside(model, blocks, home)
     return blocks_name
+
+
+def _home(blocks: nn.ModuleList) -> torch.device:
+    """Where the blocks live between their turns (the CPU for a skeleton on the meta device)."""
+    home = next(blocks[0].parameters()).device
+    return torch.device("cpu") if home.type == "meta" else home
+
+
+def _check_sweep(has_data: bool, needs: tuple[str, ...], observed: bool, refit: bool, single_pass: bool) -> None:
+    """RuntimeError for a sweep asked for what it cannot give (a programming error, not a user's)."""
+    if not has_data and (needs or observed or refit):
+        raise RuntimeError(f"a sweep gathering {needs or 'block outputs'} needs calibration data")
+    if refit and single_pass:
+        raise RuntimeError("a block refit needs the dense block's outputs: it runs in two-pass sweeps only")
 
 
 @dataclass

@@ -140,7 +140,7 @@ def test_refine_block_options() -> None:
     with pytest.raises(ConfigError, match="--refine block .* needs --passes two"):
         oneshot.PruneConfig(method="wanda", sparsity=0.5, refine="block", passes="single")
     with pytest.raises(ConfigError, match="--recon-lr only matters with --refine block"):
-        oneshot.PruneConfig(method="wanda", sparsity=0.5, recon_lr=1e-3)
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, recon_lr=1e-2)
     with pytest.raises(ConfigError, match="--recon-epochs must be at least 1"):
         oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block", recon_epochs=0)
     config = oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block")
