@@ -25,6 +25,13 @@ def test_grid_hand_computed() -> None:
     assert scale[:, 0].tolist() == pytest.approx([1.0, 2 / 3]) and zero[:, 0].tolist() == [0.0, 2.0]
     with pytest.raises(ConfigError, match="--bits must be"):
         QuantSpec(bits=5)
+    with pytest.raises(ConfigError, match="--group-size must be positive"):
+        QuantSpec(group_size=0)
+    assert QuantSpec() == QuantSpec(bits=4, group_size=128, symmetric=True, act_order=False)
+    assert QuantSpec(bits=8).maxq == 255 and QuantSpec(group_size=1).group_size == 1
+    # symmetric: the larger side sets the range, negative or positive, and a row without negatives is ±max too
+    scale, zero = grid(torch.tensor([[-3.0, 1.0], [1.0, 3.0]]), QuantSpec(bits=2, group_size=None))
+    assert scale[:, 0].tolist() == [2.0, 2.0] and zero[:, 0].tolist() == [2.0, 2.0]
 
 
 def _problem(rows: int = 12, cols: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,13 +73,15 @@ def grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point per row of ``x`` ``[out, g]``, both ``[out, 1]`` (GPTQ's quantizer).
 
     The range always contains 0 (so a zero weight stays exactly zero); symmetric grids use
-    ``±max|x|`` and the middle code as zero point; an all-zero row gets the range ``[−1, 1]``.
+    ``±max|x|`` and the middle code as zero point, for every row (the GPTQ reference leaves a row
+    without negative weights at ``[0, max]``, where the middle zero point clamps its upper half);
+    an all-zero row gets the range ``[−1, 1]``.
     """
     xmin = x.min(dim=1).values.clamp(max=0)
     xmax = x.max(dim=1).values.clamp(min=0)
-    if spec.symmetric:
+    if spec.symmetric:  # ±max|x| (the reference keeps [0, max] for a row with no negative weight)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
     scale = (xmax - xmin) / spec.maxq
