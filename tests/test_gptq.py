@@ -113,3 +113,21 @@ def test_act_order_is_gptq_on_the_permuted_problem() -> None:
     torch.testing.assert_close(got.weight, plain.weight[:, inverse])
     assert torch.equal(got.g_idx, (torch.arange(48) // 16)[inverse])
     assert not torch.equal(got.g_idx, torch.arange(48) // 16)  # the groups really are permuted
+
+
+def test_dead_inputs_and_the_callers_mask() -> None:
+    """A column never activated (H_jj = 0) is zeroed and marked pruned; the caller's mask is left alone."""
+    w, h = _problem(seed=5)
+    h[:, 3] = 0.0
+    h[3, :] = 0.0
+    keep = torch.ones_like(w, dtype=torch.bool)
+    got = gptq(w, h, QuantSpec(bits=4, group_size=16), mask=keep, block_size=16)
+    assert keep.all()  # not written through
+    assert not got.mask[:, 3].any() and torch.equal(got.weight[:, 3], torch.zeros(w.shape[0]))
+    import inspect
+
+    from oneshot.methods.sparsegpt import sparsegpt
+
+    defaults = {k: v.default for k, v in inspect.signature(gptq).parameters.items()}
+    same = inspect.signature(sparsegpt).parameters
+    assert all(defaults[k] == same[k].default for k in ("block_size", "damp", "max_damp_retries"))
