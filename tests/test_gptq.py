@@ -48,6 +48,8 @@ def test_identity_hessian_is_round_to_nearest(group: int | None) -> None:
     got, want = gptq(w, torch.eye(w.shape[1]), spec, block_size=16), rtn(w, spec)
     torch.testing.assert_close(got.weight, want.weight)
     assert torch.equal(got.codes(), want.codes())
+    # the OBS loss Σ err²/2 with err = (w − q)/U_jj, U_jj = 1/√(1 + 0.01) under the damped identity
+    assert got.loss == pytest.approx(float((w - got.weight).square().sum()) * 1.01 / 2, rel=1e-4)
     groups = 1 if group is None else 3  # 48 columns
     assert got.scales.shape == want.scales.shape == got.zeros.shape == (12, groups)
 
