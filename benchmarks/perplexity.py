@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        err = f"{r['mean_relative_error']:.4f}" if "mean_relative_error" in r else "-"
+        err = f"{r['mean_relative_error']:.4f}" if r.get("mean_relative_error") is not None else "-"
         cells = [r["method"], r["pattern"], f"{r['perplexity']:.2f}", f"{r['sparsity']:.4%}", err]
         lines.append("| " + " | ".join([*cells, f"{r['prune_seconds']:.0f}"]) + " |")
     payload = {"command": command, "machine": machine(), "args": vars(args), "bos": bos, "rows": rows}
