@@ -82,6 +82,13 @@ def test_prune_options_are_typed_keyword_arguments() -> None:
     }
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_prune_options(["damp"])
+    from benchmarks.common import parse_method
+
+    assert parse_method("wanda") == ("wanda", {})
+    assert parse_method("sparsegpt/refine=block/recon_lr=0.003/owl=true") == (
+        "sparsegpt",
+        {"refine": "block", "recon_lr": 0.003, "owl": True},
+    )
 
 
 def test_wikitext_halves_partition_the_test_set() -> None:
