@@ -219,7 +219,7 @@ class PruneConfig:
     refine: str | None = option(
         None,
         "Refine after the method. dsnot: swap pruned and kept weights in each row to cancel its expected "
-        "output shift (DSnoT; methods that keep the surviving weights as they are: magnitude, wanda, ria). "
+        "output shift (DSnoT; methods that keep the surviving weights as they are: all but sparsegpt and obs). "
         "block: refit each block's kept weights so its output matches the dense block's (masks fixed).",
         type=str,
         choices=REFINES,
