@@ -389,7 +389,7 @@ def _allocation_pass(
     if saved is None:
         t0 = time.perf_counter()
         io = run.read_only_io(name) if run is not None else None
-        saved = {**run_pass(job, io), "seconds": 0.0}
+        saved = run_pass(job, io)
         saved["seconds"] = time.perf_counter() - t0
         if run is not None:
             run.progress[name] = saved

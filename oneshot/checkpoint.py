@@ -155,6 +155,16 @@ class Checkpoint:
         return out
 
 
+def model_prefix(model: nn.Module) -> str:
+    """The model's ``base_model_prefix`` ("" if none): the name its encoder has inside a task model."""
+    return str(getattr(model, "base_model_prefix", "") or "")
+
+
+def key_candidates(name: str, prefix: str) -> list[str]:
+    """Where parameter ``name`` may be stored: as is, with ``prefix.`` added, or with it removed."""
+    return [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
+
+
 def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
     """Map each parameter name of ``model`` to its key in the checkpoint.
 
@@ -162,15 +172,12 @@ def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
     inside ``BertForMaskedLM`` and vice versa). Tied parameters absent from the checkpoint are left
     out (they are re-tied after loading). Raises :class:`ModelError` listing what is missing.
     """
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    prefix = model_prefix(model)
     tied = set(_tied_keys(model))
     mapping: dict[str, str] = {}
     missing: list[str] = []
     for name, _ in model.named_parameters(remove_duplicate=False):
-        candidates = [name]
-        if prefix:
-            candidates += [f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
-        found = next((c for c in candidates if c in checkpoint.tensors), None)
+        found = next((c for c in key_candidates(name, prefix) if c in checkpoint.tensors), None)
         if found is not None:
             mapping[name] = found
         elif name not in tied:
@@ -260,10 +267,7 @@ class ReferenceWeights:
 
     def key(self, layer: str) -> str:
         """The checkpoint key of ``layer``'s weight; ModelError naming the layer if it has none."""
-        name = f"{layer}.weight"
-        candidates = [name]
-        if self.prefix:
-            candidates += [f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")]
+        candidates = key_candidates(f"{layer}.weight", self.prefix)
         for key in candidates:
             if key in self.checkpoint.tensors:
                 return key

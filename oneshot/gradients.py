@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet
+from oneshot.checkpoint import key_candidates
 from oneshot.errors import ModelError
 from oneshot.layers import is_conv1d
 
@@ -139,8 +140,7 @@ def layer_grad_sq(
     out: dict[str, torch.Tensor] = {}
     for name, module in layers.items():
         key = f"{name}.weight"
-        candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
-        found = next((c for c in candidates if c in saved), None)
+        found = next((c for c in key_candidates(key, prefix) if c in saved), None)
         if found is None:
             raise ModelError(f"the optimizer state has no exp_avg_sq for {key}; was it saved from this model?")
         value, shape = saved[found].float(), tuple(stored_shape(module))

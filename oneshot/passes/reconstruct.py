@@ -12,7 +12,9 @@ that does not lower it is undone and the learning rate halved, so the recorded e
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,21 @@ class RefitRecord:
     block: int
     errors: list[float]
     seconds: float
+
+
+@contextlib.contextmanager
+def in_float32(block: nn.Module) -> Iterator[None]:
+    """Hold ``block`` in float32 inside the ``with`` (what :class:`RefitBatches` runs in), then cast it back.
+
+    bf16 / fp16 values are exact in float32, so a block whose weights are not changed comes back
+    bit for bit.
+    """
+    dtype = next(block.parameters()).dtype
+    block.float()
+    try:
+        yield
+    finally:
+        block.to(dtype)
 
 
 def _squared(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -57,16 +74,9 @@ def refit_block(
     ``errors[0]`` is the error before the refit, then one entry per accepted pass (each lower than
     the one before). Other parameters of the block (norms, biases) are left as they are.
     """
-    dtype = next(block.parameters()).dtype
-    flags = {id(p): p.requires_grad for p in block.parameters()}
-    block.float()
     weights: list[torch.Tensor] = [module.weight for module in linears.values()]  # type: ignore[misc]
     keep = [w.detach() != 0 for w in weights]
-    try:
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
+    with in_float32(block), _gradients_of(block, weights):
         denominator = sum(
             float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True)
         )
@@ -94,11 +104,22 @@ def refit_block(
                 for group in optimizer.param_groups:
                     group["lr"] /= 2
         return errors
+
+
+@contextlib.contextmanager
+def _gradients_of(block: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+    """Only ``weights`` require gradients inside the ``with``; afterwards every flag is as it was, no grads kept."""
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        yield
     finally:
         for p in block.parameters():
             p.grad = None
             p.requires_grad_(flags.get(id(p), False))
-        block.to(dtype)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from oneshot.layers import as_matrix, from_matrix
 from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
 from oneshot.methods.base import LayerStats
 from oneshot.methods.registry import METHODS
-from oneshot.passes.reconstruct import output_error
+from oneshot.passes.reconstruct import in_float32, output_error
 
 
 @dataclass
@@ -59,22 +59,20 @@ def sensitivity_allocation(
 
     def probe(i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
         assert spec.run is not None
-        dtype = next(block.parameters()).dtype
-        block.float()  # the batches run in float32
         dense = {name: as_matrix(module) for name, (module, _) in pending.items()}
-        try:
-            errors = []
-            for sparsity in probes:
-                for name, (module, stats) in pending.items():
-                    from_matrix(module, spec.run(dense[name], stats, sparsity, options).weight)
-                errors.append(output_error(batches))
-            curves[i] = errors
-            params[i] = sum(w.numel() for w in dense.values())
-        finally:
-            for name, (module, _) in pending.items():
-                from_matrix(module, dense[name])
-            block.to(dtype)
-            pending.clear()
+        with in_float32(block):  # the batches run in float32
+            try:
+                errors = []
+                for sparsity in probes:
+                    for name, (module, stats) in pending.items():
+                        from_matrix(module, spec.run(dense[name], stats, sparsity, options).weight)
+                    errors.append(output_error(batches))
+                curves[i] = errors
+                params[i] = sum(w.numel() for w in dense.values())
+            finally:
+                for name, (module, _) in pending.items():
+                    from_matrix(module, dense[name])
+                pending.clear()
 
     sweep(model, calib, config, config.stat_needs(), visit, times=times, desc="sensitivity", io=io, refit=probe)
     order = sorted(curves)

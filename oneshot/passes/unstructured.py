@@ -19,7 +19,7 @@ from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator, TokenSample, relative_error
-from oneshot.checkpoint import ReferenceWeights
+from oneshot.checkpoint import ReferenceWeights, model_prefix
 from oneshot.config import PruneConfig
 from oneshot.engine import (
     SAMPLE,
@@ -163,9 +163,8 @@ class _Pruner:
 
 def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
     """The base checkpoint's weights, every prunable layer checked to be there before any work."""
-    if config.base is None:
-        raise ConfigError(f"--method {config.method} needs --base BASE_FOLDER")
-    reference = ReferenceWeights(config.base, str(getattr(model, "base_model_prefix", "") or ""))
+    assert config.base is not None  # PruneConfig refuses a method that reads a base without --base
+    reference = ReferenceWeights(config.base, model_prefix(model))
     for layer in prunable_layers(model, config):
         reference.key(layer)
     return reference
@@ -175,8 +174,7 @@ def _grad_sq(model: nn.Module, calib: CalibrationSet | None, config: PruneConfig
     """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``."""
     layers = prunable_modules(model, config)
     if config.optimizer_state is not None:
-        prefix = str(getattr(model, "base_model_prefix", "") or "")
-        return layer_grad_sq(load_optimizer_state(config.optimizer_state, model), layers, prefix)
+        return layer_grad_sq(load_optimizer_state(config.optimizer_state, model), layers, model_prefix(model))
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ConfigError(
             f"--method {config.method} takes gradients through the whole model, which a streamed run never holds: "
