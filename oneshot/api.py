@@ -21,11 +21,11 @@ from torch import nn
 
 from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors
-from oneshot.config import CalibrationConfig, PruneConfig
+from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
-from oneshot.layers import find_blocks
+from oneshot.layers import find_blocks, is_conv1d
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import default_budget, peak_rss
 from oneshot.methods.allocation import apply_sparsity_map, uniform
@@ -34,6 +34,7 @@ from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
 from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
+from oneshot.quantized import QuantizedLayer, check_groups, check_loader
 from oneshot.streaming import StreamingRun, partial_dir
 from oneshot.writer import check_output_dir, save_pruned
 
@@ -54,6 +55,8 @@ class Report:
     model: str = ""
     out_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Quantized layers in their saved (compressed-tensors) form; pass to ``save_pruned(quantized=...)``.
+    quantized: dict[str, QuantizedLayer] = field(default_factory=dict, repr=False)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -102,6 +105,10 @@ class Report:
                 lines.append(f"saved to {self.out_dir}")
             return "\n".join(lines)
         pattern = f"{self.config.nm[0]}:{self.config.nm[1]}" if self.config.nm else f"{self.config.sparsity:.0%}"
+        quant = self.extra.get("quantization")
+        if quant:
+            group = "per row" if quant["group_size"] is None else f"g{quant['group_size']}"
+            pattern += f", then {quant['method']} {quant['bits']}-bit {group}" if self.config.then else ""
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
             f"method {self.config.method} at {pattern}: {len(self.layers)} linear layers in {self.blocks}",
@@ -150,6 +157,7 @@ def prune(
     overwrite: bool = False,
     config: PruneConfig | None = None,
     sparsities: dict[str, float | None] | None = None,
+    recipe: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> Report:
     """Prune a model in place (or a checkpoint: a folder / hub name / .gguf) and return a :class:`Report`.
@@ -163,9 +171,19 @@ def prune(
     ``stream=True``) is pruned block by block from its shards straight into ``out``
     (:mod:`oneshot.streaming`). ``owl=True`` (with ``owl_m``, ``owl_lambda``) allocates per-block
     sparsities by outlier ratio first; ``sparsity_map={glob: sparsity | "skip"}`` then overrides
-    layers by name, and ``sparsities`` (exact layer names) overrides both.
+    layers by name, and ``sparsities`` (exact layer names) overrides both. ``then="gptq"`` (with
+    ``bits``, ``group_size``, ``symmetric``, ``act_order``) quantizes each layer after pruning it
+    (``method="gptq"`` quantizes only); ``report.quantized`` then holds the layers' saved form.
+    ``recipe`` is a recipe file (:func:`oneshot.config.read_recipe`); the other arguments override it.
     """
     start = time.perf_counter()
+    if recipe is not None:
+        if config is not None:
+            raise ConfigError("pass either config=PruneConfig(...) or recipe=FILE, not both")
+        options = {**read_recipe(recipe), **options}
+        method = options.pop("method", None) if method is None else method
+        sparsity = options.pop("sparsity", None) if sparsity is None else sparsity
+        nm = options.pop("nm", None) if nm is None else nm
     config = _make_config(config, method, sparsity, nm, calibration, options)
     out_path = _output_path(out, config, overwrite)
 
@@ -208,6 +226,8 @@ def check_layers(model: nn.Module, config: PruneConfig) -> None:
             f"found no linear layer to prune in {blocks_name}.0 (it holds: {found}); oneshot prunes nn.Linear and "
             "GPT-2 Conv1D layers" + (", and --skip leaves none" if config.skip_layers else "")
         )
+    if config.quantizes:
+        _check_quantizable(model, config, layers)
     if config.nm is not None:
         m = config.nm[1]
         misfit = [name for name, width in layers.items() if width % m]
@@ -216,6 +236,18 @@ def check_layers(model: nn.Module, config: PruneConfig) -> None:
                 f"--nm {config.nm[0]}:{m} needs every pruned layer's input width to be a multiple of {m}; "
                 f"{len(misfit)} are not (e.g. {misfit[0]}): leave them dense with --skip or choose another M"
             )
+
+
+def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, int]) -> None:
+    """A quantized run's output must be loadable: the format's package present, plain Linear layers, whole groups."""
+    check_loader()
+    conv = [name for name, module in model.named_modules() if name in layers and is_conv1d(module)]
+    if conv:
+        raise ConfigError(
+            f"the compressed-tensors format stores nn.Linear layers; {conv[0]} is a GPT-2 Conv1D "
+            f"({len(conv)} layers): quantize a model with nn.Linear layers or leave these dense with --skip"
+        )
+    check_groups(layers, config.quant_spec())
 
 
 def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:
@@ -439,7 +471,20 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
         extra["skipped_layers"] = sweep.skipped
     if sweep.refits:
         extra["block_refit"] = [dataclasses.asdict(r) for r in sweep.refits]
-    return Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)
+    if config.quantizes:
+        spec = config.quant_spec()
+        extra["quantization"] = {
+            "method": config.quantizer,
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "symmetric": spec.symmetric,
+            "act_order": spec.act_order,
+            "format": "compressed-tensors pack-quantized",
+            "layers": sum(r.bits is not None for r in sweep.layers),
+        }
+    report = Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)
+    report.quantized = sweep.quantized
+    return report
 
 
 def _finish(
@@ -459,9 +504,20 @@ def _finish(
         t0 = time.perf_counter()
         report.out_dir = str(out_path)
         if run is not None:
-            report.extra["verified_bytes"] = run.finish(tokenizer, report.to_dict(), report.config.to_dict())
+            report.extra["verified_bytes"] = run.finish(
+                tokenizer, report.to_dict(), report.config.to_dict(), report.config.to_recipe()
+            )
         else:
-            save_pruned(model, tokenizer, out_path, report.to_dict(), report.config.to_dict(), overwrite=overwrite)
+            save_pruned(
+                model,
+                tokenizer,
+                out_path,
+                report.to_dict(),
+                report.config.to_dict(),
+                overwrite=overwrite,
+                quantized=report.quantized,
+                recipe=report.config.to_recipe(),
+            )
         report.extra["write_seconds"] = time.perf_counter() - t0
         report.seconds = time.perf_counter() - start
         report.extra["peak_rss_bytes"] = peak_rss()

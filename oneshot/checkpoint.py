@@ -165,19 +165,23 @@ def key_candidates(name: str, prefix: str) -> list[str]:
     return [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
 
 
-def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint, *, packed: bool = False) -> dict[str, str]:
     """Map each parameter name of ``model`` to its key in the checkpoint.
 
     Keys match directly, or differ by the model's ``base_model_prefix`` (a ``BertModel`` saved
     inside ``BertForMaskedLM`` and vice versa). Tied parameters absent from the checkpoint are left
-    out (they are re-tied after loading). Raises :class:`ModelError` listing what is missing.
+    out (they are re-tied after loading). With ``packed`` a weight saved quantized (``…weight_packed``,
+    the compressed-tensors format) counts as present. Raises :class:`ModelError` listing what is missing.
     """
     prefix = model_prefix(model)
     tied = set(_tied_keys(model))
     mapping: dict[str, str] = {}
     missing: list[str] = []
     for name, _ in model.named_parameters(remove_duplicate=False):
-        found = next((c for c in key_candidates(name, prefix) if c in checkpoint.tensors), None)
+        candidates = key_candidates(name, prefix)
+        if packed and name.endswith(".weight"):
+            candidates += [c + "_packed" for c in candidates]
+        found = next((c for c in candidates if c in checkpoint.tensors), None)
         if found is not None:
             mapping[name] = found
         elif name not in tied:
@@ -241,13 +245,25 @@ def check_loadable(folder: Path) -> None:
     """
     checkpoint = Checkpoint(folder)
     skeleton = build_skeleton(folder, checkpoint.dtype())
-    keys = checkpoint_keys(skeleton, checkpoint)
+    keys = checkpoint_keys(skeleton, checkpoint, packed=True)
+    bits = int(_quantization(folder).get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits", 0))
     for name, param in skeleton.named_parameters():
-        if name in keys and tuple(param.shape) != checkpoint.tensors[keys[name]].shape:
+        shape = tuple(param.shape)
+        if name in keys and keys[name].endswith("_packed"):  # codes packed along the input: [out, ⌈in·bits/32⌉]
+            shape = (shape[0], -(-shape[1] * bits // 32))
+        if name in keys and shape != checkpoint.tensors[keys[name]].shape:
             raise ModelError(
                 f"saved {keys[name]} has shape {checkpoint.tensors[keys[name]].shape} but the saved config "
                 f"builds {tuple(param.shape)}"
             )
+
+
+def _quantization(folder: Path) -> dict[str, Any]:
+    """The ``quantization_config`` of a checkpoint folder's ``config.json`` (empty when it has none)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    found: dict[str, Any] = config.get("quantization_config") or {}
+    return found
 
 
 class ReferenceWeights:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from oneshot.config import CalibrationConfig, PruneConfig
+from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
 from oneshot.errors import OneshotError
 from oneshot.methods.registry import list_methods
 
@@ -81,15 +81,28 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def config_from_options(opts: dict[str, Any]) -> PruneConfig:
-    """A :class:`PruneConfig` from the parsed CLI options (unset ones keep their defaults)."""
+def config_from_options(opts: dict[str, Any], recipe: Path | None = None) -> PruneConfig:
+    """A :class:`PruneConfig` from the parsed CLI options (unset ones keep their defaults).
+
+    With a ``recipe`` file its options come first and the options typed on the command line win.
+    """
 
     def given(fields: tuple[dataclasses.Field[Any], ...]) -> dict[str, Any]:
         values = {f.name: opts[f.name] for f in fields if f.name in opts and f.name != "calibration"}
+        if recipe is not None:  # only what was typed overrides the recipe, not click's defaults
+            context = click.get_current_context(silent=True)
+            typed = {
+                name
+                for name in values
+                if context is None or context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+            }
+            values = {k: v for k, v in values.items() if k in typed}
         return {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in values.items() if v is not None}
 
-    calibration = CalibrationConfig(**given(dataclasses.fields(CalibrationConfig)))
-    return PruneConfig(calibration=calibration, **given(dataclasses.fields(PruneConfig)))
+    base = read_recipe(recipe) if recipe is not None else {}
+    calibration = base.pop("calibration", CalibrationConfig())
+    calibration = dataclasses.replace(calibration, **given(dataclasses.fields(CalibrationConfig)))
+    return PruneConfig(calibration=calibration, **{**base, **given(dataclasses.fields(PruneConfig))})
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PruneConfig)}
@@ -113,8 +126,14 @@ def main() -> None:
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "--recipe",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML / JSON recipe: the stages (a pruning method, then optionally a quantizer) and options, as saved "
+    "in every output folder's recipe.yaml; options typed on the command line override it.",
+)
 @config_options
-def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
+def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: Any) -> None:
     """Prune MODEL (a folder, a .gguf file or a hub name) and save it to --out.
 
     \b
@@ -130,6 +149,14 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
       oneshot prune ./model --method structured --ratio 0.2 --target mlp --out ./smaller
       oneshot prune ./Llama-70B --method wanda --sparsity 0.5 --stream --out ./pruned70   # any size
       oneshot prune ./Llama-70B --method wanda --sparsity 0.5 --stream --resume --out ./pruned70
+      oneshot prune ./model --method gptq --bits 4 --group-size 128 --out ./model-w4     # quantize only
+      oneshot prune ./model --method sparsegpt --sparsity 0.5 --then gptq --bits 4 --out ./model-50-w4
+      oneshot prune ./model --recipe ./model-50-w4/recipe.yaml --out ./again
+
+    \b
+    A quantized run (--method gptq / rtn, or --then) is saved in the compressed-tensors format
+    (packed int codes, scales and zero points; `pip install 'oneshot[quant]'`), which transformers
+    with compressed-tensors and vLLM load; it is about 4x smaller than bf16 at 4 bits.
 
     \b
     A checkpoint larger than --max-memory is streamed: one block in memory at a time, each pruned
@@ -141,7 +168,7 @@ def prune(model: str, out: Path, overwrite: bool, **opts: Any) -> None:
     _setup_logging(opts["quiet"])
 
     def go() -> None:
-        config = config_from_options(opts)
+        config = config_from_options(opts, recipe)
         report = api_prune(model, config=config, out=out, overwrite=overwrite)
         click.echo(report.summary())
 

@@ -19,7 +19,8 @@ from typing import Any
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import parse_sparsity_map
 from oneshot.methods.base import MethodOptions
-from oneshot.methods.registry import METHODS
+from oneshot.methods.gptq import QuantSpec
+from oneshot.methods.registry import METHODS, QUANTIZERS
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
@@ -69,9 +70,11 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return (n, m)
 
 
-#: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data.
+#: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data,
+#: every run that quantizes (``--method gptq`` / ``rtn``, or ``--then``).
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
+QUANTIZES = "quantizes"
 
 #: Mask refinements (``--refine``).
 REFINES = ("dsnot", "block")
@@ -151,7 +154,9 @@ class PruneConfig:
     folder block by block from its shards; ``resume`` continues an interrupted streaming run.
     """
 
-    method: str = option("sparsegpt", "Pruning method (see `oneshot methods`).", choices=tuple(METHODS))
+    method: str = option(
+        "sparsegpt", "Pruning method, or gptq / rtn to quantize only (see `oneshot methods`).", choices=tuple(METHODS)
+    )
     sparsity: float | None = option(
         None, "Fraction of weights to zero in each layer, in [0, 1).", type=float, uses=UNSTRUCTURED
     )
@@ -233,6 +238,28 @@ class PruneConfig:
         4, "Block reconstruction: Adam passes over the calibration set per block.", requires="refine=block"
     )
     recon_lr: float = option(1e-3, "Block reconstruction: Adam's learning rate.", requires="refine=block")
+    then: str | None = option(
+        None,
+        "Quantize after pruning, in the same sweep: gptq (the pruned zeros held at zero while the kept weights "
+        "are rounded with GPTQ's updates, SparseGPT's joint solve) or rtn. Saved in the compressed-tensors format.",
+        type=str,
+        choices=QUANTIZERS,
+        uses=UNSTRUCTURED,
+    )
+    bits: int = option(4, "Quantization: bits per weight (2, 3, 4 or 8).", uses=QUANTIZES)
+    group_size: int = option(
+        128, "Quantization: input columns sharing a scale; -1 = one scale per output row.", uses=QUANTIZES
+    )
+    symmetric: bool = option(
+        True,
+        "Quantization: symmetric grid (zero point in the middle); --no-symmetric fits min and max with a zero point.",
+        uses=QUANTIZES,
+    )
+    act_order: bool = option(
+        False,
+        "GPTQ: round columns in decreasing order of their input's energy (diag H), groups kept in place.",
+        uses=QUANTIZES,
+    )
     skip_layers: tuple[str, ...] = option(
         (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
     )
@@ -293,6 +320,8 @@ class PruneConfig:
         if METHODS[self.method].structured:
             self._check_structured()
             object.__setattr__(self, "sparsity", 0.0)
+        if METHODS[self.method].quantizes:
+            self._check_quantize_only()
         if self.sparsity is None:
             raise ConfigError("no sparsity given; pass --sparsity (e.g. 0.5) or --nm (e.g. 2:4)")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -305,6 +334,11 @@ class PruneConfig:
         if self.allocate:
             self._check_allocate()
         object.__setattr__(self, "sparsity_map", _sparsity_map(self.sparsity_map))
+        if METHODS[self.method].quantizes and any(value != "skip" for _, value in self.sparsity_map):
+            raise ConfigError(
+                f"--method {self.method} quantizes without pruning, so a sparsity map can only leave layers in full "
+                'precision ("skip"); drop its sparsity values'
+            )
         if nm is not None and any(value != "skip" for _, value in self.sparsity_map):
             raise ConfigError(
                 f"--nm {nm[0]}:{nm[1]} gives every pruned layer the same pattern, so a sparsity map can only "
@@ -340,7 +374,9 @@ class PruneConfig:
                 "pass --base BASE_FOLDER"
             )
         if self.refine == "dsnot" and METHODS[self.method].updates_weights:
-            keeps = ", ".join(n for n, spec in METHODS.items() if not spec.updates_weights and not spec.structured)
+            keeps = ", ".join(
+                n for n, spec in METHODS.items() if not (spec.updates_weights or spec.structured or spec.quantizes)
+            )
             raise ConfigError(
                 f"--refine dsnot swaps weights back at their dense values, so it refines the methods that keep the "
                 f"surviving weights as they are ({keeps}), not {self.method}, which updates them; "
@@ -352,10 +388,41 @@ class PruneConfig:
             raise ConfigError(
                 f"--recon-epochs must be at least 1 and --recon-lr positive (got {self.recon_epochs}, {self.recon_lr})"
             )
+        if self.quantizes:
+            self._check_quantization()
         if self.dsnot_cycles < 1:
             raise ConfigError(f"--dsnot-cycles must be at least 1 (got {self.dsnot_cycles})")
         if self.dsnot_threshold < 0:
             raise ConfigError(f"--dsnot-threshold must be >= 0 (got {self.dsnot_threshold})")
+
+    def _check_quantize_only(self) -> None:
+        """``--method gptq`` / ``rtn`` quantize without pruning: no sparsity, no second quantizer."""
+        if self.sparsity or self.nm is not None:
+            raise ConfigError(
+                f"--method {self.method} quantizes without pruning; to prune and quantize, name the pruning method "
+                f"and add the quantizer: --method sparsegpt --sparsity 0.5 --then {self.method}"
+            )
+        if self.then is not None:
+            raise ConfigError(f"--method {self.method} already quantizes; drop --then")
+        if self.refine is not None or self.owl or self.allocate is not None:
+            raise ConfigError(
+                f"--method {self.method} quantizes without pruning, so --refine, --owl and --allocate (which act on "
+                "pruning masks) do nothing; drop them"
+            )
+        object.__setattr__(self, "sparsity", 0.0)
+
+    def _check_quantization(self) -> None:
+        """The grid's knobs, and the options a quantized run cannot be combined with."""
+        if self.group_size == 0 or self.group_size < -1:
+            raise ConfigError(f"--group-size must be positive, or -1 for one scale per row (got {self.group_size})")
+        self.quant_spec()  # checks --bits
+        if self.act_order and self.quantizer != "gptq":
+            raise ConfigError("--act-order changes GPTQ's column order; round-to-nearest has none: drop it")
+        if self.refine == "block":
+            raise ConfigError(
+                "--refine block refits each block after its layers are done, which would move quantized weights off "
+                "their grid: use --then with --refine dsnot or without --refine"
+            )
 
     def _check_owl(self) -> None:
         """OWL's M and λ, and its incompatibility with N:M."""
@@ -407,6 +474,7 @@ class PruneConfig:
                 uses is None
                 or (uses == UNSTRUCTURED and not spec.structured)
                 or (uses == USES_DATA and uses_data)
+                or (uses == QUANTIZES and self.quantizes)
                 or (isinstance(uses, tuple) and self.method in uses)
             )
             if not applies:
@@ -433,18 +501,37 @@ class PruneConfig:
             raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
 
     @property
+    def quantizer(self) -> str | None:
+        """The quantizer this run ends with: the method itself (gptq, rtn), ``--then``, or None."""
+        return self.method if METHODS[self.method].quantizes else self.then
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the run puts weights on a quantization grid (and is saved in the compressed-tensors format)."""
+        return self.quantizer is not None
+
+    def quant_spec(self, dtype: Any = None) -> QuantSpec:
+        """The quantization grid of this run; scales rounded to ``dtype`` (the model's) where given."""
+        import torch
+
+        group = None if self.group_size == -1 else self.group_size
+        return QuantSpec(self.bits, group, self.symmetric, self.act_order, dtype or torch.float32)
+
+    @property
     def uses_data(self) -> bool:
         """Whether the run reads calibration data (a data-free method needs it only for OWL or a refinement)."""
         spec = METHODS[self.method]
         gradients = spec.gradients and self.optimizer_state is None  # the empirical Fisher runs the samples
-        extra = self.owl or self.allocate is not None or self.refine is not None
+        stage = bool(self.then and METHODS[self.then].needs)  # --then gptq reads Hessians
+        extra = self.owl or self.allocate is not None or self.refine is not None or stage
         return bool(spec.needs) or spec.structured or gradients or extra
 
     def stat_needs(self) -> tuple[str, ...]:
-        """The input statistics the method and the refinement read, each once."""
+        """The input statistics the method, the refinement and the quantization stage read, each once."""
         from oneshot.methods.dsnot import NEEDS
 
         needs = METHODS[self.method].needs + (NEEDS if self.refine == "dsnot" else ())
+        needs += METHODS[self.then].needs if self.then else ()
         return tuple(dict.fromkeys(needs))
 
     def method_options(self) -> MethodOptions:
@@ -459,7 +546,28 @@ class PruneConfig:
             compare=self.compare,
             dsnot_cycles=self.dsnot_cycles,
             dsnot_threshold=self.dsnot_threshold,
+            quant=self.quant_spec() if self.quantizes else None,
         )
+
+    def to_recipe(self) -> dict[str, Any]:
+        """This run as a recipe (see :func:`read_recipe`): its stages and the options that differ from the defaults."""
+        data = self.to_dict()
+        quantize = {f.name for f in dataclasses.fields(self) if f.metadata.get("uses") == QUANTIZES}
+        first: dict[str, Any] = {"method": self.method}
+        if not METHODS[self.method].quantizes and not METHODS[self.method].structured:
+            first["sparsity" if self.nm is None else "nm"] = data["sparsity" if self.nm is None else "nm"]
+        grid = {name: data[name] for name in sorted(quantize)} if self.quantizes else {}
+        stages = [first, {"method": self.then, **grid}] if self.then else [{**first, **grid}]
+        rest: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in {"method", "then", "sparsity", "nm", "calibration", *quantize, *_NOT_IN_RECIPE}:
+                continue
+            if not _is_default(getattr(self, f.name), f.default):
+                rest[f.name] = data[f.name]
+        if self.uses_data:
+            rest["calibration"] = data["calibration"]
+        recipe: dict[str, Any] = json.loads(json.dumps({"stages": stages, **rest}))  # tuples as lists
+        return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the resolved configuration (saved next to the output)."""
@@ -473,6 +581,7 @@ class PruneConfig:
 _KINDS = {
     UNSTRUCTURED: "the methods that prune single weights",
     USES_DATA: "the methods that read calibration data",
+    QUANTIZES: "the quantizers: --method gptq / rtn, or --then",
 }
 
 
@@ -501,18 +610,73 @@ def _sparsity_map(value: object) -> tuple[tuple[str, float | str], ...]:
     return parse_sparsity_map(dict(value))  # type: ignore[call-overload]
 
 
-def read_sparsity_map(path: Path) -> tuple[tuple[str, float | str], ...]:
-    """Read a ``{layer glob: sparsity | "skip"}`` map from a JSON or YAML file."""
+def read_structured(path: Path, what: str) -> Any:
+    """The content of a JSON or YAML file (by suffix), or a :class:`ConfigError` naming ``what`` it is for."""
     if not path.is_file():
-        raise ConfigError(f"--sparsity-map {path} is not a file; pass a JSON or YAML file")
+        raise ConfigError(f"{what} {path} is not a file; pass a JSON or YAML file")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
+            return yaml.safe_load(text)
+        return json.loads(text)
     except Exception as exc:  # json and yaml raise different types
-        raise ConfigError(f"--sparsity-map {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
-    return parse_sparsity_map(raw, f"--sparsity-map {path}")
+        raise ConfigError(f"{what} {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+
+
+def read_sparsity_map(path: Path) -> tuple[tuple[str, float | str], ...]:
+    """Read a ``{layer glob: sparsity | "skip"}`` map from a JSON or YAML file."""
+    return parse_sparsity_map(read_structured(path, "--sparsity-map"), f"--sparsity-map {path}")
+
+
+#: Run options a recipe does not record: where and how this machine runs it, not what it computes.
+_NOT_IN_RECIPE = ("quiet", "resume", "stream", "max_memory", "device")
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The :class:`PruneConfig` fields of a recipe file (YAML or JSON), as :func:`PruneConfig.to_recipe` writes it.
+
+    A recipe lists its ``stages`` in order: a pruning method with its options, then optionally a
+    quantizer (``gptq`` / ``rtn``) with its grid; other run options (``calibration``, ...) sit next
+    to ``stages``. For example::
+
+        stages:
+          - {method: sparsegpt, sparsity: 0.5}
+          - {method: gptq, bits: 4, group_size: 128}
+        calibration: {nsamples: 128, seqlen: 2048}
+    """
+    where = f"recipe {path}"
+    raw = read_structured(Path(path), "--recipe")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping with a 'stages' list")
+    raw = dict(raw)
+    stages = raw.pop("stages", [])
+    if not isinstance(stages, list) or not 1 <= len(stages) <= 2 or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(
+            f"{where}: 'stages' must list one or two stages, each a mapping with a 'method': a pruning method, "
+            "then optionally a quantizer (gptq or rtn)"
+        )
+    fields: dict[str, Any] = {}
+    for index, stage in enumerate(stages):
+        stage = dict(stage)
+        method = stage.pop("method", None)
+        if index == 1 and method not in QUANTIZERS:
+            raise ConfigError(f"{where}: the second stage must quantize (gptq or rtn), not {method!r}")
+        stage["then" if index else "method"] = method
+        clash = sorted(set(stage) & set(fields))
+        if clash:
+            raise ConfigError(f"{where}: {clash[0]} is set in two stages; set it once")
+        fields.update(stage)
+    fields.update(raw)
+    known = {f.name for f in dataclasses.fields(PruneConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r}; recipes use the option names of `oneshot prune`")
+    if isinstance(fields.get("calibration"), dict):
+        fields["calibration"] = CalibrationConfig(**fields["calibration"])
+    if isinstance(fields.get("nm"), str):
+        fields["nm"] = parse_nm(fields["nm"])
+    if isinstance(fields.get("skip_layers"), list):
+        fields["skip_layers"] = tuple(fields["skip_layers"])
+    return fields

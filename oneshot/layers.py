@@ -73,6 +73,11 @@ def input_width(module: nn.Module) -> int:
     return int(shape[0] if is_conv1d(module) else shape[1])
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layer's weight is stored (and saved) in."""
+    return _tensor(module, "weight").dtype
+
+
 def as_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float32 ``[out, in]`` copy (Conv1D's ``[in, out]`` is transposed)."""
     weight = _tensor(module, "weight").detach()

@@ -33,8 +33,9 @@ from oneshot.errors import OutputError
 from oneshot.layers import find_blocks
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
+from oneshot.quantized import QuantizedLayer, check_layer
 from oneshot.shards import ShardWriter, header_room, verify_shards
-from oneshot.writer import CONFIG_FILE, REPORT_FILE, publish
+from oneshot.writer import add_quantization_config, publish, unquantized_linears, write_run_files
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class StreamingRun:
         assert self.store is not None
 
         def after_block(index: int, block: nn.Module) -> None:
-            self._write_block(index, block)
+            self._write_block(index, block, result.quantized if result is not None else {})
             self.progress["next_block"] = index + 1
             if result is not None:
                 self.progress["layers"] = [dataclasses.asdict(r) for r in result.layers]
@@ -230,12 +231,24 @@ class StreamingRun:
         result.skipped.extend(self.progress.get("skipped", []))
         result.refits.extend(RefitRecord(**record) for record in self.progress.get("refits", []))
 
-    def _write_block(self, index: int, block: nn.Module) -> None:
+    def _write_block(self, index: int, block: nn.Module, quantized: dict[str, QuantizedLayer]) -> None:
+        """Write the block's tensors (a quantized layer's in its compressed form, checked, then dropped)."""
         assert self.writer is not None
         prefix = self.source.block_prefix(index)
+        modules = dict(block.named_modules())
+        compressed = set()
+        for name in [n for n in quantized if n.startswith(prefix)]:
+            layer = quantized.pop(name)
+            check_layer(name, layer, modules[name[len(prefix) :]].weight)
+            key = self.source.keys.get(f"{name}.weight", f"{name}.weight").removesuffix("weight")
+            for suffix, tensor in layer.tensors.items():
+                self.writer.add(key + suffix, tensor)
+            compressed.add(f"{name}.weight")
+            self.progress.setdefault("quantized", []).append(name)
         for name, param in block.named_parameters():
             full = prefix + name
-            self.writer.add(self.source.keys.get(full, full), param.data)
+            if full not in compressed:
+                self.writer.add(self.source.keys.get(full, full), param.data)
 
     def save_progress(self) -> None:
         """Flush shards and activations, then replace ``progress.json`` atomically."""
@@ -250,7 +263,9 @@ class StreamingRun:
 
     # -- finishing ----------------------------------------------------------------------------
 
-    def finish(self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any]) -> int:
+    def finish(
+        self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any], recipe: dict[str, Any] | None = None
+    ) -> int:
         """Name and index the shards, add config, tokenizer and report, verify, rename into place.
 
         Returns the number of tensor bytes verified.
@@ -264,13 +279,17 @@ class StreamingRun:
         (self.partial / PROGRESS_FILE).unlink()
         model_config: Any = self.model.config
         model_config.save_pretrained(self.partial)
+        quantized = set(self.progress.get("quantized", []))
+        if quantized:
+            add_quantization_config(
+                self.partial, self.config.quant_spec(), unquantized_linears(self.model, dict.fromkeys(quantized))
+            )
         generation = self.folder / "generation_config.json"
         if generation.exists():
             shutil.copy2(generation, self.partial / generation.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.partial)
         verified = verify_shards(self.partial, digests)
-        (self.partial / REPORT_FILE).write_text(json.dumps({**report, "verified_bytes": verified}, indent=2) + "\n")
-        (self.partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_run_files(self.partial, {**report, "verified_bytes": verified}, config, recipe)
         publish(self.partial, self.out, self.overwrite)
         return verified

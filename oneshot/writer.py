@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,28 @@ from torch import nn
 
 from oneshot.checkpoint import check_loadable
 from oneshot.errors import ModelError, OutputError
+from oneshot.methods.gptq import QuantSpec
+from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
 from oneshot.shards import SavedTensor, iter_saved, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "oneshot_report.json"
 CONFIG_FILE = "oneshot_config.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def write_run_files(
+    folder: Path, report: dict[str, Any], config: dict[str, Any], recipe: dict[str, Any] | None
+) -> None:
+    """Write the report, the resolved config and (where given) the recipe that re-makes the run into ``folder``."""
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if recipe is not None:
+        import yaml
+
+        header = "# oneshot recipe: `oneshot prune MODEL --recipe recipe.yaml --out DIR` makes this run again\n"
+        (folder / RECIPE_FILE).write_text(header + yaml.safe_dump(recipe, sort_keys=False))
 
 
 def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -40,14 +57,24 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
     return path
 
 
-def verify_saved_model(model: nn.Module, folder: Path) -> int:
+def saved_state(model: nn.Module, quantized: Mapping[str, QuantizedLayer] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a save writes: the model's state dict, each quantized layer's weight in its compressed form."""
+    state = model.state_dict()
+    for name, layer in (quantized or {}).items():
+        del state[f"{name}.weight"]
+        state.update({f"{name}.{key}": tensor for key, tensor in layer.tensors.items()})
+    return state
+
+
+def verify_saved_model(model: nn.Module, folder: Path, quantized: Mapping[str, QuantizedLayer] | None = None) -> int:
     """Compare every tensor saved in ``folder`` with the model's, one at a time; returns bytes compared.
 
     Reads the shards with plain file reads (never a second model in memory). Every saved tensor
-    must equal the model's bit for bit, every model tensor must be saved (or tied to a saved one),
-    and the saved config must build the saved shapes. Raises :class:`OutputError` otherwise.
+    must equal the model's bit for bit (a quantized layer's compressed tensors, see
+    :func:`saved_state`), every model tensor must be saved (or tied to a saved one), and the saved
+    config must build the saved shapes. Raises :class:`OutputError` otherwise.
     """
-    state = model.state_dict()
+    state = saved_state(model, quantized)
     saved_ptrs: set[int] = set()
     total = 0
     for saved in iter_saved(folder):
@@ -99,6 +126,26 @@ def publish(tmp: Path, path: Path, overwrite: bool) -> None:
         tmp.rename(path)
 
 
+def add_quantization_config(folder: Path, spec: QuantSpec, ignore: list[str]) -> None:
+    """Write the compressed-tensors ``quantization_config`` into ``folder``'s ``config.json``."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"] = quantization_config(spec, ignore)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def unquantized_linears(model: nn.Module, quantized: Mapping[str, Any]) -> list[str]:
+    """The ``nn.Linear`` layers a quantized model keeps in full precision (the config's ``ignore`` list)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
+
+
+def check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedLayer]) -> None:
+    """Every quantized layer, dequantized by the compressed-tensors package, equals the model's weight bit for bit."""
+    modules = dict(model.named_modules())
+    for name, layer in quantized.items():
+        check_layer(name, layer, modules[name].weight)
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
@@ -109,12 +156,17 @@ def save_pruned(
     overwrite: bool = False,
     verify: bool = True,
     max_shard_size: str = "2GB",
+    quantized: Mapping[str, QuantizedLayer] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> Path:
     """Save model (safetensors, sharded above ``max_shard_size``), tokenizer, report and config.
 
-    With ``verify`` every saved tensor is re-read and compared with the in-memory model
-    (:func:`verify_saved_model`); the bytes checked go into the report as ``verified_bytes``.
-    Returns the final folder.
+    ``quantized`` layers are saved in the compressed-tensors format (:mod:`oneshot.quantized`)
+    and ``config.json`` gets its ``quantization_config``. With ``verify`` every saved tensor is
+    re-read and compared with what was meant to be written (:func:`verify_saved_model`), and each
+    quantized layer is dequantized by the compressed-tensors package and compared with the model's
+    weight; the bytes checked go into the report as ``verified_bytes``. ``recipe`` (see
+    :meth:`PruneConfig.to_recipe`) is saved as ``recipe.yaml``. Returns the final folder.
     """
     path = check_output_dir(out, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,13 +175,18 @@ def save_pruned(
         was_training = model.training
         model.eval()
         saver: Any = model
-        saver.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        state = saved_state(model, quantized) if quantized else None
+        saver.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
+        if quantized:
+            spec = next(iter(quantized.values())).spec
+            add_quantization_config(tmp, spec, unquantized_linears(model, quantized))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if verify:
-            report = {**report, "verified_bytes": verify_saved_model(model, tmp)}
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            report = {**report, "verified_bytes": verify_saved_model(model, tmp, quantized)}
+            if quantized:
+                check_quantized(model, quantized)
+        write_run_files(tmp, report, config, recipe)
         model.train(was_training)
         publish(tmp, path, overwrite)
     except BaseException:

@@ -126,7 +126,7 @@ def test_cli_methods_lists_all() -> None:
         (["--nm", "two:four"], "not of the form N:M"),
         (
             ["--sparsity", "0.5", "--method", "bogus"],
-            "choose one of: fisher, magnitude, movement, obs, ria, sparsegpt, structured, wanda",
+            "choose one of: fisher, gptq, magnitude, movement, obs, ria, rtn, sparsegpt, structured, wanda",
         ),
         (["--sparsity", "0.5", "--seqlen", "100000"], "exceeds the model's context length 256"),
         (["--sparsity", "0.5", "--calib", "EMPTY"], "contains no text"),
@@ -176,7 +176,7 @@ def test_failure_during_write_leaves_nothing(
 ) -> None:
     import oneshot.writer as writer
 
-    def boom(model: torch.nn.Module, folder: Path) -> float:
+    def boom(model: torch.nn.Module, folder: Path, *quantized: object) -> float:
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(writer, "verify_saved_model", boom)

@@ -54,19 +54,31 @@ def test_identity_hessian_is_round_to_nearest(group: int | None) -> None:
     assert got.scales.shape == want.scales.shape == got.zeros.shape == (12, groups)
 
 
-def _unblocked(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor) -> torch.Tensor:
-    """GPTQ written out column by column, every update applied at once (no lazy blocks)."""
+def _unblocked(
+    w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor, order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GPTQ written out column by column, every update applied at once (no lazy blocks).
+
+    With ``order`` (act-order) the columns are visited in that order and each group's grid is
+    taken from the weights before any update (static groups).
+    """
     w = w.double().clone()
-    upper, _ = inverse_cholesky_upper(h.double(), 0.01, 0)
     size = spec.group_size or w.shape[1]
-    scale = zero = torch.empty(0)
-    for j in range(w.shape[1]):
-        if j % size == 0:
-            scale, zero = grid((w[:, j : j + size] * keep[:, j : j + size]), spec)
-        q = quantize(w[:, j : j + 1] * keep[:, j : j + 1], scale, zero, spec.maxq)[:, 0]
-        err = (w[:, j] - q) / upper[j, j]
-        w[:, j:] -= err.unsqueeze(1) * upper[j, j:].unsqueeze(0)
-        w[:, j] = q
+    grids = {}
+    if order is not None:
+        for c0 in range(0, w.shape[1], size):
+            grids[c0 // size] = grid(w[:, c0 : c0 + size] * keep[:, c0 : c0 + size], spec)
+        h = h[order][:, order]
+    visit = order if order is not None else torch.arange(w.shape[1])
+    upper, _ = inverse_cholesky_upper(h.double(), 0.01, 0)
+    for j, c in enumerate(visit.tolist()):
+        if order is None and c % size == 0:
+            grids[c // size] = grid((w[:, c : c + size] * keep[:, c : c + size]), spec)
+        scale, zero = grids[c // size]
+        q = quantize(w[:, c : c + 1] * keep[:, c : c + 1], scale, zero, spec.maxq)[:, 0]
+        err = (w[:, c] - q) / upper[j, j]
+        w[:, visit[j:]] -= err.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+        w[:, c] = q
     return w.float()
 
 
@@ -99,22 +111,47 @@ def test_joint_sparse_quantized_solve() -> None:
     assert torch.equal(got.weight[~keep], torch.zeros(int((~keep).sum())))  # pruned: exactly zero
     codes = got.codes()
     assert int(codes.min()) >= 0 and int(codes.max()) <= spec.maxq
-    scale = got.scales.gather(1, got.g_idx.expand(w.shape[0], -1))
-    zero = got.zeros.gather(1, got.g_idx.expand(w.shape[0], -1))
+    scale, zero = got.expand()
     torch.testing.assert_close(got.weight, scale * (codes - zero))  # every kept weight on its grid
     assert torch.equal(got.mask, keep)
 
 
-def test_act_order_is_gptq_on_the_permuted_problem() -> None:
+@pytest.mark.parametrize("pruned", [False, True])
+def test_act_order_visits_by_hessian_diagonal_with_static_groups(pruned: bool) -> None:
+    """act_order = the unblocked reference visiting columns by decreasing H_jj, groups fixed up front."""
     w, h = _problem(seed=4)
     spec = QuantSpec(bits=4, group_size=16, act_order=True)
-    got = gptq(w, h, spec, block_size=16)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(6)) > 0.4
+    keep = keep if pruned else torch.ones_like(keep)
+    got = gptq(w, h, spec, block_size=8, mask=keep)
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    plain = gptq(w[:, order], h[order][:, order], QuantSpec(bits=4, group_size=16), block_size=16)
-    inverse = torch.argsort(order)
-    torch.testing.assert_close(got.weight, plain.weight[:, inverse])
-    assert torch.equal(got.g_idx, (torch.arange(48) // 16)[inverse])
-    assert not torch.equal(got.g_idx, torch.arange(48) // 16)  # the groups really are permuted
+    assert not torch.equal(order, torch.arange(48))  # the order really differs
+    want = _unblocked(w, h, spec, keep, order)
+    agree = float((got.weight - want).abs().lt(1e-4).float().mean())
+    assert agree >= 0.99, agree
+    # the groups are the layer's consecutive columns, each grid from the weights before any update
+    for g in range(3):
+        scale, zero = grid(w[:, 16 * g : 16 * g + 16] * keep[:, 16 * g : 16 * g + 16], spec)
+        assert torch.equal(got.scales[:, g], scale[:, 0]) and torch.equal(got.zeros[:, g], zero[:, 0])
+    scale, zero = got.expand()
+    torch.testing.assert_close(got.weight, scale * (got.codes() - zero))
+    assert torch.equal(got.weight[~keep], torch.zeros(int((~keep).sum())))
+    plain = gptq(w, h, QuantSpec(bits=4, group_size=16), block_size=8, mask=keep)
+    assert not torch.allclose(plain.weight, got.weight)
+
+
+def test_scales_are_exact_in_their_saved_dtype() -> None:
+    """With ``scale_dtype=bfloat16`` every scale is a bf16 number and the weights sit on that grid."""
+    w, h = _problem(seed=7)
+    spec = QuantSpec(bits=4, group_size=16, scale_dtype=torch.bfloat16)
+    for got in (gptq(w, h, spec, block_size=16), rtn(w, spec)):
+        assert torch.equal(got.scales, got.scales.to(torch.bfloat16).float())
+        scale, zero = got.expand()
+        assert torch.equal(got.weight, scale * (got.codes() - zero).float())
+    fine = gptq(w, h, QuantSpec(bits=4, group_size=16), block_size=16)
+    assert not torch.equal(fine.scales, fine.scales.to(torch.bfloat16).float())  # float32 scales are not rounded
+    tiny = grid(torch.full((1, 4), 1e-9), QuantSpec(bits=4, group_size=None, scale_dtype=torch.float16))[0]
+    assert tiny.item() == torch.finfo(torch.float16).tiny  # never rounded to a zero scale
 
 
 def test_dead_inputs_and_the_callers_mask() -> None:

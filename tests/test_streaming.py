@@ -182,10 +182,10 @@ def test_streaming_error_keeps_progress_and_says_so(tmp_path: Path, monkeypatch:
     src = make_checkpoint(tmp_path / "ck", torch.float32)
     original = streaming.StreamingRun._write_block
 
-    def fail_on_block_two(self: streaming.StreamingRun, index: int, block: torch.nn.Module) -> None:
+    def fail_on_block_two(self: streaming.StreamingRun, index: int, block: torch.nn.Module, quantized: dict) -> None:
         if index == 2:
             raise OutputError("disk full")
-        original(self, index, block)
+        original(self, index, block, quantized)
 
     monkeypatch.setattr(streaming.StreamingRun, "_write_block", fail_on_block_two)
     with pytest.raises(OutputError, match="disk full"):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
+
+if TYPE_CHECKING:
+    from oneshot.methods.gptq import QuantResult, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class PruneResult:
 
     ``bias`` is set by methods that compensate into the bias; ``loss`` is the method's own estimate
     of the error it introduced (e.g. the OBS saliency sum); ``info`` carries solver facts such as
-    the damping actually used.
+    the damping actually used. ``quant`` is set by a quantization stage (GPTQ, RTN): the grid the
+    weights lie on, which the writer saves in the compressed-tensors format.
     """
 
     weight: torch.Tensor
@@ -47,6 +51,7 @@ class PruneResult:
     bias: torch.Tensor | None = None
     loss: float | None = None
     info: dict[str, float] = field(default_factory=dict)
+    quant: QuantResult | None = None
 
 
 class Damping(TypedDict):
@@ -69,6 +74,7 @@ class MethodOptions:
     compare: str = "layer"  # RIA: scores compared over the whole layer or within each row
     dsnot_cycles: int = 50
     dsnot_threshold: float = 5e-5
+    quant: QuantSpec | None = None  # the grid of a quantization stage (--method gptq / rtn, --then)
 
     def damping(self) -> Damping:
         """The Hessian damping keywords the OBS-family solvers take (``damp``, ``max_damp_retries``)."""
@@ -109,7 +115,9 @@ class MethodSpec:
     ``updates_weights`` is True for a method that changes the kept weights (SparseGPT, OBS), not
     only zeroes the pruned ones; mask refinements (DSnoT) apply to the others. ``reference`` is
     True for a method that reads each layer's weight in a base checkpoint (movement, ``--base``);
-    ``gradients`` for one that reads each weight's squared gradient (fisher).
+    ``gradients`` for one that reads each weight's squared gradient (fisher). ``quantizes`` is
+    True for a quantizer (GPTQ, RTN): it puts weights on a grid instead of pruning them, alone
+    (``--method gptq``) or as the stage after a pruning method (``--then gptq``).
     """
 
     name: str
@@ -121,6 +129,7 @@ class MethodSpec:
     updates_weights: bool = False
     reference: bool = False
     gradients: bool = False
+    quantizes: bool = False
 
     @property
     def data_free(self) -> bool:

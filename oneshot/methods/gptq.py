@@ -5,8 +5,14 @@ Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-tr
 ``act_order``); quantizing column j moves the columns after it by ``-err_j · U[j, j:]``, with ``U``
 the upper Cholesky factor of the damped ``H⁻¹`` and ``err_j = (w_j − q(w_j)) / U_jj``, applied
 lazily per block of 128 columns. The grid is asymmetric or symmetric min-max per output row, per
-channel or per group of ``group_size`` input columns; a group's scale and zero point are set from
-the *updated* weights when the loop reaches its first column (the reference's behaviour). With a
+channel or per group of ``group_size`` consecutive input columns; a group's scale and zero point are
+set from the *updated* weights when the loop reaches its first column (the reference's behaviour).
+With ``act_order`` the columns are visited in decreasing ``diag(H)`` order but the groups stay the
+consecutive columns of the layer, their grids set from the weights before any update (the
+reference's ``--act-order --static-groups``, llm-compressor's ``actorder: weight``): the layout
+every serving format stores, with no per-column group index. Scales are rounded to the dtype
+they are saved in (``scale_dtype``) before any weight is put on the grid, so the saved
+``scale · (code − zero)`` is exactly the weight the solve produced. With a
 ``mask`` (a pruned layer) the pruned weights stay exactly zero and the kept ones land on the grid:
 SparseGPT's joint prune-and-quantize solve (its grid is set from the kept weights only, where the
 reference includes the ones about to be pruned, so the range is not spent on them).
@@ -15,11 +21,13 @@ Round-to-nearest (:func:`rtn`) is the baseline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from oneshot.errors import ConfigError
+from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 
 
@@ -31,41 +39,49 @@ class QuantSpec:
     group_size: int | None = 128
     symmetric: bool = True
     act_order: bool = False
+    scale_dtype: torch.dtype = torch.float32  # the dtype scales are saved in (the model's)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"--bits must be 2, 3, 4 or 8 (got {self.bits})")
         if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"--group-size must be positive or None for one group per row (got {self.group_size})")
+            raise ConfigError(f"--group-size must be positive, or -1 for one scale per row (got {self.group_size})")
 
     @property
     def maxq(self) -> int:
         """The largest code, ``2^bits − 1``."""
         return (1 << self.bits) - 1
 
+    def group_of(self, cols: int, device: torch.device | None = None) -> torch.Tensor:
+        """The group of each of ``cols`` input columns ``[cols]``: consecutive runs of ``group_size``."""
+        return torch.arange(cols, device=device) // (self.group_size or cols)
+
 
 @dataclass(frozen=True)
 class QuantResult:
-    """A quantized layer: dequantized ``weight`` ``[out, in]`` and its grid.
+    """A quantized layer: dequantized ``weight`` ``[out, in]`` (float32) and its grid.
 
-    ``scales`` / ``zeros`` are ``[out, groups]`` (zeros are integer codes; ``(maxq + 1) / 2`` for a
-    symmetric grid), ``g_idx`` ``[in]`` the group of each input column (not monotone with
-    ``act_order``), ``mask`` the kept weights (all True without pruning), ``loss`` the sum of
-    ``err² / 2`` and ``info`` the damping used.
+    ``scales`` / ``zeros`` are ``[out, groups]`` float32 (zeros are integer codes; ``(maxq + 1) / 2``
+    for a symmetric grid; scales exactly representable in ``spec.scale_dtype``), ``mask`` the kept
+    weights (all True without pruning), ``loss`` the sum of ``err² / 2`` and ``info`` the damping used.
     """
 
     weight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
-    g_idx: torch.Tensor
     mask: torch.Tensor
+    spec: QuantSpec
     loss: float = 0.0
     info: dict[str, float] = field(default_factory=dict)
 
+    def expand(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each weight's scale and zero point, both ``[out, in]``."""
+        groups = self.spec.group_of(self.weight.shape[1], self.weight.device)
+        return self.scales[:, groups], self.zeros[:, groups]
+
     def codes(self) -> torch.Tensor:
         """The integer code of every weight ``[out, in]`` (in ``[0, maxq]``)."""
-        scale = self.scales.gather(1, self.g_idx.expand(self.weight.shape[0], -1))
-        zero = self.zeros.gather(1, self.g_idx.expand(self.weight.shape[0], -1))
+        scale, zero = self.expand()
         return torch.round(self.weight / scale + zero).to(torch.int32)
 
 
@@ -84,7 +100,8 @@ def grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / spec.maxq
+    tiny = torch.finfo(spec.scale_dtype).tiny  # a scale that rounds to 0 in its saved dtype would divide by 0
+    scale = ((xmax - xmin) / spec.maxq).clamp(min=tiny).to(spec.scale_dtype).to(x.dtype)
     zero = torch.full_like(scale, (spec.maxq + 1) / 2) if spec.symmetric else torch.round(-xmin / scale)
     return scale.unsqueeze(1), zero.unsqueeze(1)
 
@@ -99,9 +116,13 @@ def _groups(cols: int, spec: QuantSpec) -> int:
     return 1 if spec.group_size is None else -(-cols // spec.group_size)
 
 
-def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest on the same grid (the baseline): each group's min-max from the original weights."""
-    w = weight.to(torch.float32)
+def rtn(weight: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = None) -> QuantResult:
+    """Round-to-nearest on the same grid (the baseline): each group's min-max from the original weights.
+
+    ``mask`` (True = keep) zeroes the pruned weights first, so the grid is set from the kept ones.
+    """
+    keep = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    w = weight.to(torch.float32) * keep
     rows, cols = w.shape
     size = cols if spec.group_size is None else spec.group_size
     scales = torch.empty(rows, _groups(cols, spec), device=w.device)
@@ -111,8 +132,7 @@ def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
         scale, zero = grid(w[:, c0 : c0 + size], spec)
         out[:, c0 : c0 + size] = quantize(w[:, c0 : c0 + size], scale, zero, spec.maxq)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-    g_idx = torch.arange(cols, device=w.device) // size
-    return QuantResult(out, scales, zeros, g_idx, torch.ones_like(w, dtype=torch.bool))
+    return QuantResult(out, scales, zeros, keep.clone(), spec)
 
 
 def gptq(
@@ -133,15 +153,18 @@ def gptq(
     h, w, dead = prepare_hessian(hessian, weight)  # [in, in], [out, in]
     rows, cols = w.shape
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if spec.act_order else None
-    if order is not None:
-        h, w, keep = h[order][:, order], w[:, order], keep[:, order]
-    upper, damp_used = inverse_cholesky_upper(h, damp, max_damp_retries)  # [in, in]
     size = cols if spec.group_size is None else spec.group_size
     scales = torch.empty(rows, _groups(cols, spec), device=w.device)
     zeros = torch.empty_like(scales)
+    group = spec.group_of(cols, w.device)  # [in]: each column's group, in the loop's order below
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if spec.act_order else None
+    if order is not None:  # static groups: every grid from the weights before any update
+        for g, c0 in enumerate(range(0, cols, size)):
+            scale, zero = grid(w[:, c0 : c0 + size] * keep[:, c0 : c0 + size], spec)
+            scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+        h, w, keep, group = h[order][:, order], w[:, order], keep[:, order], group[order]
+    upper, damp_used = inverse_cholesky_upper(h, damp, max_damp_retries)  # [in, in]
     losses = torch.zeros(rows, device=w.device)
-    scale = zero = torch.empty(0)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()  # [out, b]
@@ -150,21 +173,63 @@ def gptq(
         u1 = upper[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col = i1 + j
-            if col % size == 0:  # a new group: its grid from the kept weights as updated so far
+            if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
                 ahead = torch.cat([w1[:, j:], w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
                 scale, zero = grid(ahead, spec)
                 scales[:, col // size], zeros[:, col // size] = scale[:, 0], zero[:, 0]
-            q = quantize(w1[:, j : j + 1] * keep[:, col : col + 1], scale, zero, spec.maxq)[:, 0]  # [out]
-            q1[:, j] = q
-            err = (w1[:, j] - q) / u1[j, j]
+            at = slice(int(group[col]), int(group[col]) + 1)  # the column's group, kept 2-D
+            q1[:, j] = quantize(w1[:, j : j + 1] * keep[:, col : col + 1], scales[:, at], zeros[:, at], spec.maxq)[:, 0]
+            err = (w1[:, j] - q1[:, j]) / u1[j, j]
             w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
             err1[:, j] = err
         losses += err1.square().sum(dim=1) / 2
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    g_idx = torch.arange(cols, device=w.device) // size  # group of each position in loop order
     if order is not None:
         inverse = torch.argsort(order)
-        w, keep, g_idx = w[:, inverse], keep[:, inverse], g_idx[inverse]
+        w, keep = w[:, inverse], keep[:, inverse]
     keep[:, dead] = False
-    return QuantResult(w, scales, zeros, g_idx, keep, float(losses.sum()), {"damp": damp_used})
+    return QuantResult(w, scales, zeros, keep, spec, float(losses.sum()), {"damp": damp_used})
+
+
+def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOptions, method: str) -> PruneResult:
+    """Put a layer's (pruned) weights on ``options.quant``'s grid with ``method`` (``gptq`` or ``rtn``).
+
+    The pruned weights stay exactly zero; GPTQ moves the kept ones to compensate (the joint solve).
+    The result carries the grid in ``quant``, and the mask and bias of ``pruned``.
+    """
+    spec = options.quant
+    if spec is None:
+        raise RuntimeError("a quantization stage needs options.quant (the run's --bits / --group-size)")
+    if method == "gptq":
+        hessian = require(stats.hessian, STAT_HESSIAN, "gptq")
+        q = gptq(pruned.weight, hessian, spec, mask=pruned.mask, block_size=options.block_size, **options.damping())
+    else:
+        q = rtn(pruned.weight, spec, mask=pruned.mask)
+    info = {**pruned.info, **q.info}
+    return PruneResult(q.weight, q.mask, pruned.bias, q.loss, info, quant=q)
+
+
+def _quantize_only(method: str) -> Callable[[torch.Tensor, LayerStats, float, MethodOptions], PruneResult]:
+    def run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
+        return quantize_stage(PruneResult(w, torch.ones_like(w, dtype=torch.bool)), stats, opt, method)
+
+    return run
+
+
+SPEC = MethodSpec(
+    "gptq",
+    _quantize_only("gptq"),
+    (STAT_HESSIAN,),
+    "GPTQ weight quantization (Frantar et al. 2023): round column by column, the error moved to the columns left",
+    updates_weights=True,
+    quantizes=True,
+)
+
+RTN_SPEC = MethodSpec(
+    "rtn",
+    _quantize_only("rtn"),
+    (),
+    "round-to-nearest weight quantization on the same grid as GPTQ (the baseline; no data)",
+    quantizes=True,
+)

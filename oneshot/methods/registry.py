@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from oneshot.methods import dsnot, fisher, magnitude, movement, obs, ria, sparsegpt, structured, wanda
+from oneshot.methods import dsnot, fisher, gptq, magnitude, movement, obs, ria, sparsegpt, structured, wanda
 from oneshot.methods.base import (
     STAT_COL_NORM,
     STAT_HESSIAN,
@@ -30,6 +30,7 @@ __all__ = [
     "STAT_HESSIAN",
     "STAT_MEANVAR",
     "MethodSpec",
+    "QUANTIZERS",
     "list_methods",
 ]
 
@@ -44,8 +45,13 @@ METHODS: dict[str, MethodSpec] = {
         fisher.SPEC,
         movement.SPEC,
         structured.SPEC,
+        gptq.SPEC,
+        gptq.RTN_SPEC,
     )
 }
+
+#: The quantizers ``--then`` may name after a pruning method (see :data:`oneshot.config.QUANTIZERS`).
+QUANTIZERS = tuple(name for name, spec in METHODS.items() if spec.quantizes)
 
 
 #: A mask refinement: ``(dense W [out, in], the method's result, stats, options) -> refined result``.

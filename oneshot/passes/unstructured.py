@@ -34,10 +34,12 @@ from oneshot.engine import (
 )
 from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
-from oneshot.layers import as_matrix, from_matrix, is_conv1d
+from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
+from oneshot.methods.gptq import quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
+from oneshot.quantized import QuantizedLayer, compress
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class LayerRecord:
     seconds: float
     damp: float | None = None
     dsnot_swaps: int | None = None
+    bits: int | None = None  # a quantized layer's bits per weight
 
 
 @dataclass
@@ -66,6 +69,7 @@ class SweepResult:
     times: PhaseTimes = field(default_factory=PhaseTimes)
     skipped: list[str] = field(default_factory=list)
     refits: list[RefitRecord] = field(default_factory=list)  # --refine block, one per block
+    quantized: dict[str, QuantizedLayer] = field(default_factory=dict)  # layer -> its compressed-tensors form
 
 
 def _record(
@@ -91,6 +95,7 @@ def _record(
         seconds=seconds,
         damp=pruned.info.get("damp"),
         dsnot_swaps=int(pruned.info["dsnot_swaps"]) if "dsnot_swaps" in pruned.info else None,
+        bits=None if pruned.quant is None else pruned.quant.spec.bits,
     )
 
 
@@ -107,6 +112,14 @@ class _Pruner:
     refine: Refiner | None = None
     reference: ReferenceWeights | None = None
     grad_sq: Mapping[str, torch.Tensor] | None = None
+    then: str | None = None  # the quantization stage after the method (--then)
+
+    def options_for(self, module: nn.Module) -> MethodOptions:
+        """The method options for one layer: a quantization grid's scales are rounded to the layer's dtype."""
+        if self.options.quant is None:
+            return self.options
+        quant = dataclasses.replace(self.options.quant, scale_dtype=weight_dtype(module))
+        return dataclasses.replace(self.options, quant=quant)
 
     def target_of(self, full: str) -> float | None:
         """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
@@ -118,8 +131,10 @@ class _Pruner:
     def write(
         self, full: str, block: int, module: nn.Module, weight: torch.Tensor, pruned: PruneResult, **facts: Any
     ) -> None:
-        """Put the pruned weight into the layer and record it."""
+        """Put the pruned weight into the layer and record it (a quantized layer's saved form too)."""
         from_matrix(module, pruned.weight, pruned.bias)
+        if pruned.quant is not None:
+            self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
         t1 = time.perf_counter()
         record = _record(full, block, weight, pruned, facts["target"], facts["accs"].get(SAMPLE), facts["seconds"])
         self.result.layers.append(record)
@@ -140,9 +155,11 @@ class _Pruner:
             stats = dataclasses.replace(stats, reference=base.to(self.device))
         if self.grad_sq is not None:
             stats = dataclasses.replace(stats, grad_sq=self.grad_sq[full].to(self.device))
-        pruned = self.spec.run(weight, stats, target, self.options)
+        pruned = self.spec.run(weight, stats, target, self.options_for(module))
         if self.refine is not None:
             pruned = self.refine(weight, pruned, stats, self.options)
+        if self.then is not None:
+            pruned = quantize_stage(pruned, stats, self.options_for(module), self.then)
         self.write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
 
     def group(self, names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
@@ -155,7 +172,14 @@ class _Pruner:
             return
         t0 = time.perf_counter()
         weights = [as_matrix(module).to(self.device) for _, module, _ in todo]  # each [out, in]
-        solved = self.spec.run_stacked(weights, layer_stats(accs), [t for _, _, t in todo], self.options)
+        stats = layer_stats(accs)
+        solved = self.spec.run_stacked(weights, stats, [t for _, _, t in todo], self.options)
+        if self.then is not None:
+            then = self.then
+            solved = [
+                quantize_stage(result, stats, self.options_for(module), then)
+                for result, (_, module, _) in zip(solved, todo, strict=True)
+            ]
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
             self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
@@ -215,7 +239,9 @@ def prune_sequential(
     grad_sq = _grad_sq(model, calib, config) if spec.gradients else None
     refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
     target = float(config.sparsity or 0.0)
-    pruner = _Pruner(spec, config.method_options(), device, target, sparsities, result, refine, reference, grad_sq)
+    then = config.then if method is None else None
+    options = config.method_options()
+    pruner = _Pruner(spec, options, device, target, sparsities, result, refine, reference, grad_sq, then)
     needs = config.stat_needs() if method is None else spec.needs
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards

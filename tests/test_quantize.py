@@ -1,0 +1,281 @@
+"""Quantization in the engine (#11): --method gptq / rtn, --then, the compressed-tensors output, recipes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import oneshot
+from oneshot.cli import main
+from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
+from oneshot.errors import ConfigError, OutputError
+from oneshot.methods.gptq import QuantSpec, rtn
+from oneshot.quantized import compress, pack, unpack
+from tests.conftest import char_tokenizer, saved_tensors
+
+compressed_tensors = pytest.importorskip("compressed_tensors")
+
+
+def test_pack_by_hand_and_against_the_loader() -> None:
+    """Codes 1..8 at 4 bits fill one word nibble by nibble; 3-bit codes straddle words; the loader agrees."""
+    codes = torch.arange(1, 9).unsqueeze(0)  # [1, 8]
+    assert pack(codes, 4).tolist() == [[0x87654321]] or pack(codes, 4).tolist() == [[0x87654321 - (1 << 32)]]
+    three = torch.tensor([[7] * 11])  # 33 bits: the 11th code takes bits 30-32, across two words
+    words = pack(three, 3)
+    assert words.shape == (1, 2) and int(words[0, 1]) == 1 and int(words[0, 0]) == -1  # all 32 bits set
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    gen = torch.Generator().manual_seed(0)
+    for bits in (2, 3, 4, 8):
+        for shape in ((5, 37), (3, 64), (6, 1)):
+            c = torch.randint(0, 1 << bits, shape, generator=gen)
+            for dim in (0, 1):
+                mine = pack(c, bits, dim)
+                theirs = pack_to_int32((c - (1 << (bits - 1))).to(torch.int8), bits, packed_dim=dim)
+                assert torch.equal(mine, theirs), (bits, shape, dim)
+                assert torch.equal(unpack(mine, bits, shape[dim], dim), c)
+                restored = unpack_from_int32(mine, bits, torch.Size(shape), packed_dim=dim)
+                assert torch.equal(restored.long() + (1 << (bits - 1)), c)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack(torch.tensor([[16]]), 4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_layer_dequantizes_to_the_weight(symmetric: bool) -> None:
+    """The loader's own decompressor turns our tensors back into the quantized weight, bit for bit."""
+    from oneshot.quantized import decompress, weights_args
+
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float32, torch.bfloat16):
+        spec = QuantSpec(bits=4, group_size=32, symmetric=symmetric, scale_dtype=dtype)
+        q = rtn(w, spec)
+        layer = compress(q, dtype)
+        assert ("weight_zero_point" in layer.tensors) is not symmetric
+        assert layer.tensors["weight_packed"].shape == (48, 8) and layer.tensors["weight_scale"].dtype == dtype
+        assert torch.equal(decompress(layer.tensors, weights_args(spec)), q.weight.to(dtype))
+
+
+def _smol_shaped(dtype: torch.dtype) -> nn.Module:
+    """SmolLM2-135M's shapes (hidden 576, 9 heads / 3 KV heads, MLP 1536, tied embeddings), 2 blocks, tiny vocab."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _calib() -> torch.Tensor:
+    return torch.randint(4, 100, (8, 64), generator=torch.Generator().manual_seed(2))
+
+
+def test_pruned_and_quantized_model_reloads_with_stock_transformers(tmp_path: Path) -> None:
+    """SparseGPT 50% then GPTQ 4-bit on a bf16 model: saved compressed, reloaded by stock transformers, same model."""
+    import transformers as tf
+
+    dtype = torch.bfloat16
+    model = _smol_shaped(dtype)
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    out = tmp_path / "w4"
+    report = oneshot.prune(
+        model, char_tokenizer(), method="sparsegpt", sparsity=0.5, then="gptq", group_size=64, calibration=_calib(),
+        out=out, quiet=True,
+    )  # fmt: skip
+    assert report.extra["quantization"]["layers"] == 14 and all(r.bits == 4 for r in report.layers)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64 and config["ignore"] == ["lm_head"]
+    saved = saved_tensors(out)
+    assert "model.layers.0.mlp.up_proj.weight" not in saved
+    assert saved["model.layers.0.mlp.up_proj.weight_packed"].shape == (1536, 72)  # 576 codes x 4 bits / 32
+    up = model.model.layers[0].mlp.up_proj.weight.float()
+    assert float((up == 0).float().mean()) >= 0.5  # the pruned half stayed exactly zero
+    scale = up[:, :64].abs().max(dim=1).values / 7.5  # symmetric 4-bit: each group holds at most 16 levels
+    assert all(row.unique().numel() <= 16 for row in up[:, :64]) and bool((scale > 0).all())
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = model(ids).logits.float(), reloaded(ids).logits.float()
+    assert float((want - got).abs().max()) <= 0.05  # bf16 forwards of equal weights (the loader's modules differ)
+    state = reloaded.state_dict()  # decompressed by the loader on the first forward
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name  # every weight, as the loader dequantizes it, bit for bit
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    dense_size = sum(p.stat().st_size for p in dense.glob("*.safetensors"))
+    assert dense_size * 0.25 < size < dense_size * 0.29  # 4-bit codes + a bf16 scale per 64: (0.5 + 2/64) / 2
+    assert (out / "recipe.yaml").exists()
+
+
+def test_quantize_only_methods_and_their_options(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """--method rtn reads no data and equals rtn() per layer; --method gptq moves weights; a recipe reruns it."""
+    folder = tiny_checkpoint("llama")
+    out = tmp_path / "rtn"
+    report = oneshot.prune(str(folder), method="rtn", group_size=32, bits=3, symmetric=False, out=out, quiet=True)
+    assert report.extra["calibration"] is None and report.extra["quantization"]["method"] == "rtn"
+    original, saved = saved_tensors(folder), saved_tensors(out)
+    from oneshot.quantized import decompress, weights_args
+
+    spec = QuantSpec(bits=3, group_size=32, symmetric=False)
+    name = "model.layers.1.self_attn.o_proj"
+    layer = {k.removeprefix(name + "."): v for k, v in saved.items() if k.startswith(name + ".weight_")}
+    want = rtn(original[name + ".weight"], spec).weight
+    assert torch.equal(decompress(layer, weights_args(spec)), want)
+    gptq_out = tmp_path / "gptq"
+    small = CalibrationConfig(nsamples=4, seqlen=32)
+    oneshot.prune(
+        str(folder), method="gptq", group_size=32, act_order=True, calibration=small, out=gptq_out, quiet=True
+    )
+    recipe = read_recipe(gptq_out / "recipe.yaml")
+    assert recipe["method"] == "gptq" and recipe["act_order"] is True and recipe["group_size"] == 32
+    assert (
+        json.loads((gptq_out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+            "weights"
+        ]["actorder"]
+        == "weight"
+    )
+    again = tmp_path / "again"
+    oneshot.prune(str(folder), recipe=gptq_out / "recipe.yaml", out=again, quiet=True)
+    first, second = saved_tensors(gptq_out), saved_tensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "gptq", "sparsity": 0.5}, "quantizes without pruning"),
+        ({"method": "gptq", "then": "rtn"}, "already quantizes"),
+        ({"method": "wanda", "sparsity": 0.5, "bits": 3}, "--bits does not apply"),
+        ({"method": "rtn", "act_order": True}, "round-to-nearest has none"),
+        ({"method": "wanda", "sparsity": 0.5, "then": "gptq", "refine": "block"}, "off\\s+their grid"),
+        ({"method": "gptq", "group_size": 0}, "--group-size must be positive, or -1"),
+        ({"method": "gptq", "bits": 5}, "--bits must be 2, 3, 4 or 8"),
+        ({"method": "structured", "ratio": 0.2, "then": "gptq"}, "--then does not apply"),
+        ({"method": "rtn", "refine": "dsnot"}, "act on pruning masks"),
+        ({"method": "rtn", "sparsity_map": {"*.q_proj": 0.5}}, "can only leave layers in full precision"),
+    ],
+)
+def test_quantization_options_refused_with_a_fix(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**options)  # type: ignore[arg-type]
+
+
+def test_quantized_runs_check_the_model_and_the_loader(
+    tmp_path: Path, tiny_model: Callable[[str], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole groups only (with the group size that fits suggested), nn.Linear only, and the loader present."""
+    with pytest.raises(ConfigError, match="--group-size 128 does not divide the input width 576.*--group-size 64"):
+        oneshot.prune(_smol_shaped(torch.float32), method="rtn")
+    with pytest.raises(ConfigError, match="Conv1D"):
+        oneshot.prune(tiny_model("gpt2"), method="rtn", group_size=-1)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_loader(name: str, *args: object, **kwargs: object) -> object:
+        if name == "compressed_tensors":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_loader)
+    with pytest.raises(ConfigError, match=r"oneshot\[quant\]"):
+        oneshot.prune(tiny_model("llama"), method="rtn", group_size=32)
+
+
+def test_a_layer_the_loader_would_not_restore_is_not_saved(
+    tmp_path: Path, tiny_model: Callable[[str], nn.Module]
+) -> None:
+    """The writer decompresses every layer with compressed-tensors; a mismatch leaves nothing on disk."""
+    from oneshot.writer import save_pruned
+
+    model = tiny_model("llama")
+    report = oneshot.prune(model, method="rtn", group_size=32, quiet=True)
+    name = "model.layers.0.mlp.up_proj"
+    layer = report.quantized[name]
+    layer.tensors["weight_scale"][0, 0] *= 2  # the saved grid no longer gives the model's weight
+    with pytest.raises(OutputError, match=f"does not restore {name}"):
+        save_pruned(model, None, tmp_path / "out", {}, {}, quantized=report.quantized)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_quantized_equals_in_memory(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """A streamed SparseGPT + GPTQ run writes the same compressed tensors and config as the in-memory run."""
+    folder = tiny_checkpoint("llama")
+    small = CalibrationConfig(nsamples=4, seqlen=32)
+    options = {"method": "sparsegpt", "sparsity": 0.5, "then": "gptq", "group_size": 32, "calibration": small}
+    oneshot.prune(str(folder), out=tmp_path / "mem", stream=False, quiet=True, **options)  # type: ignore[arg-type]
+    report = oneshot.prune(str(folder), out=tmp_path / "str", stream=True, quiet=True, **options)  # type: ignore[arg-type]
+    assert report.extra["mode"] == "streaming"
+    mem, streamed = saved_tensors(tmp_path / "mem"), saved_tensors(tmp_path / "str")
+    assert mem.keys() == streamed.keys() and all(torch.equal(mem[k], streamed[k]) for k in mem)
+    config = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("mem", "str")]
+    assert config[0] == config[1]
+
+
+def test_recipe_files_and_the_cli(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Stages in order; typed options override the recipe; malformed recipes are refused with the fix."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages:\n  - {method: wanda, sparsity: 0.5}\n  - {method: rtn, bits: 8, group_size: 32}\n"
+        "calibration: {nsamples: 4, seqlen: 32}\n"
+    )
+    fields = read_recipe(recipe)
+    assert fields["method"] == "wanda" and fields["then"] == "rtn" and fields["calibration"].nsamples == 4
+    config = PruneConfig(**fields)
+    assert PruneConfig(**_through_file(tmp_path, config.to_recipe())) == config
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        main, ["prune", str(tiny_checkpoint("llama")), "--recipe", str(recipe), "--sparsity", "0.25", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "oneshot_config.json").read_text())
+    assert (saved["method"], saved["sparsity"], saved["then"], saved["bits"]) == ("wanda", 0.25, "rtn", 8)
+    assert saved["calibration"]["nsamples"] == 4
+    for text, message in [
+        ("stages: []", "one or two stages"),
+        ("stages: [{method: wanda, sparsity: 0.5}, {method: sparsegpt}]", "second stage must quantize"),
+        ("stages: [{method: wanda, sparsity: 0.5}, {method: gptq, sparsity: 0.2}]", "sparsity is set in two stages"),
+        ("stages: [{method: wanda, sparsity: 0.5}]\nsparsty: 0.1", "unknown option 'sparsty'"),
+        ("- 1", "must be a mapping"),
+    ]:
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_recipe(recipe)
+
+
+def _through_file(tmp_path: Path, recipe: dict[str, object]) -> dict[str, object]:
+    import yaml
+
+    path = tmp_path / "round.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return read_recipe(path)
+
+
+def test_skipped_layers_stay_in_full_precision_and_are_listed(
+    tmp_path: Path, tiny_model: Callable[[str], nn.Module]
+) -> None:
+    """A sparsity map's "skip" leaves a layer unquantized; the saved config's ignore list names it for the loader."""
+    model = tiny_model("llama")
+    before = model.model.layers[1].self_attn.o_proj.weight.clone()
+    report = oneshot.prune(
+        model, method="rtn", group_size=32, sparsity_map={"*.1.self_attn.o_proj": "skip"}, out=tmp_path / "o"
+    )
+    assert "model.layers.1.self_attn.o_proj" not in report.quantized and len(report.quantized) == 20
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, before)
+    config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["lm_head", "model.layers.1.self_attn.o_proj"]
+    assert "model.layers.1.self_attn.o_proj.weight" in saved_tensors(tmp_path / "o")
