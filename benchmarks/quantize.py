@@ -39,8 +39,7 @@ from oneshot.config import CalibrationConfig
 from oneshot.methods.registry import METHODS
 
 ROWS = (
-    "bf16,rtn,gptq,sparsegpt/sparsity=0.5,sparsegpt/sparsity=0.5/then=gptq,"
-    "sparsegpt/nm=2:4,sparsegpt/nm=2:4/then=gptq"
+    "bf16,rtn,gptq,sparsegpt/sparsity=0.5,sparsegpt/sparsity=0.5/then=gptq,sparsegpt/nm=2:4,sparsegpt/nm=2:4/then=gptq"
 )
 
 
