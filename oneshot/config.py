@@ -190,7 +190,7 @@ class PruneConfig:
         True,
         "Solve layers that read the same input (q/k/v, gate/up) as one stacked matrix: one factorisation and "
         "one column loop, the same result as one by one.",
-        uses=("sparsegpt", "obs"),
+        uses=("sparsegpt", "obs", "gptq"),
     )
     batch_size: int = option(8, "Calibration sequences per forward.", uses=USES_DATA)
     block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))

@@ -279,3 +279,24 @@ def test_skipped_layers_stay_in_full_precision_and_are_listed(
     config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert config["ignore"] == ["lm_head", "model.layers.1.self_attn.o_proj"]
     assert "model.layers.1.self_attn.o_proj.weight" in saved_tensors(tmp_path / "o")
+
+
+@pytest.mark.parametrize("options", [{"method": "gptq"}, {"method": "sparsegpt", "sparsity": 0.5, "then": "gptq"}])
+def test_stacked_quantization_equals_layer_by_layer(
+    tiny_model: Callable[[str], nn.Module], options: dict[str, object]
+) -> None:
+    """q/k/v and gate/up quantized as one stacked matrix give each layer's own GPTQ result."""
+    calib = torch.randint(4, 90, (4, 32), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for stack in (True, False):
+        model = tiny_model("llama")
+        report = oneshot.prune(model, calibration=calib, group_size=32, stack=stack, quiet=True, **options)  # type: ignore[arg-type]
+        runs.append((model.state_dict(), report.quantized))
+    (stacked, q_stacked), (single, q_single) = runs
+    for name, tensor in single.items():
+        torch.testing.assert_close(stacked[name], tensor, atol=1e-5, rtol=1e-5)
+    for name, layer in q_single.items():
+        other = q_stacked[name]
+        assert other.tensors.keys() == layer.tensors.keys()
+        same = float((other.tensors["weight_packed"] == layer.tensors["weight_packed"]).float().mean())
+        assert same > 0.99 and torch.allclose(other.tensors["weight_scale"], layer.tensors["weight_scale"])

@@ -210,11 +210,39 @@ def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOption
     return PruneResult(q.weight, q.mask, pruned.bias, q.loss, info, quant=q)
 
 
+def quantize_stacked(
+    results: list[PruneResult], stats: LayerStats, options: MethodOptions, method: str
+) -> list[PruneResult]:
+    """:func:`quantize_stage` on layers that read the same input (q/k/v, gate/up), as one matrix with stacked rows.
+
+    GPTQ's grids and updates are per row, so this equals quantizing each layer alone (up to float
+    rounding) with one damping, one Cholesky and one column loop.
+    """
+    rows = [int(r.weight.shape[0]) for r in results]
+    stacked = PruneResult(torch.cat([r.weight for r in results]), torch.cat([r.mask for r in results]))
+    done = quantize_stage(stacked, stats, options, method)
+    assert done.quant is not None
+    out, r0 = [], 0
+    for result, n in zip(results, rows, strict=True):
+        part = slice(r0, r0 + n)
+        q = done.quant
+        layer = QuantResult(q.weight[part], q.scales[part], q.zeros[part], q.mask[part], q.spec, 0.0, dict(q.info))
+        out.append(PruneResult(layer.weight, layer.mask, result.bias, None, {**result.info, **q.info}, quant=layer))
+        r0 += n
+    return out
+
+
 def _quantize_only(method: str) -> Callable[[torch.Tensor, LayerStats, float, MethodOptions], PruneResult]:
     def run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
         return quantize_stage(PruneResult(w, torch.ones_like(w, dtype=torch.bool)), stats, opt, method)
 
     return run
+
+
+def _gptq_stacked(
+    ws: list[torch.Tensor], stats: LayerStats, sparsities: list[float], opt: MethodOptions
+) -> list[PruneResult]:
+    return quantize_stacked([PruneResult(w, torch.ones_like(w, dtype=torch.bool)) for w in ws], stats, opt, "gptq")
 
 
 SPEC = MethodSpec(
@@ -224,6 +252,7 @@ SPEC = MethodSpec(
     "GPTQ weight quantization (Frantar et al. 2023): round column by column, the error moved to the columns left",
     updates_weights=True,
     quantizes=True,
+    run_stacked=_gptq_stacked,
 )
 
 RTN_SPEC = MethodSpec(

@@ -36,7 +36,7 @@ from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
-from oneshot.methods.gptq import quantize_stage
+from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 from oneshot.quantized import QuantizedLayer, compress
@@ -174,12 +174,8 @@ class _Pruner:
         weights = [as_matrix(module).to(self.device) for _, module, _ in todo]  # each [out, in]
         stats = layer_stats(accs)
         solved = self.spec.run_stacked(weights, stats, [t for _, _, t in todo], self.options)
-        if self.then is not None:
-            then = self.then
-            solved = [
-                quantize_stage(result, stats, self.options_for(module), then)
-                for result, (_, module, _) in zip(solved, todo, strict=True)
-            ]
+        if self.then is not None:  # the quantizer stacked too: one more column loop for the group
+            solved = quantize_stacked(solved, stats, self.options_for(todo[0][1]), self.then)
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
             self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
