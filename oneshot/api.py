@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet, build_calibration
-from oneshot.checkpoint import Checkpoint, has_safetensors
+from oneshot.checkpoint import Checkpoint, has_safetensors, saved_quantization
 from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
@@ -301,6 +301,11 @@ def _open(
 ) -> tuple[nn.Module, Any, StreamingRun | None]:
     """Load the checkpoint in memory, or open a streaming run on it (see :func:`should_stream`)."""
     folder = local_folder(source)
+    method = saved_quantization(folder).get("quant_method")
+    if method is not None:
+        raise ModelError(
+            f"{folder} is already quantized ({method}); prune or quantize the original checkpoint it was made from"
+        )
     dtype = resolve_dtype(folder, config.dtype)
     if not should_stream(folder, config, dtype):
         model, loaded = load_model(folder, config.dtype)

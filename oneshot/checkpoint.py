@@ -246,7 +246,8 @@ def check_loadable(folder: Path) -> None:
     checkpoint = Checkpoint(folder)
     skeleton = build_skeleton(folder, checkpoint.dtype())
     keys = checkpoint_keys(skeleton, checkpoint, packed=True)
-    bits = int(_quantization(folder).get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits", 0))
+    group = saved_quantization(folder).get("config_groups", {}).get("group_0", {})
+    bits = int(group.get("weights", {}).get("num_bits", 0))
     for name, param in skeleton.named_parameters():
         shape = tuple(param.shape)
         if name in keys and keys[name].endswith("_packed"):  # codes packed along the input: [out, ⌈in·bits/32⌉]
@@ -258,7 +259,7 @@ def check_loadable(folder: Path) -> None:
             )
 
 
-def _quantization(folder: Path) -> dict[str, Any]:
+def saved_quantization(folder: Path) -> dict[str, Any]:
     """The ``quantization_config`` of a checkpoint folder's ``config.json`` (empty when it has none)."""
     path = folder / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}

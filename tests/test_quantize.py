@@ -300,3 +300,13 @@ def test_stacked_quantization_equals_layer_by_layer(
         assert other.tensors.keys() == layer.tensors.keys()
         same = float((other.tensors["weight_packed"] == layer.tensors["weight_packed"]).float().mean())
         assert same > 0.99 and torch.allclose(other.tensors["weight_scale"], layer.tensors["weight_scale"])
+
+
+def test_a_quantized_checkpoint_is_not_pruned_again(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    from oneshot.errors import ModelError
+
+    out = tmp_path / "w4"
+    oneshot.prune(str(tiny_checkpoint("llama")), method="rtn", group_size=32, out=out, quiet=True)
+    with pytest.raises(ModelError, match="already quantized \\(compressed-tensors\\); prune or quantize the original"):
+        oneshot.prune(str(out), method="magnitude", sparsity=0.5, out=tmp_path / "again")
+    assert not (tmp_path / "again").exists()
