@@ -170,3 +170,15 @@ def test_dead_inputs_and_the_callers_mask() -> None:
     defaults = {k: v.default for k, v in inspect.signature(gptq).parameters.items()}
     same = inspect.signature(sparsegpt).parameters
     assert all(defaults[k] == same[k].default for k in ("block_size", "damp", "max_damp_retries"))
+
+
+def test_rtn_with_a_mask_sets_the_grid_from_the_kept_weights() -> None:
+    """Pruned weights stay exactly zero and do not widen the grid; the caller's mask is kept, not aliased."""
+    w = torch.tensor([[10.0, 1.0, -2.0, 0.5]])
+    keep = torch.tensor([[False, True, True, True]])
+    spec = QuantSpec(bits=2, group_size=None, symmetric=False)  # kept range [−2, 1]: scale 1, zero 2
+    got = rtn(w, spec, mask=keep)
+    assert got.weight.tolist() == [[0.0, 1.0, -2.0, 0.0]]  # 0.5 rounds half to even
+    assert (got.scales.item(), got.zeros.item()) == (1.0, 2.0)
+    assert torch.equal(got.mask, keep) and got.mask is not keep
+    assert torch.equal(rtn(w, spec).mask, torch.ones_like(keep))
