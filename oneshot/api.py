@@ -107,12 +107,13 @@ class Report:
         pattern = f"{self.config.nm[0]}:{self.config.nm[1]}" if self.config.nm else f"{self.config.sparsity:.0%}"
         quant = self.extra.get("quantization")
         if quant:
-            group = "per row" if quant["group_size"] is None else f"g{quant['group_size']}"
-            pattern += f", then {quant['method']} {quant['bits']}-bit {group}" if self.config.then else ""
+            grid = f"{quant['bits']}-bit " + ("per row" if quant["group_size"] is None else f"g{quant['group_size']}")
+            pattern = f"{pattern}, then {quant['method']} {grid}" if self.config.then else grid
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
             f"method {self.config.method} at {pattern}: {len(self.layers)} linear layers in {self.blocks}",
-            f"achieved sparsity {self.achieved_sparsity:.4%}, mean relative error "
+            ("weights rounded to zero" if METHODS[self.config.method].quantizes else "achieved sparsity")
+            + f" {self.achieved_sparsity:.4%}, mean relative error "
             + ("n/a (no calibration data)" if self.mean_relative_error is None else f"{self.mean_relative_error:.4g}"),
             f"time {self.seconds:.1f}s (capture {self.times.capture:.1f}, forwards {self.times.forward:.1f}, "
             f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
