@@ -52,12 +52,13 @@ def test_compressed_layer_dequantizes_to_the_weight(symmetric: bool) -> None:
     from oneshot.quantized import decompress, weights_args
 
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
-    for dtype in (torch.float32, torch.bfloat16):
-        spec = QuantSpec(bits=4, group_size=32, symmetric=symmetric, scale_dtype=dtype)
+    for dtype, bits in ((torch.float32, 4), (torch.bfloat16, 4), (torch.bfloat16, 3), (torch.float16, 8)):
+        spec = QuantSpec(bits=bits, group_size=32, symmetric=symmetric, scale_dtype=dtype)
         q = rtn(w, spec)
         layer = compress(q, dtype)
         assert ("weight_zero_point" in layer.tensors) is not symmetric
-        assert layer.tensors["weight_packed"].shape == (48, 8) and layer.tensors["weight_scale"].dtype == dtype
+        assert layer.tensors["weight_packed"].shape == (48, 64 * bits // 32)
+        assert layer.tensors["weight_scale"].dtype == dtype and layer.tensors["weight_scale"].shape == (48, 2)
         assert torch.equal(decompress(layer.tensors, weights_args(spec)), q.weight.to(dtype))
 
 
