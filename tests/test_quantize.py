@@ -42,8 +42,20 @@ def test_pack_by_hand_and_against_the_loader() -> None:
                 assert torch.equal(unpack(mine, bits, shape[dim], dim), c)
                 restored = unpack_from_int32(mine, bits, torch.Size(shape), packed_dim=dim)
                 assert torch.equal(restored.long() + (1 << (bits - 1)), c)
+    long = torch.randint(0, 8, (2, 1500), generator=gen)  # 3-bit codes straddle words far along the row too
+    assert torch.equal(pack(long, 3), pack_to_int32((long - 4).to(torch.int8), 3))
+    assert torch.equal(unpack(pack(long, 3), 3, 1500), long)
+    top = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 8]])  # only the word's top bit set: int32's minimum
+    assert pack(top, 4).tolist() == [[-(1 << 31)]]
     with pytest.raises(ValueError, match="codes must lie"):
         pack(torch.tensor([[16]]), 4)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack(torch.tensor([[3, -1]]), 4)
+    for bad in (torch.zeros(4, dtype=torch.long), torch.zeros(1, 1, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="2-D"):
+            pack(bad, 4)
+    with pytest.raises(ValueError, match="dim 0 or 1"):
+        pack(torch.zeros(2, 2, dtype=torch.long), 4, dim=2)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
