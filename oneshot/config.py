@@ -230,6 +230,13 @@ class PruneConfig:
         choices=REFINES,
         uses=UNSTRUCTURED,
     )
+    dsnot_layers: str = option(
+        "attention",
+        "DSnoT: the layers it refines: attention (the reference code's default; the MLP layers keep the method's "
+        "mask), mlp, or all.",
+        choices=("attention", "mlp", "all"),
+        requires="refine=dsnot",
+    )
     dsnot_cycles: int = option(50, "DSnoT: most swaps per row.", requires="refine=dsnot")
     dsnot_threshold: float = option(
         5e-5, "DSnoT: a row stops once its expected output shift is at most this.", requires="refine=dsnot"

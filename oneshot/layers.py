@@ -73,6 +73,15 @@ def input_width(module: nn.Module) -> int:
     return int(shape[0] if is_conv1d(module) else shape[1])
 
 
+def is_attention(name: str) -> bool:
+    """Whether a linear layer's qualified name puts it in an attention module (``self_attn``, ``attention``, ``attn``).
+
+    Everything else in a block (``mlp``, BERT's ``intermediate`` / ``output.dense``, OPT's ``fc1``) is
+    the MLP.
+    """
+    return any("attn" in part or "attention" in part for part in name.lower().split("."))
+
+
 def weight_dtype(module: nn.Module) -> torch.dtype:
     """The dtype the layer's weight is stored (and saved) in."""
     return _tensor(module, "weight").dtype

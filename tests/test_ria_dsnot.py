@@ -172,16 +172,24 @@ def test_engine_runs_ria_and_dsnot(tiny_model: Callable[[str], nn.Module]) -> No
     col = seen[0].double().square().sum(0).float()
     torch.testing.assert_close(q.weight.detach(), ria(dense, col, 0.5).weight)
 
-    plain, refined = tiny_model("llama"), tiny_model("llama")
+    plain = tiny_model("llama")
     oneshot.prune(plain, method="wanda", sparsity=0.7, calibration=CalibrationSet(ids), quiet=True)
-    report = oneshot.prune(refined, method="wanda", sparsity=0.7, refine="dsnot", calibration=CalibrationSet(ids))
-    changed = 0
-    for (name, a), b in zip(plain.named_parameters(), refined.parameters(), strict=True):
-        if name.endswith("proj.weight"):
-            assert int((a == 0).sum()) == int((b == 0).sum()), name
-            changed += int(not torch.equal(a == 0, b == 0))
-    assert changed > 0
-    assert sum(layer["dsnot_swaps"] for layer in report.to_dict()["layers"]) > 0
+    for layers, refined_kinds in (("attention", {"self_attn"}), ("mlp", {"mlp"}), ("all", {"self_attn", "mlp"})):
+        refined = tiny_model("llama")
+        report = oneshot.prune(
+            refined, method="wanda", sparsity=0.7, refine="dsnot", dsnot_layers=layers, calibration=CalibrationSet(ids)
+        )
+        changed: set[str] = set()
+        for (name, a), b in zip(plain.named_parameters(), refined.parameters(), strict=True):
+            if name.endswith("proj.weight"):
+                assert int((a == 0).sum()) == int((b == 0).sum()), name
+                if name.startswith("model.layers.0.") and not torch.equal(a == 0, b == 0):
+                    changed.add(name.split(".")[3])
+        # block 0: its attention reads the same input either way, so only refined kinds change there
+        # (its MLP reads the refined attention's output, so an MLP mask may move without being refined)
+        assert "self_attn" not in changed if layers == "mlp" else "self_attn" in changed, layers
+        swapped = {r["name"].split(".")[3] for r in report.to_dict()["layers"] if r["dsnot_swaps"] is not None}
+        assert swapped == refined_kinds, layers  # the reference's default leaves the MLP's masks alone
 
 
 def test_refine_options_are_checked(tiny_model: Callable[[str], nn.Module]) -> None:
@@ -237,3 +245,12 @@ def test_dsnot_refuses_a_swap_that_does_not_lower_the_error() -> None:
     ones = torch.ones(3)
     got = dsnot(weight, keep, ones, ones, ones, threshold=0.0)
     assert torch.equal(got.mask, keep) and got.info["dsnot_swaps"] == 0.0
+
+
+def test_attention_layers_are_told_apart_by_name() -> None:
+    from oneshot.layers import is_attention
+
+    attention = ["model.layers.0.self_attn.q_proj", "encoder.layer.1.attention.output.dense", "h.0.attn.c_attn"]
+    mlp = ["model.layers.0.mlp.down_proj", "encoder.layer.1.output.dense", "encoder.layer.1.intermediate.dense"]
+    assert all(is_attention(n) for n in attention) and not any(is_attention(n) for n in mlp)
+    assert not is_attention("model.decoder.layers.3.fc1")

@@ -34,7 +34,7 @@ from oneshot.engine import (
 )
 from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
-from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
+from oneshot.layers import as_matrix, from_matrix, is_attention, is_conv1d, weight_dtype
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
@@ -113,6 +113,7 @@ class _Pruner:
     reference: ReferenceWeights | None = None
     grad_sq: Mapping[str, torch.Tensor] | None = None
     then: str | None = None  # the quantization stage after the method (--then)
+    refine_layers: str = "all"  # DSnoT: attention, mlp or all layers
 
     def options_for(self, module: nn.Module) -> MethodOptions:
         """The method options for one layer: a quantization grid's scales are rounded to the layer's dtype."""
@@ -156,7 +157,7 @@ class _Pruner:
         if self.grad_sq is not None:
             stats = dataclasses.replace(stats, grad_sq=self.grad_sq[full].to(self.device))
         pruned = self.spec.run(weight, stats, target, self.options_for(module))
-        if self.refine is not None:
+        if self.refine is not None and self.refine_layers in ("all", "attention" if is_attention(full) else "mlp"):
             pruned = self.refine(weight, pruned, stats, self.options)
         if self.then is not None:
             pruned = quantize_stage(pruned, stats, self.options_for(module), self.then)
@@ -237,7 +238,9 @@ def prune_sequential(
     target = float(config.sparsity or 0.0)
     then = config.then if method is None else None
     options = config.method_options()
-    pruner = _Pruner(spec, options, device, target, sparsities, result, refine, reference, grad_sq, then)
+    pruner = _Pruner(
+        spec, options, device, target, sparsities, result, refine, reference, grad_sq, then, config.dsnot_layers
+    )
     needs = config.stat_needs() if method is None else spec.needs
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards
