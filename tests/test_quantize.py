@@ -296,14 +296,15 @@ def test_skipped_layers_stay_in_full_precision_and_are_listed(
 
 @pytest.mark.parametrize("options", [{"method": "gptq"}, {"method": "sparsegpt", "sparsity": 0.5, "then": "gptq"}])
 def test_stacked_quantization_equals_layer_by_layer(
-    tiny_model: Callable[[str], nn.Module], options: dict[str, object]
+    tiny_model: Callable[[str], nn.Module], options: dict[str, object], tmp_path: Path
 ) -> None:
-    """q/k/v and gate/up quantized as one stacked matrix give each layer's own GPTQ result."""
+    """q/k/v and gate/up quantized as one stacked matrix (bf16 model, saved) give each layer's own GPTQ result."""
     calib = torch.randint(4, 90, (4, 32), generator=torch.Generator().manual_seed(5))
     runs = []
     for stack in (True, False):
-        model = tiny_model("llama")
-        report = oneshot.prune(model, calibration=calib, group_size=32, stack=stack, quiet=True, **options)  # type: ignore[arg-type]
+        model = tiny_model("llama").to(torch.bfloat16)
+        out = tmp_path / f"stack-{stack}"  # the writer checks every layer against the loader (bf16 scales)
+        report = oneshot.prune(model, calibration=calib, group_size=32, stack=stack, out=out, quiet=True, **options)  # type: ignore[arg-type]
         runs.append((model.state_dict(), report.quantized))
     (stacked, q_stacked), (single, q_single) = runs
     for name, tensor in single.items():

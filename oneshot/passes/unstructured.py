@@ -174,9 +174,10 @@ class _Pruner:
         t0 = time.perf_counter()
         weights = [as_matrix(module).to(self.device) for _, module, _ in todo]  # each [out, in]
         stats = layer_stats(accs)
-        solved = self.spec.run_stacked(weights, stats, [t for _, _, t in todo], self.options)
+        options = self.options_for(todo[0][1])  # a quantizer's scales in the layers' dtype
+        solved = self.spec.run_stacked(weights, stats, [t for _, _, t in todo], options)
         if self.then is not None:  # the quantizer stacked too: one more column loop for the group
-            solved = quantize_stacked(solved, stats, self.options_for(todo[0][1]), self.then)
+            solved = quantize_stacked(solved, stats, options, self.then)
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
             self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
