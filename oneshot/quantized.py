@@ -71,11 +71,6 @@ class QuantizedLayer:
     tensors: dict[str, torch.Tensor]  # weight_packed, weight_scale, [weight_zero_point], weight_shape
     spec: QuantSpec
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the layer takes on disk."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def compress(result: QuantResult, dtype: torch.dtype) -> QuantizedLayer:
     """The saved form of a quantized layer whose model weight is ``result.weight`` cast to ``dtype``."""

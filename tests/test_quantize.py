@@ -324,3 +324,42 @@ def test_a_quantized_checkpoint_is_not_pruned_again(tmp_path: Path, tiny_checkpo
     with pytest.raises(ModelError, match="already quantized \\(compressed-tensors\\); prune or quantize the original"):
         oneshot.prune(str(out), method="magnitude", sparsity=0.5, out=tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_config_matches_the_formats_own_schemes() -> None:
+    """Our weights entry validates as compressed-tensors' QuantizationArgs and equals its W4A16 preset."""
+    from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+
+    from oneshot.quantized import quantization_config, weights_args
+
+    fields = ("num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "actorder")
+    ours = QuantizationArgs(**weights_args(QuantSpec()))
+    preset = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    assert preset is not None and all(getattr(ours, f) == getattr(preset, f) for f in fields)
+    asym = QuantizationArgs(**weights_args(QuantSpec(bits=8, group_size=None, symmetric=False, act_order=True)))
+    assert (asym.num_bits, asym.strategy, asym.group_size, asym.symmetric) == (8, "channel", None, False)
+    assert asym.actorder == "weight" and asym.dynamic is False
+    config = quantization_config(QuantSpec(), ["model.b", "lm_head"])
+    assert config["ignore"] == ["lm_head", "model.b"] and config["quantization_status"] == "compressed"
+
+
+def test_group_size_hint_names_the_largest_that_fits() -> None:
+    from oneshot.quantized import check_groups
+
+    for widths, hint in [
+        ({"a": 256, "b": 384}, None),  # 128 fits both
+        ({"a": 576, "b": 1536}, "--group-size 64"),
+        ({"a": 64, "b": 96}, "--group-size 32"),
+        ({"a": 48, "b": 80}, "--group-size 16"),
+        ({"a": 24, "b": 48}, "--group-size -1"),
+    ]:
+        if hint is None:
+            check_groups(widths, QuantSpec())
+            continue
+        with pytest.raises(ConfigError, match=f"use {hint}"):
+            check_groups(widths, QuantSpec())
+    check_groups({"a": 24}, QuantSpec(group_size=None))  # one scale per row always fits
+    with pytest.raises(
+        ConfigError, match="--group-size 256 does not divide the input width 384 of a.*use --group-size 128"
+    ):
+        check_groups({"a": 384, "b": 128}, QuantSpec(group_size=256))
