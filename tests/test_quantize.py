@@ -48,7 +48,7 @@ def test_pack_by_hand_and_against_the_loader() -> None:
     top = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 8]])  # only the word's top bit set: int32's minimum
     assert pack(top, 4).tolist() == [[-(1 << 31)]]
     with pytest.raises(ValueError, match="codes must lie"):
-        pack(torch.tensor([[16]]), 4)
+        pack(torch.tensor([[0, 16]]), 4)
     with pytest.raises(ValueError, match="codes must lie"):
         pack(torch.tensor([[3, -1]]), 4)
     for bad in (torch.zeros(4, dtype=torch.long), torch.zeros(1, 1, 4, dtype=torch.long)):
