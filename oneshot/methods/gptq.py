@@ -249,7 +249,7 @@ SPEC = MethodSpec(
     "gptq",
     _quantize_only("gptq"),
     (STAT_HESSIAN,),
-    "GPTQ weight quantization (Frantar et al. 2023): round column by column, the error moved to the columns left",
+    "GPTQ weight quantization (Frantar et al. 2023): columns rounded in turn, each error moved onto the rest",
     updates_weights=True,
     quantizes=True,
     run_stacked=_gptq_stacked,
