@@ -8,6 +8,7 @@ its bf16 weights evaluated in float32. Rows are ``METHOD/key=value/...`` as in
 ``--group-size`` apply to every quantizing row.
 
     .venv/bin/python -m benchmarks.quantize --max-windows 64
+    .venv/bin/python -m benchmarks.quantize --calib wikitext2:head --eval wikitext2:tail --max-windows 64
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    parser.add_argument("--calib", default=None, help="calibration text file [default: shared austen/emma.txt]")
+    parser.add_argument(
+        "--calib", default=None, help="calibration text file or a name as for --eval [default: shared austen/emma.txt]"
+    )
     parser.add_argument("--eval", default="wikitext2", help="wikitext2, ptb, persuasion, or a text file")
     parser.add_argument("--model", default=None, help="model folder, hub name or .gguf [the packaged SmolLM2]")
     parser.add_argument("--name", default="quantize_smollm2", help="results file stem")
@@ -90,9 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     source = args.model or str(smollm2_gguf())
     _, tokenizer = oneshot.load_model(source, dtype="bfloat16")
     calib_path = args.calib or str(shared_file("austen", "emma.txt"))
-    calib = build_calibration(
-        tokenizer, CalibrationConfig(source=calib_path, nsamples=args.nsamples, seqlen=args.seqlen), args.seqlen
-    )
+    with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
+        source = calib_path
+        if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
+            source = str(Path(tmp) / "calibration.txt")
+            Path(source).write_text(eval_text(calib_path)[0], encoding="utf-8")
+        config = CalibrationConfig(source=source, nsamples=args.nsamples, seqlen=args.seqlen)
+        calib = build_calibration(tokenizer, config, args.seqlen)
     text, eval_name = eval_text(args.eval)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="oneshot-quantize-") as tmp:
