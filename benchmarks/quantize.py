@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     _, tokenizer = oneshot.load_model(source, dtype="bfloat16")
     calib_path = args.calib or str(shared_file("austen", "emma.txt"))
     with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
-        source = calib_path
+        calib_file = calib_path
         if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
-            source = str(Path(tmp) / "calibration.txt")
-            Path(source).write_text(eval_text(calib_path)[0], encoding="utf-8")
-        config = CalibrationConfig(source=source, nsamples=args.nsamples, seqlen=args.seqlen)
+            calib_file = str(Path(tmp) / "calibration.txt")
+            Path(calib_file).write_text(eval_text(calib_path)[0], encoding="utf-8")
+        config = CalibrationConfig(source=calib_file, nsamples=args.nsamples, seqlen=args.seqlen)
         calib = build_calibration(tokenizer, config, args.seqlen)
     text, eval_name = eval_text(args.eval)
     rows: list[dict[str, Any]] = []
