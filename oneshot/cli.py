@@ -156,7 +156,7 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
     \b
     A quantized run (--method gptq / rtn, or --then) is saved in the compressed-tensors format
     (packed int codes, scales and zero points; `pip install 'oneshot[quant]'`), which transformers
-    with compressed-tensors and vLLM load; it is about 4x smaller than bf16 at 4 bits.
+    with compressed-tensors and vLLM load; at 4 bits its linear layers take about 0.27x their bf16 bytes.
 
     \b
     A checkpoint larger than --max-memory is streamed: one block in memory at a time, each pruned
