@@ -25,6 +25,9 @@ from oneshot.methods.registry import METHODS, QUANTIZERS
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Options that say where and how this machine runs a job, not what it computes: a recipe does not
+#: record them, and a resumed streaming run may differ in them.
+RUN_ONLY = ("quiet", "resume", "device", "stream", "max_memory")
 #: How a block is swept: see ``PruneConfig.passes``.
 PASSES = ("auto", "single", "two")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -517,12 +520,10 @@ class PruneConfig:
         """Whether the run puts weights on a quantization grid (and is saved in the compressed-tensors format)."""
         return self.quantizer is not None
 
-    def quant_spec(self, dtype: Any = None) -> QuantSpec:
-        """The quantization grid of this run; scales rounded to ``dtype`` (the model's) where given."""
-        import torch
-
+    def quant_spec(self) -> QuantSpec:
+        """The quantization grid of this run (float32 scales; each layer's own dtype is set where it is solved)."""
         group = None if self.group_size == -1 else self.group_size
-        return QuantSpec(self.bits, group, self.symmetric, self.act_order, dtype or torch.float32)
+        return QuantSpec(self.bits, group, self.symmetric, self.act_order)
 
     @property
     def uses_data(self) -> bool:
@@ -567,7 +568,7 @@ class PruneConfig:
         stages = [first, {"method": self.then, **grid}] if self.then else [{**first, **grid}]
         rest: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name in {"method", "then", "sparsity", "nm", "calibration", *quantize, *_NOT_IN_RECIPE}:
+            if f.name in {"method", "then", "sparsity", "nm", "calibration", *quantize, *RUN_ONLY}:
                 continue
             if not _is_default(getattr(self, f.name), f.default):
                 rest[f.name] = data[f.name]
@@ -635,10 +636,6 @@ def read_structured(path: Path, what: str) -> Any:
 def read_sparsity_map(path: Path) -> tuple[tuple[str, float | str], ...]:
     """Read a ``{layer glob: sparsity | "skip"}`` map from a JSON or YAML file."""
     return parse_sparsity_map(read_structured(path, "--sparsity-map"), f"--sparsity-map {path}")
-
-
-#: Run options a recipe does not record: where and how this machine runs it, not what it computes.
-_NOT_IN_RECIPE = ("quiet", "resume", "stream", "max_memory", "device")
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:

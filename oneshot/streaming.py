@@ -27,7 +27,7 @@ from torch import nn
 from oneshot.activations import DiskStore
 from oneshot.calibration.data import CalibrationSet
 from oneshot.checkpoint import Checkpoint, build_skeleton, checkpoint_keys, materialise, release
-from oneshot.config import PruneConfig
+from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.layers import find_blocks
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 MAX_SHARD_BYTES = 2 * 10**9
-#: Options that do not change the result, so a resume may differ in them.
-RESUME_FREE = ("quiet", "resume", "device", "stream", "max_memory")
 
 
 def partial_dir(out: Path) -> Path:
@@ -62,7 +60,7 @@ def calibration_digest(calib: CalibrationSet | None) -> str:
 
 def _semantic(config: PruneConfig) -> dict[str, Any]:
     data = config.to_dict()
-    for key in RESUME_FREE:
+    for key in RUN_ONLY:  # a resume may differ in these
         data.pop(key, None)
     normalised: dict[str, Any] = json.loads(json.dumps(data))  # tuples -> lists, as read back from disk
     return normalised
