@@ -53,6 +53,27 @@ def wikitext_test_text() -> str:
     return "\n\n".join(rows)
 
 
+def calibration_tokens(tokenizer: Any, name: str | None, nsamples: int, seqlen: int) -> tuple[Any, str]:
+    """``(CalibrationSet, path)`` of ``nsamples`` x ``seqlen`` tokens (seed 0) of a text file or a named text.
+
+    ``name`` is a file, a name as for :func:`eval_text` (e.g. ``wikitext2:head``), or None for
+    Austen's *Emma* (the shared default).
+    """
+    import tempfile
+
+    from oneshot.calibration.data import build_calibration
+    from oneshot.config import CalibrationConfig
+
+    path = name or str(shared_file("austen", "emma.txt"))
+    with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
+        source = path
+        if not Path(path).exists():  # a named text: calibrate on a copy of it
+            source = str(Path(tmp) / "calibration.txt")
+            Path(source).write_text(eval_text(path)[0], encoding="utf-8")
+        config = CalibrationConfig(source=source, nsamples=nsamples, seqlen=seqlen, seed=0)
+        return build_calibration(tokenizer, config, seqlen), path
+
+
 def eval_text(name: str) -> tuple[str, str]:
     """(text, label) of a named text: ``wikitext2``, ``ptb``, ``persuasion`` or a text file's path.
 

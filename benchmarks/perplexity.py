@@ -13,26 +13,22 @@ import argparse
 import logging
 import shlex
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import oneshot
 from benchmarks.common import (
+    calibration_tokens,
     eval_text,
     machine,
     machine_line,
     parse_method,
     parse_prune_options,
-    shared_file,
     smollm2_gguf,
     write_results,
 )
-from oneshot.calibration.data import build_calibration
-from oneshot.config import CalibrationConfig
 from oneshot.evaluation import bos_protocol
 
 
@@ -63,14 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    calib_path = args.calib or str(shared_file("austen", "emma.txt"))
-    with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
-        source = calib_path
-        if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
-            source = str(Path(tmp) / "calibration.txt")
-            Path(source).write_text(eval_text(calib_path)[0], encoding="utf-8")
-        calib_cfg = CalibrationConfig(source=source, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-        calib = build_calibration(tokenizer, calib_cfg, args.seqlen)
+    calib, calib_path = calibration_tokens(tokenizer, args.calib, args.nsamples, args.seqlen)
     text, eval_name = eval_text(args.eval)
     bos = bos_protocol(model)  # the papers' protocol ("once") unless the family needs BOS per window
 

@@ -27,16 +27,14 @@ import torch
 
 import oneshot
 from benchmarks.common import (
+    calibration_tokens,
     eval_text,
     machine,
     machine_line,
     parse_method,
-    shared_file,
     smollm2_gguf,
     write_results,
 )
-from oneshot.calibration.data import build_calibration
-from oneshot.config import CalibrationConfig
 from oneshot.methods.registry import METHODS
 
 ROWS = (
@@ -92,14 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     source = args.model or str(smollm2_gguf())
     _, tokenizer = oneshot.load_model(source, dtype="bfloat16")
-    calib_path = args.calib or str(shared_file("austen", "emma.txt"))
-    with tempfile.TemporaryDirectory(prefix="oneshot-calib-") as tmp:
-        calib_file = calib_path
-        if not Path(calib_path).exists():  # a named text (e.g. wikitext2:head): calibrate on a copy of it
-            calib_file = str(Path(tmp) / "calibration.txt")
-            Path(calib_file).write_text(eval_text(calib_path)[0], encoding="utf-8")
-        config = CalibrationConfig(source=calib_file, nsamples=args.nsamples, seqlen=args.seqlen)
-        calib = build_calibration(tokenizer, config, args.seqlen)
+    calib, calib_path = calibration_tokens(tokenizer, args.calib, args.nsamples, args.seqlen)
     text, eval_name = eval_text(args.eval)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="oneshot-quantize-") as tmp:
