@@ -22,6 +22,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors, saved_quantization
 from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
+from oneshot.distributed import Ranks, guarded
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
@@ -186,12 +187,15 @@ def prune(
         sparsity = options.pop("sparsity", None) if sparsity is None else sparsity
         nm = options.pop("nm", None) if nm is None else nm
     config = _make_config(config, method, sparsity, nm, calibration, options)
+    ranks = Ranks.current()
+    if ranks is not None:
+        _check_distributed(config)
     out_path = _output_path(out, config, overwrite)
 
     name, run = "", None
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite)
+        model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite, ranks)
     elif config.stream or config.resume:
         raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
     if not isinstance(model, nn.Module):
@@ -205,16 +209,40 @@ def prune(
     was_training = model.training
     model.eval()
     try:
-        job = _Job(model, calib, config, _run_facts(model, calib, run), run)
+        facts = _run_facts(model, calib, run)
+        if ranks is not None:
+            facts["distributed"] = {"world_size": ranks.world}
+            if calib is not None:
+                facts["distributed"]["samples"] = list(ranks.bounds(calib.nsamples))
+                calib = ranks.share(calib)
+        job = _Job(model, calib, config, facts, run, ranks)
         report = _prune_structured(job) if METHODS[config.method].structured else _prune_unstructured(job, sparsities)
         report.model = name
-        return _finish(report, model, tokenizer, out_path, overwrite, start, run)
+        return _finish(report, model, tokenizer, out_path, overwrite, start, run, ranks)
     except BaseException:
-        if run is not None and run.partial.exists():
+        if run is not None and ranks is not None:
+            run.discard()  # a run over several ranks cannot be resumed: leave nothing behind
+        elif run is not None and run.partial.exists():
             log.error("the finished blocks are kept in %s: rerun with --resume to continue", run.partial)
         raise
     finally:
         model.train(was_training)
+        if run is not None:
+            run.close()
+
+
+def _check_distributed(config: PruneConfig) -> None:
+    """Refuse, before any work, what a run over several ranks does not do yet (each with the way out)."""
+    single = "run it as one process (without torchrun)"
+    if config.refine == "block":
+        raise ConfigError(f"--refine block takes optimizer steps over one process's samples: {single}")
+    if config.allocate == "sensitivity":
+        raise ConfigError(f"--allocate sensitivity probes each block on one process's samples: {single}")
+    if config.resume:
+        raise ConfigError(
+            f"a run over several ranks keeps each rank's activations in memory, so it cannot be resumed: {single}, "
+            "or start over without --resume"
+        )
 
 
 def check_layers(model: nn.Module, config: PruneConfig) -> None:
@@ -298,9 +326,17 @@ def _make_config(
 
 
 def _open(
-    source: str | os.PathLike[str], tokenizer: Any, config: PruneConfig, out: Path | None, overwrite: bool
+    source: str | os.PathLike[str],
+    tokenizer: Any,
+    config: PruneConfig,
+    out: Path | None,
+    overwrite: bool,
+    ranks: Ranks | None = None,
 ) -> tuple[nn.Module, Any, StreamingRun | None]:
-    """Load the checkpoint in memory, or open a streaming run on it (see :func:`should_stream`)."""
+    """Load the checkpoint in memory, or open a streaming run on it (see :func:`should_stream`).
+
+    With several ranks all stream if any must; each reads the blocks itself, rank 0 writes.
+    """
     folder = local_folder(source)
     method = saved_quantization(folder).get("quant_method")
     if method is not None:
@@ -308,12 +344,15 @@ def _open(
             f"{folder} is already quantized ({method}); prune or quantize the original checkpoint it was made from"
         )
     dtype = resolve_dtype(folder, config.dtype)
-    if not should_stream(folder, config, dtype):
+    stream = should_stream(folder, config, dtype)
+    if ranks is not None:
+        stream = not ranks.all_true(not stream)
+    if not stream:
         model, loaded = load_model(folder, config.dtype)
         return model, tokenizer or loaded, None
     if out is None:
         raise ConfigError("a streaming run writes the pruned model block by block: pass out= (--out)")
-    run = StreamingRun(folder, config, out, overwrite, dtype)
+    run = StreamingRun(folder, config, out, overwrite, dtype, writes=ranks is None or ranks.writes)
     return run.model, tokenizer or load_tokenizer(folder), run
 
 
@@ -361,12 +400,14 @@ class _Job:
     config: PruneConfig
     extra: dict[str, Any]
     run: StreamingRun | None
+    ranks: Ranks | None = None  # several processes share the run (oneshot.distributed)
 
 
 def _prune_structured(job: _Job) -> Report:
     config, extra, run = job.config, job.extra, job.run
     assert job.calib is not None  # structured reads data
-    structured = prune_structured(job.model, job.calib, config, io=run.io() if run is not None else None)
+    io = run.io() if run is not None else None
+    structured = prune_structured(job.model, job.calib, config, io=io, ranks=job.ranks)
     extra["structured"] = {
         "ratio": config.ratio,
         "score": config.score,
@@ -399,7 +440,7 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
 
 def _owl_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
     assert job.calib is not None  # OWL reads data
-    owl = owl_allocation(job.model, job.calib, job.config, io=io, single_pass=_single_pass(job))
+    owl = owl_allocation(job.model, job.calib, job.config, io=io, single_pass=_single_pass(job), ranks=job.ranks)
     return {"m": job.config.owl_m, "lambda": job.config.owl_lambda, "blocks": owl.blocks, "sparsities": owl.sparsities}
 
 
@@ -448,6 +489,8 @@ def _single_pass(job: _Job) -> bool:
     else:
         budget = config.max_memory or default_budget()
     single = config.passes == "single" or (config.passes == "auto" and need <= budget and config.refine != "block")
+    if job.ranks is not None:  # one forward of all samples only if every rank's share fits
+        single = job.ranks.all_true(single)
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
         single = job.run.progress.setdefault("passes", "single" if single else "two") == "single"
     job.extra["passes"] = "single" if single else "two"
@@ -472,7 +515,9 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
             extra["resumed_from_block"] = run.start
     io = run.io(result) if run is not None else None
     single = calib is not None and _single_pass(job)
-    sweep = prune_sequential(model, calib, config, sparsities=allocation, io=io, result=result, single_pass=single)
+    sweep = prune_sequential(
+        model, calib, config, sparsities=allocation, io=io, result=result, single_pass=single, ranks=job.ranks
+    )
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
     if sweep.refits:
@@ -501,29 +546,35 @@ def _finish(
     overwrite: bool,
     start: float,
     run: StreamingRun | None,
+    ranks: Ranks | None = None,
 ) -> Report:
-    """Stamp time and memory, and save the model when an output folder was given."""
+    """Stamp time and memory, and save the model when an output folder was given (rank 0 of several)."""
     report.seconds = time.perf_counter() - start
     report.extra["seconds_per_block"] = list(report.times.per_block)
     report.extra["peak_rss_bytes"] = peak_rss()
+    if ranks is not None:
+        report.extra["distributed"] = {**report.extra.get("distributed", {}), **ranks.facts()}
     if out_path is not None:
         t0 = time.perf_counter()
         report.out_dir = str(out_path)
-        if run is not None:
-            report.extra["verified_bytes"] = run.finish(
-                tokenizer, report.to_dict(), report.config.to_dict(), report.config.to_recipe()
-            )
-        else:
-            save_pruned(
-                model,
-                tokenizer,
-                out_path,
-                report.to_dict(),
-                report.config.to_dict(),
-                overwrite=overwrite,
-                quantized=report.quantized,
-                recipe=report.config.to_recipe(),
-            )
+        with guarded(ranks, "writing the output"):
+            if ranks is not None and not ranks.writes:
+                pass  # rank 0 writes
+            elif run is not None:
+                report.extra["verified_bytes"] = run.finish(
+                    tokenizer, report.to_dict(), report.config.to_dict(), report.config.to_recipe()
+                )
+            else:
+                save_pruned(
+                    model,
+                    tokenizer,
+                    out_path,
+                    report.to_dict(),
+                    report.config.to_dict(),
+                    overwrite=overwrite,
+                    quantized=report.quantized,
+                    recipe=report.config.to_recipe(),
+                )
         report.extra["write_seconds"] = time.perf_counter() - t0
         report.seconds = time.perf_counter() - start
         report.extra["peak_rss_bytes"] = peak_rss()

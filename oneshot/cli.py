@@ -152,6 +152,7 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
       oneshot prune ./model --method gptq --bits 4 --group-size 128 --out ./model-w4     # quantize only
       oneshot prune ./model --method sparsegpt --sparsity 0.5 --then gptq --bits 4 --out ./model-50-w4
       oneshot prune ./model --recipe ./model-50-w4/recipe.yaml --out ./again
+      torchrun --nproc-per-node 4 -m oneshot prune ./model --method sparsegpt --sparsity 0.5 --out ./p
 
     \b
     A quantized run (--method gptq / rtn, or --then) is saved in the compressed-tensors format
@@ -162,17 +163,36 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
     A checkpoint larger than --max-memory is streamed: one block in memory at a time, each pruned
     block written to the output shards at once, progress recorded so that --resume continues
     after a crash or a kill. Streaming needs a folder (or hub name) with safetensors weights.
+
+    \b
+    Under torchrun (NCCL on GPUs, Gloo on CPUs; several nodes through its rendezvous) the ranks
+    split the calibration samples, reduce the statistics of each block, solve its layers in
+    parallel (each layer on one rank, by cost) and broadcast them; rank 0 writes the output.
     """
     from oneshot.api import prune as api_prune
+    from oneshot.distributed import init_from_env, leave
 
-    _setup_logging(opts["quiet"])
+    joined = init_from_env(str(opts["device"]))
+    _setup_logging(opts["quiet"] or _rank() > 0)  # one rank's log and bars are enough
 
     def go() -> None:
         config = config_from_options(opts, recipe)
         report = api_prune(model, config=config, out=out, overwrite=overwrite)
-        click.echo(report.summary())
+        if _rank() == 0:
+            click.echo(report.summary())
 
-    _run(go)
+    try:
+        _run(go)
+    finally:
+        if joined:
+            leave()
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @main.command(name="eval")

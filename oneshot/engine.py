@@ -36,8 +36,9 @@ from oneshot.calibration.hooks import AccumulatorFactory, collect
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
 from oneshot.capture import BlockCall, CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
+from oneshot.distributed import Ranks, guarded
 from oneshot.errors import ModelError
-from oneshot.layers import find_blocks, find_linears, input_width
+from oneshot.layers import as_matrix, find_blocks, find_linears, input_width
 from oneshot.memory import release_freed_memory
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
 
@@ -66,6 +67,7 @@ class PhaseTimes:
     report: float = 0.0  # reconstruction-error estimates for the report
     refit: float = 0.0  # block-output reconstruction (--refine block)
     propagate: float = 0.0
+    communicate: float = 0.0  # in collectives (several ranks); also counted in the phase they happen in
     per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
 
@@ -190,6 +192,8 @@ def sweep(
     single_pass: bool = False,
     visit_group: GroupVisitor | None = None,
     refit: BlockRefit | None = None,
+    ranks: Ranks | None = None,
+    owned: bool = False,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
@@ -198,8 +202,11 @@ def sweep(
     ``needs`` names the statistics gathered; ``visit_group`` visits layers sharing an input
     together; layers matching ``config.skip_layers`` are not visited; ``io`` says where blocks and
     activations live (default: in memory); ``refit`` is called after each block's visitors with the
-    dense block's outputs kept from the statistics forward (two passes only). Returns the blocks'
-    qualified name.
+    dense block's outputs kept from the statistics forward (two passes only). With ``ranks`` (a
+    process group, :mod:`oneshot.distributed`) ``calib`` is this rank's share: statistics are
+    reduced before any visitor sees them, and with ``owned`` each layer group is visited by one
+    owner rank and its weights broadcast (else every rank visits every layer, on the same
+    statistics). Returns the blocks' qualified name.
     """
     times = times if times is not None else PhaseTimes()
     io = io or SweepIO()
@@ -207,14 +214,17 @@ def sweep(
     blocks_name, blocks = find_blocks(model)
     home = _home(blocks)
     _check_sweep(calib is not None, needs, observer is not None, refit is not None, single_pass)
-    step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device)
+    if refit is not None and ranks is not None:
+        raise RuntimeError("a block refit takes optimizer steps on one process's samples: not with several ranks")
+    shared = _Shared(ranks, owned, needs)
+    step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device, shared)
     if calib is not None:
         t0 = time.perf_counter()
         size = calib.nsamples if single_pass else config.batch_size
         captured, store = _capture(model, blocks, calib, config, io, size)
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
-        step = kind(config, needs, visit, block_visit, times, device, captured, store, visit_group, refit)
+        step = kind(config, needs, visit, block_visit, times, device, captured, store, shared, visit_group, refit)
     try:
         bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
         for i in bar:
@@ -223,12 +233,18 @@ def sweep(
             if i != 0 or calib is None:  # block 0 was loaded for the capture (a resumed sweep starts later)
                 io.source.load(i, block)
             block.to(device)
+            if ranks is not None:
+                ranks.begin_block()
             step.run(i, block, block_linears(blocks_name, i, block, config), blocks_name)
             if observer is not None and not isinstance(step, _DataFreeStep):
                 observer(i, [step.store.get(b) for b in range(len(step.store))])
             block.to(home)
             if io.after_block is not None:
-                io.after_block(i, block)
+                with guarded(ranks, f"handing {blocks_name}.{i} to the writer"):
+                    io.after_block(i, block)
+            if ranks is not None:
+                ranks.end_block()
+                times.communicate += ranks.block_seconds[-1]
             io.source.unload(i, block)
             release_freed_memory()
             times.per_block.append(time.perf_counter() - start)
@@ -259,14 +275,14 @@ class _DataFreeStep:
     block_visit: BlockVisitor | None
     times: PhaseTimes
     device: torch.device
+    shared: _Shared
 
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Call the visitors on the block's layers with empty statistics."""
         t0, report_before = time.perf_counter(), self.times.report
         check_weights(blocks_name, i, linears)
-        for name, module in linears.items():
-            self.visit(f"{blocks_name}.{i}.{name}", i, module, {})
-            release_freed_memory()
+        groups = [[name] for name in linears]
+        self.shared.visit_all(self.visit, None, blocks_name, i, linears, groups, lambda group: {})
         if self.block_visit is not None:
             self.block_visit(i, block, lambda name: {})
         self.times.solve += time.perf_counter() - t0 - (self.times.report - report_before)
@@ -284,6 +300,7 @@ class _BlockStep:
     device: torch.device
     captured: CapturedInputs
     store: ActivationStore
+    shared: _Shared
     visit_group: GroupVisitor | None = None
     refit: BlockRefit | None = None
 
@@ -293,8 +310,10 @@ class _BlockStep:
         factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
         check_weights(blocks_name, i, linears)
         targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
+        ranks = self.shared.ranks
         t0 = time.perf_counter()
-        with torch.no_grad(), collect(linears, factories) as collector:
+        forward = guarded(ranks, f"the statistics forward of {blocks_name}.{i}")
+        with torch.no_grad(), collect(linears, factories) as collector, forward:
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
                 hidden = _finite_inputs(store, b, i, blocks_name)
@@ -308,11 +327,16 @@ class _BlockStep:
         groups: dict[int, list[str]] = {}  # layers sharing accumulators read the same input
         for name in linears:
             groups.setdefault(id(collector.stats(name)), []).append(name)
-        for group in groups.values():
-            _visit(self.visit, self.visit_group, blocks_name, i, linears, group, collector.stats(group[0]))
-            release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
+        if ranks is not None:
+            for group in groups.values():
+                ranks.reduce(collector.stats(group[0]))
+        stats = collector.stats
+        self.shared.visit_all(
+            self.visit, self.visit_group, blocks_name, i, linears, list(groups.values()), lambda g: stats(g[0])
+        )
         if self.block_visit is not None:
-            self.block_visit(i, block, collector.stats)
+            with guarded(ranks, f"the block visit of {blocks_name}.{i}"):
+                self.block_visit(i, block, collector.stats)
         times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
         del collector
         if self.refit is not None:
@@ -345,6 +369,48 @@ def _visit(
     else:
         for name, qualified in zip(group, full, strict=True):
             visit(qualified, i, linears[name], accs)
+
+
+@dataclass
+class _Shared:
+    """How a sweep's visits are shared between ranks (nothing to share without ``ranks``)."""
+
+    ranks: Ranks | None
+    owned: bool  # each layer group visited by one owner rank, its weights then broadcast
+    needs: tuple[str, ...]
+
+    def visit_all(
+        self,
+        visit: LayerVisitor,
+        visit_group: GroupVisitor | None,
+        blocks_name: str,
+        i: int,
+        linears: dict[str, nn.Module],
+        groups: list[list[str]],
+        stats_of: Callable[[list[str]], dict[str, Accumulator]],
+    ) -> None:
+        """Visit each group of layers here, or (owned, several ranks) on its owner rank, then broadcast."""
+        ranks = self.ranks
+        if ranks is None or not self.owned:
+            for group in groups:
+                _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
+                release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
+            return
+        owners = ranks.owners([_cost([linears[n] for n in group], self.needs) for group in groups])
+        with ranks.guard(f"solving {blocks_name}.{i}"):
+            for group, owner in zip(groups, owners, strict=True):
+                if owner == ranks.rank:
+                    _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
+                    release_freed_memory()
+        for group, owner in zip(groups, owners, strict=True):
+            ranks.broadcast_modules([linears[n] for n in group], owner)
+
+
+def _cost(modules: list[nn.Module], needs: tuple[str, ...]) -> float:
+    """A layer group's solve cost: ~ rows·in² + in³ with a Hessian (SparseGPT, OBS), rows·in otherwise."""
+    width = input_width(modules[0])
+    rows = sum(int(as_matrix(m).shape[0]) for m in modules)
+    return float(rows * width * width + width**3) if STAT_HESSIAN in needs else float(rows * width)
 
 
 class _Probed(Exception):
@@ -412,7 +478,8 @@ class _SinglePassStep(_BlockStep):
         visited: list[str] = []
         solve, report_before = 0.0, times.report
 
-        hidden = _finite_inputs(store, 0, i, blocks_name)
+        with guarded(self.shared.ranks, f"the inputs of {blocks_name}.{i}"):
+            hidden = _finite_inputs(store, 0, i, blocks_name)
         if self.visit_group is not None and self.groups is None:
             self.groups = _input_groups(block, self.captured.calls[0][i], hidden, self.device, linears)
         groups = self.groups or {}
@@ -423,7 +490,9 @@ class _SinglePassStep(_BlockStep):
                 return
             t0 = time.perf_counter()
             group = [n for n in groups.get(name, [name]) if n in linears and n not in visited]
-            _visit(self.visit, self.visit_group, blocks_name, i, linears, group, accs)
+            if self.shared.ranks is not None:
+                self.shared.ranks.reduce(accs)
+            self.shared.visit_all(self.visit, self.visit_group, blocks_name, i, linears, [group], lambda g: accs)
             visited.extend(group)
             release_freed_memory()
             solve += time.perf_counter() - t0

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.checkpoint import key_candidates
+from oneshot.distributed import Ranks
 from oneshot.errors import ModelError
 from oneshot.layers import is_conv1d
 
@@ -56,9 +57,17 @@ def own_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> 
 
 
 def empirical_fisher(
-    model: nn.Module, calib: CalibrationSet, layers: Mapping[str, nn.Module], *, quiet: bool = True
+    model: nn.Module,
+    calib: CalibrationSet,
+    layers: Mapping[str, nn.Module],
+    *,
+    quiet: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``E[g²]`` of each layer's weight as float32 ``[out, in]``: the mean over samples of the squared gradient."""
+    """``E[g²]`` of each layer's weight as float32 ``[out, in]``: the mean over samples of the squared gradient.
+
+    With ``ranks``, ``calib`` is this rank's share: the sums and sample counts are all-reduced.
+    """
     device = next(model.parameters()).device
     weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -77,8 +86,13 @@ def empirical_fisher(
     finally:
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), False))
+    nsamples = calib.nsamples
+    if ranks is not None:
+        for acc in sums:
+            ranks.all_reduce(acc)
+        nsamples = sum(ranks.all_gather_object(nsamples))
     return {
-        name: (acc.T if is_conv1d(module) else acc) / calib.nsamples
+        name: (acc.T if is_conv1d(module) else acc) / nsamples
         for (name, module), acc in zip(layers.items(), sums, strict=True)
     }
 

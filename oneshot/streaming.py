@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,18 @@ class StreamingSource:
 
 
 class StreamingRun:
-    """One streaming run into ``out``: the skeleton, the partial folder, progress, writer and activations."""
+    """One streaming run into ``out``: the skeleton, the partial folder, progress, writer and activations.
 
-    def __init__(self, folder: Path, config: PruneConfig, out: Path, overwrite: bool, dtype: torch.dtype) -> None:
+    With ``writes=False`` (a rank other than 0 of a run over several processes) it only reads: the
+    blocks from the shards and its own activations in a scratch folder, removed by :meth:`close`.
+    """
+
+    def __init__(
+        self, folder: Path, config: PruneConfig, out: Path, overwrite: bool, dtype: torch.dtype, writes: bool = True
+    ) -> None:
         self.folder = folder
+        self.writes = writes
+        self.scratch: Path | None = None
         self.config = config
         self.out = out
         self.overwrite = overwrite
@@ -129,6 +138,11 @@ class StreamingRun:
 
     def begin(self, calib: CalibrationSet | None) -> None:
         """Create the partial folder, or reopen it with ``config.resume`` after checking it matches."""
+        if not self.writes:  # this rank's activations only, in a scratch folder of its own
+            self.scratch = Path(tempfile.mkdtemp(prefix="oneshot-rank-"))
+            self.store = DiskStore(self.scratch, self._activation_dtype())
+            self.source.load_stem(self.model)
+            return
         identity = {
             "checkpoint": self.checkpoint.fingerprint(),
             "config": _semantic(self.config),
@@ -201,6 +215,8 @@ class StreamingRun:
     def io(self, result: SweepResult | None = None) -> SweepIO:
         """Sweep plumbing for the pruning sweep: blocks from the shards, each written as it finishes."""
         assert self.store is not None
+        if not self.writes:
+            return SweepIO(source=self.source, store=self.store)
 
         def after_block(index: int, block: nn.Module) -> None:
             self._write_block(index, block, result.quantized if result is not None else {})
@@ -217,7 +233,7 @@ class StreamingRun:
 
     def read_only_io(self, name: str) -> SweepIO:
         """Sweep plumbing for a statistics-only sweep (OWL): blocks streamed, nothing written."""
-        folder = self.partial / name
+        folder = (self.partial if self.scratch is None else self.scratch) / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         return SweepIO(source=self.source, store=DiskStore(folder, self._activation_dtype()))
@@ -260,6 +276,17 @@ class StreamingRun:
         os.replace(tmp, self.partial / PROGRESS_FILE)
 
     # -- finishing ----------------------------------------------------------------------------
+
+    def discard(self) -> None:
+        """Remove the partial folder (a run that cannot be resumed leaves nothing behind)."""
+        if self.writes:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove a reading rank's scratch folder (a writer's partial folder is published or kept)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def finish(
         self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any], recipe: dict[str, Any] | None = None

@@ -42,8 +42,12 @@ class Hessian:
 
     @property
     def count(self) -> int:
-        """Token rows seen."""
+        """Token rows seen (set by a cross-rank reduce to the total over all ranks)."""
         return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
 
     def finalize(self) -> torch.Tensor:
         """Mean ``X Xᵀ / n`` ``[d, d]``."""
@@ -51,26 +55,34 @@ class Hessian:
 
 
 class ColumnSqNorm:
-    """Per-input-channel sum of squares ``Σ_t x_tj²`` (``[d]``): Wanda's ``‖X_j‖₂²``."""
+    """Per-input-channel sum of squares ``Σ_t x_tj²`` (``[d]``): Wanda's ``‖X_j‖₂²``.
+
+    The squares are summed in float64, so the float32 result does not depend on how the tokens
+    were batched or split between ranks (Wanda's masks are then identical, not merely close).
+    """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(dim, dtype=torch.float32, device=device)  # [d]
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)  # [d]
         self._count = 0
 
     def update(self, x: torch.Tensor) -> None:
         """Add rows ``x`` ``[tokens, d]``."""
         x = x.to(self.sum.device, torch.float32)
-        self.sum += (x * x).sum(dim=0)
+        self.sum += (x * x).sum(dim=0, dtype=torch.float64)
         self._count += int(x.shape[0])
 
     @property
     def count(self) -> int:
-        """Token rows seen."""
+        """Token rows seen (set by a cross-rank reduce to the total over all ranks)."""
         return self._count
 
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
+
     def finalize(self) -> torch.Tensor:
-        """``‖X_j‖₂²`` per column ``[d]`` (a sum, not a mean, as in the Wanda paper)."""
-        return self.sum.clone()
+        """``‖X_j‖₂²`` per column ``[d]`` in float32 (a sum, not a mean, as in the Wanda paper)."""
+        return self.sum.float()
 
 
 class MeanVar:
@@ -92,18 +104,27 @@ class MeanVar:
             return
         x = x.to(self.mean.device, torch.float64)
         mean_b = x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
+        self.merge(nb, mean_b, ((x - mean_b) ** 2).sum(dim=0))
+
+    def merge(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Add a part with ``nb`` rows, mean ``mean_b`` and squared deviations ``m2_b`` (Chan's formula)."""
+        if nb == 0:
+            return
         na = self._count
         n = na + nb
-        delta = mean_b - self.mean
-        self.mean += delta * (nb / n)
-        self.m2 += m2_b + delta * delta * (na * nb / n)
+        delta = mean_b.to(self.mean) - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2_b.to(self.m2) + delta * delta * (na * nb / n)
         self._count = n
 
     @property
     def count(self) -> int:
         """Token rows seen."""
         return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean [d], variance [d])`` in float32; variance is the population variance (÷ n)."""

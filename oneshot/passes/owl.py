@@ -16,6 +16,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
+from oneshot.distributed import Ranks
 from oneshot.engine import SweepIO, layer_stats, sweep
 from oneshot.layers import as_matrix
 from oneshot.methods.allocation import outlier_ratio, owl_sparsities
@@ -31,12 +32,18 @@ class OwlAllocation:
 
 
 def owl_allocation(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None, single_pass: bool = False
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    io: SweepIO | None = None,
+    single_pass: bool = False,
+    ranks: Ranks | None = None,
 ) -> OwlAllocation:
     """One dense, statistics-only sweep: each block's outlier ratio -> per-block sparsity (OWL).
 
     Scores are Wanda's ``|W_ij|·‖X_j‖`` over all linear layers of the block; the ratio is the
-    share above ``config.owl_m`` times their mean. Nothing is pruned during the sweep.
+    share above ``config.owl_m`` times their mean. Nothing is pruned during the sweep. With
+    ``ranks`` every rank scores every layer from the reduced statistics: all get the same allocation.
     """
     counts: dict[int, list[float]] = {}  # block -> [outliers, scores, parameters]
     block_layers: dict[int, list[str]] = {}
@@ -66,6 +73,7 @@ def owl_allocation(
         desc="owl statistics",
         io=io,
         single_pass=single_pass,
+        ranks=ranks,
     )
     order = sorted(counts)
     ratios = [counts[b][0] for b in order]

@@ -18,6 +18,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator, MeanVar
 from oneshot.config import PruneConfig
+from oneshot.distributed import Ranks
 from oneshot.engine import BlockObserver, PhaseTimes, SweepIO, sweep
 from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, find_blocks
@@ -213,6 +214,7 @@ def prune_structured(
     *,
     observer: BlockObserver | None = None,
     io: SweepIO | None = None,
+    ranks: Ranks | None = None,
 ) -> StructuredResult:
     """Remove the same share of MLP neurons and/or attention heads from every block, in place.
 
@@ -220,7 +222,8 @@ def prune_structured(
     projection (over calibration tokens, blocks calibrated on the already pruned ones), the lowest
     are removed, and (unless ``config.bias_compensation`` is off) their mean contribution is added
     to the next projection's bias. The model config is updated so ``save_pretrained`` output
-    reloads with stock transformers.
+    reloads with stock transformers. With ``ranks`` every rank chooses the units from the reduced
+    statistics, so all remove the same ones.
     """
     todo = plans(model, config)
     blocks_name, _ = find_blocks(model)
@@ -244,6 +247,7 @@ def prune_structured(
         desc="structured",
         io=io,
         single_pass=False,  # units are removed after the statistics forward: the block must run again
+        ranks=ranks,
     )
     for plan in todo:
         plan.update_config(getattr(model, "config", None))

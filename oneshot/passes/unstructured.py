@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator, TokenSample, relative_error
 from oneshot.checkpoint import ReferenceWeights, model_prefix
 from oneshot.config import PruneConfig
+from oneshot.distributed import Ranks
 from oneshot.engine import (
     SAMPLE,
     BlockObserver,
@@ -34,7 +35,7 @@ from oneshot.engine import (
 )
 from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
-from oneshot.layers import as_matrix, from_matrix, is_attention, is_conv1d, weight_dtype
+from oneshot.layers import as_matrix, find_blocks, from_matrix, is_attention, is_conv1d, weight_dtype
 from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
@@ -192,7 +193,9 @@ def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
     return reference
 
 
-def _grad_sq(model: nn.Module, calib: CalibrationSet | None, config: PruneConfig) -> dict[str, torch.Tensor]:
+def _grad_sq(
+    model: nn.Module, calib: CalibrationSet | None, config: PruneConfig, ranks: Ranks | None = None
+) -> dict[str, torch.Tensor]:
     """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``."""
     layers = prunable_modules(model, config)
     if config.optimizer_state is not None:
@@ -204,7 +207,7 @@ def _grad_sq(model: nn.Module, calib: CalibrationSet | None, config: PruneConfig
         )
     if calib is None:
         raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
-    return empirical_fisher(model, calib, layers, quiet=config.quiet)
+    return empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks)
 
 
 def prune_sequential(
@@ -218,6 +221,7 @@ def prune_sequential(
     io: SweepIO | None = None,
     result: SweepResult | None = None,
     single_pass: bool = False,
+    ranks: Ranks | None = None,
 ) -> SweepResult:
     """Prune ``model`` in place, block by block, with ``config.method`` (or an explicit ``method``).
 
@@ -225,7 +229,9 @@ def prune_sequential(
     (layer-wise allocation; None = leave dense). Layers matching ``config.skip_layers`` globs are
     left dense too. ``io`` streams blocks and activations (see :class:`SweepIO`); ``result``
     carries the records of blocks finished before a resume and receives the new ones.
-    ``single_pass`` prunes each layer inside the block's one forward (see :func:`sweep`).
+    ``single_pass`` prunes each layer inside the block's one forward (see :func:`sweep`). With
+    ``ranks`` each layer group is pruned by one owner rank; after each block every rank holds all
+    of its records (in layer order) and rank 0 its quantized layers.
     """
     spec = method or METHODS[config.method]
     if spec.run is None:
@@ -234,7 +240,7 @@ def prune_sequential(
     device = resolve_device(config.device)
     refine = REFINERS.get(config.refine or "") if method is None else None
     reference = _reference(model, config) if spec.reference else None
-    grad_sq = _grad_sq(model, calib, config) if spec.gradients else None
+    grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
     refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
     target = float(config.sparsity or 0.0)
     then = config.then if method is None else None
@@ -246,6 +252,8 @@ def prune_sequential(
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards
     stacked = spec.run_stacked is not None and config.stack
+    if ranks is not None:
+        io = dataclasses.replace(io or SweepIO(), after_block=_synced(ranks, result, model, config, io))
     result.blocks_name = sweep(
         model,
         calib,
@@ -259,5 +267,46 @@ def prune_sequential(
         single_pass=single_pass,
         visit_group=pruner.group if stacked else None,
         refit=refit if method is None else None,
+        ranks=ranks,
+        owned=True,
     )
     return result
+
+
+def _synced(
+    ranks: Ranks, result: SweepResult, model: nn.Module, config: PruneConfig, io: SweepIO | None
+) -> Callable[[int, nn.Module], None]:
+    """An ``after_block`` that first gathers block ``i``'s records from the owner ranks (then calls ``io``'s).
+
+    Records and skipped layers reach every rank, in the order a single process makes them; the
+    quantized layers (packed codes) reach rank 0, the writer, only.
+    """
+    order = {name: k for k, name in enumerate(prunable_layers(model, config))}
+    blocks_name, _ = find_blocks(model)
+    inner = io.after_block if io is not None else None
+
+    def after_block(i: int, block: nn.Module) -> None:
+        mine = [r for r in result.layers if r.block == i]
+        skipped = [n for n in result.skipped if _block_of(n, blocks_name) == i]
+        quantized = {n: q for n, q in result.quantized.items() if _block_of(n, blocks_name) == i}
+        found = ranks.all_gather_object((mine, skipped))
+        everyone = ranks.gather_object(quantized if not ranks.writes else {})
+        result.layers[:] = [r for r in result.layers if r.block != i]
+        result.layers.extend(sorted((r for part, _ in found for r in part), key=lambda r: order[r.name]))
+        result.skipped[:] = [n for n in result.skipped if n not in skipped]
+        result.skipped.extend(sorted((n for _, part in found for n in part), key=order.__getitem__))
+        if everyone is not None:
+            for part in everyone:
+                result.quantized.update(part)
+        elif quantized:
+            for name in quantized:
+                del result.quantized[name]
+        if inner is not None:
+            inner(i, block)
+
+    return after_block
+
+
+def _block_of(name: str, blocks_name: str) -> int:
+    """The block index in a qualified layer name ``<blocks>.<i>.<layer>``."""
+    return int(name[len(blocks_name) + 1 :].split(".", 1)[0])
