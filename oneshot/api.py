@@ -129,6 +129,12 @@ class Report:
             )
         if damped:
             lines.append(f"{len(damped)} layers needed extra damping (see the report)")
+        ranks = self.extra.get("distributed")
+        if ranks and "bytes_communicated" in ranks:
+            lines.append(
+                f"{ranks['world_size']} ranks: {ranks['bytes_communicated'] / 1e6:.1f} MB communicated by rank 0 in "
+                f"{ranks['communication_seconds']:.1f}s"
+            )
         if self.out_dir:
             lines.append(f"saved to {self.out_dir}")
         return "\n".join(lines)

@@ -280,7 +280,8 @@ class _DataFreeStep:
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Call the visitors on the block's layers with empty statistics."""
         t0, report_before = time.perf_counter(), self.times.report
-        check_weights(blocks_name, i, linears)
+        with guarded(self.shared.ranks, f"checking {blocks_name}.{i}"):
+            check_weights(blocks_name, i, linears)
         groups = [[name] for name in linears]
         self.shared.visit_all(self.visit, None, blocks_name, i, linears, groups, lambda group: {})
         if self.block_visit is not None:
@@ -308,12 +309,12 @@ class _BlockStep:
         """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
         times, store, calls = self.times, self.store, self.captured.calls
         factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
-        check_weights(blocks_name, i, linears)
         targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
         ranks = self.shared.ranks
         t0 = time.perf_counter()
         forward = guarded(ranks, f"the statistics forward of {blocks_name}.{i}")
         with torch.no_grad(), collect(linears, factories) as collector, forward:
+            check_weights(blocks_name, i, linears)
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
                 hidden = _finite_inputs(store, b, i, blocks_name)
@@ -473,12 +474,12 @@ class _SinglePassStep(_BlockStep):
         times, store = self.times, self.store
         if len(store) != 1:
             raise RuntimeError(f"a single-pass sweep needs the calibration set as one batch, not {len(store)}")
-        check_weights(blocks_name, i, linears)
         factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
         visited: list[str] = []
         solve, report_before = 0.0, times.report
 
         with guarded(self.shared.ranks, f"the inputs of {blocks_name}.{i}"):
+            check_weights(blocks_name, i, linears)
             hidden = _finite_inputs(store, 0, i, blocks_name)
         if self.visit_group is not None and self.groups is None:
             self.groups = _input_groups(block, self.captured.calls[0][i], hidden, self.device, linears)

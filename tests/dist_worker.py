@@ -62,10 +62,9 @@ def main() -> None:
     ids = calibration(spec.get("nsamples", 8), spec.get("seqlen", 32))
     for name, options in spec["runs"].items():
         torch.manual_seed(0)
-        model = _tiny_configs()[spec["family"]]().eval()
-        target = options.pop("out", None)
-        report = oneshot.prune(model, calibration=ids, quiet=True, out=target, **options)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model = spec.get("checkpoint") or _tiny_configs()[spec["family"]]().eval()
+        report = oneshot.prune(model, calibration=ids, quiet=True, **options)
+        state = {} if isinstance(model, str) else {k: v.clone() for k, v in model.state_dict().items()}
         torch.save({"state": state, "report": report.to_dict()}, out / f"{name}.rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
