@@ -149,6 +149,18 @@ class Ranks:
                 if isinstance(tensor, torch.Tensor):
                     self.broadcast(tensor.data, src)
 
+    def confirm_same(self, modules: Sequence[nn.Module], where: str) -> bool:
+        """Whether every rank holds the same weights (and biases) of ``modules``, by fingerprint; if not,
+        rank 0's are broadcast to all (a warning says so) and False is returned."""
+        tensors = [getattr(m, name, None) for m in modules for name in ("weight", "bias")]
+        prints = torch.stack([fingerprint(t.data) for t in tensors if isinstance(t, torch.Tensor)])  # [k, 2]
+        found = self.all_gather(prints)  # [world, k, 2]
+        if bool((found == found[0]).all()):
+            return True
+        log.warning("the ranks' solves of %s differ (different hardware?): using rank 0's weights", where)
+        self.broadcast_modules(modules, 0)
+        return False
+
     # -- agreement -----------------------------------------------------------------------------
 
     def agree(self, error: BaseException | None, where: str) -> None:
@@ -238,6 +250,18 @@ class Ranks:
             "bytes_per_block": list(self.block_bytes),
             "communication_seconds_per_block": list(self.block_seconds),
         }
+
+
+def fingerprint(tensor: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """Two int64 checksums of a tensor's bits (plain and position-weighted), computed where it lives."""
+    flat = tensor.detach().contiguous().flatten()
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), chunk):  # int64 copies of one chunk at a time
+        part = bits[start : start + chunk].to(torch.int64)
+        weights = torch.arange(start, start + part.numel(), device=flat.device) % 65521 + 1
+        total += torch.stack([part.sum(), (part * weights).sum()])
+    return total
 
 
 def guarded(ranks: Ranks | None, where: str) -> contextlib.AbstractContextManager[None]:

@@ -239,8 +239,8 @@ def sweep(
             if observer is not None and not isinstance(step, _DataFreeStep):
                 observer(i, [step.store.get(b) for b in range(len(step.store))])
             block.to(home)
-            if io.after_block is not None:
-                with guarded(ranks, f"handing {blocks_name}.{i} to the writer"):
+            with guarded(ranks, f"handing {blocks_name}.{i} to the writer"):  # every rank agrees, writer or not
+                if io.after_block is not None:
                     io.after_block(i, block)
             if ranks is not None:
                 ranks.end_block()
@@ -389,13 +389,22 @@ class _Shared:
         linears: dict[str, nn.Module],
         groups: list[list[str]],
         stats_of: Callable[[list[str]], dict[str, Accumulator]],
+        replicate: bool = False,
     ) -> None:
-        """Visit each group of layers here, or (owned, several ranks) on its owner rank, then broadcast."""
+        """Visit each group of layers here, or (owned, several ranks) on its owner rank, then broadcast.
+
+        ``replicate`` (a single-pass sweep, where the groups are solved one after the other anyway):
+        every rank solves every group from the same statistics, and the ranks only compare
+        fingerprints of the result (rank 0's weights are broadcast if they ever differ).
+        """
         ranks = self.ranks
-        if ranks is None or not self.owned:
-            for group in groups:
-                _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
-                release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
+        if ranks is None or not self.owned or replicate:
+            with guarded(ranks if self.owned else None, f"solving {blocks_name}.{i}"):
+                for group in groups:
+                    _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
+                    release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
+            if ranks is not None and self.owned:
+                ranks.confirm_same([linears[n] for group in groups for n in group], f"{blocks_name}.{i}")
             return
         owners = ranks.owners([_cost([linears[n] for n in group], self.needs) for group in groups])
         with ranks.guard(f"solving {blocks_name}.{i}"):
@@ -493,7 +502,9 @@ class _SinglePassStep(_BlockStep):
             group = [n for n in groups.get(name, [name]) if n in linears and n not in visited]
             if self.shared.ranks is not None:
                 self.shared.ranks.reduce(accs)
-            self.shared.visit_all(self.visit, self.visit_group, blocks_name, i, linears, [group], lambda g: accs)
+            self.shared.visit_all(
+                self.visit, self.visit_group, blocks_name, i, linears, [group], lambda g: accs, replicate=True
+            )
             visited.extend(group)
             release_freed_memory()
             solve += time.perf_counter() - t0

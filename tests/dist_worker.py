@@ -49,6 +49,22 @@ def arm_failure(fail: dict[str, Any], rank: int) -> None:
     engine.check_weights = check  # type: ignore[assignment]
 
 
+def arm_perturbation(rank: int, perturb: dict[str, Any]) -> None:
+    """Make rank ``perturb["rank"]``'s solves come out slightly different (as on other hardware)."""
+    if rank != perturb["rank"]:
+        return
+    original = engine._visit
+
+    def visit(*args: Any) -> None:
+        original(*args)
+        linears, group = args[4], args[5]
+        with torch.no_grad():
+            for name in group:
+                linears[name].weight.add_(1e-3)
+
+    engine._visit = visit  # type: ignore[assignment]
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
@@ -58,6 +74,8 @@ def main() -> None:
         dist.init_process_group("gloo")
     if "fail" in spec:
         arm_failure(spec["fail"], rank)
+    if "perturb" in spec:
+        arm_perturbation(rank, spec["perturb"])
     out = Path(spec["out"])
     ids = calibration(spec.get("nsamples", 8), spec.get("seqlen", 32))
     for name, options in spec["runs"].items():

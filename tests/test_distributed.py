@@ -19,7 +19,7 @@ import torch
 
 from oneshot.calibration.stats import ColumnSqNorm, Hessian, MeanVar
 from oneshot.config import PruneConfig
-from oneshot.distributed import Ranks
+from oneshot.distributed import Ranks, fingerprint
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
@@ -231,6 +231,29 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(
     assert "nothing is written" in log0
     assert not out.exists()
     assert not list(out.parent.glob(".o.oneshot-partial*"))
+
+
+def test_a_single_pass_solves_on_every_rank_and_keeps_rank_0s_if_they_differ(tmp_path: Path) -> None:
+    runs = {"w": {"method": "wanda", "sparsity": 0.5, "passes": "single"}}
+    results = launch({"family": "llama", "runs": runs, "perturb": {"rank": 1}}, tmp_path)
+    assert "solves of model.layers.0 differ" in results[0][1]
+    assert_identical(tmp_path, "w")  # rank 1's weights replaced by rank 0's (the single-process ones)
+    facts = load(tmp_path, "w")["report"]["distributed"]
+    assert min(facts["bytes_per_block"]) > 0
+
+
+def test_fingerprints_tell_tensors_apart() -> None:
+    x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fingerprint(x), fingerprint(x.clone()))
+    y = x.clone()
+    y[500, 1] = torch.nextafter(y[500, 1], torch.tensor(9.0))  # one bit
+    assert not torch.equal(fingerprint(x), fingerprint(y))
+    swapped = x.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places: the weighted sum tells
+    assert not torch.equal(fingerprint(x), fingerprint(swapped))
+    assert torch.equal(fingerprint(x, chunk=7), fingerprint(x))
+    half = x.to(torch.bfloat16)
+    assert not torch.equal(fingerprint(half), fingerprint(half * 2))
 
 
 # -- without processes ---------------------------------------------------------------------------

@@ -230,8 +230,9 @@ def prune_sequential(
     left dense too. ``io`` streams blocks and activations (see :class:`SweepIO`); ``result``
     carries the records of blocks finished before a resume and receives the new ones.
     ``single_pass`` prunes each layer inside the block's one forward (see :func:`sweep`). With
-    ``ranks`` each layer group is pruned by one owner rank; after each block every rank holds all
-    of its records (in layer order) and rank 0 its quantized layers.
+    ``ranks`` each layer group is pruned by one owner rank (in a single pass: by every rank, the
+    results compared); after each block every rank holds all of its records (in layer order) and
+    rank 0 its quantized layers.
     """
     spec = method or METHODS[config.method]
     if spec.run is None:
@@ -252,7 +253,7 @@ def prune_sequential(
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards
     stacked = spec.run_stacked is not None and config.stack
-    if ranks is not None:
+    if ranks is not None and not single_pass:  # a single pass solves every layer on every rank: nothing to gather
         io = dataclasses.replace(io or SweepIO(), after_block=_synced(ranks, result, model, config, io))
     result.blocks_name = sweep(
         model,
