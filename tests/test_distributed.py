@@ -256,6 +256,20 @@ def test_fingerprints_tell_tensors_apart() -> None:
     assert not torch.equal(fingerprint(half), fingerprint(half * 2))
 
 
+def test_torchrun_runs_the_command_line(tmp_path: Path, tiny_checkpoint: Any, text_file: Path) -> None:
+    out = tmp_path / "o"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port())]
+    command += ["-m", "oneshot", "prune", str(tiny_checkpoint("llama")), "--method", "wanda", "--sparsity", "0.5"]
+    command += ["--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(out)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("method wanda at 50%") == 1  # rank 0 prints the summary, rank 1 nothing
+    assert "2 ranks:" in done.stdout
+    report = json.loads((out / "oneshot_report.json").read_text())
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["samples"] == [0, 2]
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+
+
 # -- without processes ---------------------------------------------------------------------------
 
 
