@@ -148,7 +148,9 @@ def test_report_says_world_size_and_traffic(llama_runs: Path) -> None:
     assert facts["bytes_communicated"] >= sum(facts["bytes_per_block"])  # + agreements outside the blocks
     # SparseGPT's Hessians are reduced: more traffic than Wanda's column norms
     assert sum(facts["bytes_per_block"]) > sum(load(llama_runs, "wanda")["report"]["distributed"]["bytes_per_block"])
-    assert report["phase_seconds"]["communicate"] >= 0.0
+    per_block = facts["communication_seconds_per_block"]
+    assert len(per_block) == 3 and report["phase_seconds"]["communicate"] == pytest.approx(sum(per_block))
+    assert 0 < sum(per_block) <= facts["communication_seconds"]
     assert "distributed" not in load(llama_runs, "sparsegpt", one=True)["report"]
 
 
@@ -283,6 +285,7 @@ def test_shares_cover_the_samples_in_order() -> None:
 
 def test_owners_balance_cost_largest_first() -> None:
     ranks = Ranks(rank=0, world=2, device=torch.device("cpu"))
+    assert (ranks.bytes, ranks.seconds, ranks.block_bytes) == (0, 0.0, [])  # nothing sent yet
     ranks.begin_block()
     assert ranks.owners([1.0, 5.0, 3.0, 3.0]) == [0, 0, 1, 1]  # 5 -> r0, 3 -> r1, 3 -> r1 (3 < 5), 1 -> r0
     assert ranks.owners([2.0]) == [0]  # the block's load so far: r0 6, r1 6 -> r0
@@ -299,6 +302,17 @@ def test_several_ranks_refuse_what_they_cannot_do() -> None:
         with pytest.raises(ConfigError, match="one process"):
             _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, **options))
     _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, owl=True))
+
+
+def test_solve_cost_of_a_layer_group() -> None:
+    from torch import nn
+
+    from oneshot.engine import _cost
+
+    qkv = [nn.Linear(64, 64), nn.Linear(64, 16), nn.Linear(64, 16)]  # 96 rows reading 64 inputs
+    assert _cost(qkv, ("hessian",)) == 96 * 64 * 64 + 64**3  # rows·in² (column loop) + in³ (Cholesky)
+    assert _cost(qkv, ("col_sq_norm",)) == 96 * 64  # a score and a sort per weight
+    assert _cost([nn.Linear(256, 64)], ("hessian",)) > _cost(qkv, ("hessian",))
 
 
 def test_shares_merge_into_the_whole_statistics() -> None:
