@@ -116,29 +116,47 @@ def _cli(src: Path, out: Path, text: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kill_at", [14, 22])  # inside block 1's writes / just after block 1 finished
-def test_sigkill_then_resume_is_identical(tmp_path: Path, text_file: Path, kill_at: int) -> None:
+QUANT = ("--then", "gptq", "--bits", "4", "--group-size", "16")
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "extra"),
+    [
+        (14, ()),  # inside block 1's writes
+        (22, ()),  # just after block 1 finished
+        (45, QUANT),  # a quantized run (4 tensors per layer): inside block 1's compressed tensors
+    ],
+)
+def test_sigkill_then_resume_is_identical(
+    tmp_path: Path, text_file: Path, kill_at: int, extra: tuple[str, ...]
+) -> None:
+    if extra:
+        pytest.importorskip("compressed_tensors")
     src = make_checkpoint(tmp_path / "ck", torch.bfloat16, layers=4)
     runner = CliRunner()
-    assert runner.invoke(main, _cli(src, tmp_path / "whole", text_file)).exit_code == 0
+    whole = runner.invoke(main, _cli(src, tmp_path / "whole", text_file, *extra))
+    assert whole.exit_code == 0, whole.output
 
     out = tmp_path / "out"
     env = {**os.environ, "KILL_AT": str(kill_at), "PYTHONPATH": str(ROOT)}
-    child = subprocess.run([sys.executable, "-c", KILLER, *_cli(src, out, text_file)], env=env, cwd=tmp_path)
+    child = subprocess.run([sys.executable, "-c", KILLER, *_cli(src, out, text_file, *extra)], env=env, cwd=tmp_path)
     assert child.returncode == -signal.SIGKILL
     assert not out.exists()
     progress = json.loads((partial_dir(out) / PROGRESS_FILE).read_text())
     assert 1 <= progress["next_block"] < 4  # killed part-way
 
-    again = runner.invoke(main, _cli(src, out, text_file))
+    again = runner.invoke(main, _cli(src, out, text_file, *extra))
     assert again.exit_code != 0 and "--resume" in again.output  # an interrupted run is not silently restarted
-    resumed = runner.invoke(main, _cli(src, out, text_file, "--resume"))
+    resumed = runner.invoke(main, _cli(src, out, text_file, *extra, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert_same_tensors(tmp_path / "whole", out)
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["resumed_from_block"] == progress["next_block"]
     assert len(report["layers"]) == 4 * 7  # records of the blocks before the kill are kept
     assert not partial_dir(out).exists()
+    if extra:  # every layer saved in its compressed form, before and after the kill
+        assert report["quantization"]["layers"] == 4 * 7
+        assert sum(k.endswith("weight_packed") for k in saved_tensors(out)) == 4 * 7
 
 
 def _interrupted(tmp_path: Path, text_file: Path) -> tuple[Path, Path]:
