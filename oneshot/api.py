@@ -221,6 +221,7 @@ def prune(
             if calib is not None:
                 facts["distributed"]["samples"] = list(ranks.bounds(calib.nsamples))
                 calib = ranks.share(calib)
+                facts["distributed"]["nsamples_here"] = calib.nsamples
         job = _Job(model, calib, config, facts, run, ranks)
         report = _prune_structured(job) if METHODS[config.method].structured else _prune_unstructured(job, sparsities)
         report.model = name

@@ -39,6 +39,17 @@ def arm_failure(fail: dict[str, Any], rank: int) -> None:
         return
     original = engine.check_weights
 
+    if fail["how"] == "raise-solve":  # inside the owner's solve of a block's first layer group
+        solve = engine._visit
+
+        def visit(*args: Any) -> None:
+            if args[3] == fail["block"]:
+                raise NumericalError("the Cholesky factorisation failed (injected by the test)")
+            solve(*args)
+
+        engine._visit = visit  # type: ignore[assignment]
+        return
+
     def check(blocks_name: str, index: int, linears: dict[str, torch.nn.Module]) -> None:
         if index == fail["block"]:
             if fail["how"] == "kill":

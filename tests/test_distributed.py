@@ -143,7 +143,7 @@ def test_report_says_world_size_and_traffic(llama_runs: Path) -> None:
     report = load(llama_runs, "sparsegpt")["report"]
     facts = report["distributed"]
     assert facts["world_size"] == 2 and facts["rank"] == 0
-    assert facts["samples"] == [0, 4]  # the first half of the 8 samples
+    assert facts["samples"] == [0, 4] and facts["nsamples_here"] == 4  # the first half of the 8 samples
     assert len(facts["bytes_per_block"]) == 3 and min(facts["bytes_per_block"]) > 0
     assert facts["bytes_communicated"] >= sum(facts["bytes_per_block"])  # + agreements outside the blocks
     # SparseGPT's Hessians are reduced: more traffic than Wanda's column norms
@@ -211,7 +211,7 @@ def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any)
     assert not list(tmp_path.glob("ranks/.o.oneshot-partial"))
 
 
-@pytest.mark.parametrize(("how", "stream"), [("kill", True), ("raise", False)])
+@pytest.mark.parametrize(("how", "stream"), [("kill", True), ("raise", False), ("raise-solve", False)])
 def test_a_failed_rank_stops_every_rank_and_nothing_is_written(
     tmp_path: Path, tiny_checkpoint: Any, how: str, stream: bool
 ) -> None:
@@ -302,6 +302,18 @@ def test_several_ranks_refuse_what_they_cannot_do() -> None:
         with pytest.raises(ConfigError, match="one process"):
             _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, **options))
     _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, owl=True))
+
+
+def test_prune_refuses_before_any_collective(monkeypatch: pytest.MonkeyPatch, tiny_model: Any) -> None:
+    import oneshot
+    from oneshot.errors import ConfigError
+
+    fake = Ranks(rank=0, world=2, device=torch.device("cpu"))  # no group: any collective would fail
+    monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: fake))
+    ids = torch.randint(4, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="one process"):
+        oneshot.prune(tiny_model("llama"), calibration=ids, method="sparsegpt", sparsity=0.5, refine="block")
+    assert fake.bytes == 0
 
 
 def test_solve_cost_of_a_layer_group() -> None:
