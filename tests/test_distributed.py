@@ -108,6 +108,7 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
     "wanda_single": {"method": "wanda", "sparsity": 0.5, "passes": "single"},
     "magnitude": {"method": "magnitude", "sparsity": 0.5},
     "owl": {"method": "wanda", "sparsity": 0.6, "owl": True, "batch_size": 2, "passes": "two"},
+    "fisher": {"method": "fisher", "sparsity": 0.5, "batch_size": 2, "passes": "two"},  # gradients all-reduced
     "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
     "sparsegpt_single": {"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4", "passes": "single"},
     "obs": {"method": "obs", "sparsity": 0.5, "batch_size": 2},
@@ -122,7 +123,7 @@ def llama_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl"])
+@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl", "fisher"])
 def test_two_ranks_give_the_single_process_tensors(llama_runs: Path, run: str) -> None:
     assert_identical(llama_runs, run)
 
