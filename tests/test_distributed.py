@@ -212,12 +212,15 @@ def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any)
     assert not list(tmp_path.glob("ranks/.o.oneshot-partial"))
 
 
-@pytest.mark.parametrize(("how", "stream"), [("kill", True), ("raise", False), ("raise-solve", False)])
+@pytest.mark.parametrize(
+    ("how", "stream", "passes"),
+    [("kill", True, "two"), ("raise", False, "two"), ("raise-solve", False, "two"), ("raise-solve", False, "single")],
+)
 def test_a_failed_rank_stops_every_rank_and_nothing_is_written(
-    tmp_path: Path, tiny_checkpoint: Any, how: str, stream: bool
+    tmp_path: Path, tiny_checkpoint: Any, how: str, stream: bool, passes: str
 ) -> None:
     out = tmp_path / "ranks" / "o"
-    run: dict[str, Any] = {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": "two", "out": "o"}
+    run: dict[str, Any] = {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": passes, "out": "o"}
     spec: dict[str, Any] = {"family": "llama", "runs": {"f": run}, "fail": {"rank": 1, "block": 1, "how": how}}
     if stream:
         spec["checkpoint"] = str(tiny_checkpoint("llama"))
