@@ -287,6 +287,17 @@ def test_shares_cover_the_samples_in_order() -> None:
         assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
 
 
+def test_a_share_needs_a_sample_per_rank() -> None:
+    from oneshot.calibration.data import CalibrationSet
+    from oneshot.errors import DataError
+
+    ids = torch.arange(6).reshape(2, 3)
+    shares = [Ranks(rank=r, world=2, device=torch.device("cpu")).share(CalibrationSet(ids)) for r in range(2)]
+    assert [s.input_ids.tolist() for s in shares] == [[[0, 1, 2]], [[3, 4, 5]]]  # as many samples as ranks: one each
+    with pytest.raises(DataError, match="--nsamples 3"):
+        Ranks(rank=0, world=3, device=torch.device("cpu")).share(CalibrationSet(ids))
+
+
 def test_owners_balance_cost_largest_first() -> None:
     ranks = Ranks(rank=0, world=2, device=torch.device("cpu"))
     assert (ranks.bytes, ranks.seconds, ranks.block_bytes) == (0, 0.0, [])  # nothing sent yet
