@@ -132,14 +132,14 @@ class Ranks:
     def owners(self, costs: Sequence[float]) -> list[int]:
         """An owner rank per job: largest cost first, each to the least loaded rank in this block so far
         (ties: lowest rank); the same answer on every rank."""
-        load = self._load if len(self._load) == self.world else [0.0] * self.world
-        self._load = load
-        owner = [0] * len(costs)
+        if len(self._load) != self.world:  # the first jobs since the run (or block) began
+            self._load = [0.0] * self.world
+        owner: dict[int, int] = {}
         for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-            rank = min(range(self.world), key=lambda r: (load[r], r))
+            rank = min(range(self.world), key=lambda r: (self._load[r], r))
             owner[job] = rank
-            load[rank] += costs[job]
-        return owner
+            self._load[rank] += costs[job]
+        return [owner[job] for job in range(len(costs))]
 
     def broadcast_modules(self, modules: Sequence[nn.Module], src: int) -> None:
         """The owner's weights (and biases) of ``modules`` on every rank."""
@@ -149,17 +149,15 @@ class Ranks:
                 if isinstance(tensor, torch.Tensor):
                     self.broadcast(tensor.data, src)
 
-    def confirm_same(self, modules: Sequence[nn.Module], where: str) -> bool:
-        """Whether every rank holds the same weights (and biases) of ``modules``, by fingerprint; if not,
-        rank 0's are broadcast to all (a warning says so) and False is returned."""
+    def confirm_same(self, modules: Sequence[nn.Module], where: str) -> None:
+        """Check by fingerprint that every rank holds the same weights (and biases) of ``modules``; if
+        not, rank 0's are broadcast to all and a warning says so."""
         tensors = [getattr(m, name, None) for m in modules for name in ("weight", "bias")]
         prints = torch.stack([fingerprint(t.data) for t in tensors if isinstance(t, torch.Tensor)])  # [k, 2]
         found = self.all_gather(prints)  # [world, k, 2]
-        if bool((found == found[0]).all()):
-            return True
-        log.warning("the ranks' solves of %s differ (different hardware?): using rank 0's weights", where)
-        self.broadcast_modules(modules, 0)
-        return False
+        if not bool((found == found[0]).all()):
+            log.warning("the ranks' solves of %s differ (different hardware?): using rank 0's weights", where)
+            self.broadcast_modules(modules, 0)
 
     # -- agreement -----------------------------------------------------------------------------
 

@@ -119,7 +119,9 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("dist-llama")
-    launch({"family": "llama", "runs": LLAMA_RUNS}, tmp)
+    results = launch({"family": "llama", "runs": LLAMA_RUNS}, tmp)
+    for _, output in results:  # the single passes' solves agree on every rank: no fallback broadcast
+        assert "differ" not in output
     return tmp
 
 
@@ -301,6 +303,7 @@ def test_a_share_needs_a_sample_per_rank() -> None:
 def test_owners_balance_cost_largest_first() -> None:
     ranks = Ranks(rank=0, world=2, device=torch.device("cpu"))
     assert (ranks.bytes, ranks.seconds, ranks.block_bytes) == (0, 0.0, [])  # nothing sent yet
+    assert Ranks(rank=1, world=2, device=torch.device("cpu")).owners([3.0, 1.0, 1.0]) == [0, 1, 1]  # before a block
     ranks.begin_block()
     assert ranks.owners([1.0, 5.0, 3.0, 3.0]) == [0, 0, 1, 1]  # 5 -> r0, 3 -> r1, 3 -> r1 (3 < 5), 1 -> r0
     assert ranks.owners([2.0]) == [0]  # the block's load so far: r0 6, r1 6 -> r0
