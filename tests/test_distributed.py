@@ -151,6 +151,10 @@ def test_report_says_world_size_and_traffic(llama_runs: Path) -> None:
     assert facts["bytes_communicated"] >= sum(facts["bytes_per_block"])  # + agreements outside the blocks
     # SparseGPT's Hessians are reduced: more traffic than Wanda's column norms
     assert sum(facts["bytes_per_block"]) > sum(load(llama_runs, "wanda")["report"]["distributed"]["bytes_per_block"])
+    # per block: the four distinct inputs' Hessians all-reduced (3 x 64² + 96² fp32) and the block's
+    # 30720 pruned weights broadcast by their owners (fp32), plus small agreements and records
+    pinned = (3 * 64 * 64 + 96 * 96) * 4 + 30720 * 4
+    assert all(pinned <= b <= pinned * 1.1 for b in facts["bytes_per_block"]), facts["bytes_per_block"]
     per_block = facts["communication_seconds_per_block"]
     assert len(per_block) == 3 and report["phase_seconds"]["communicate"] == pytest.approx(sum(per_block))
     assert 0 < sum(per_block) <= facts["communication_seconds"]
