@@ -27,6 +27,7 @@ import torch
 
 import oneshot
 from benchmarks.common import machine, machine_line, parse_method, shared_file, smollm2_gguf, write_results
+from oneshot.shards import saved_files
 
 
 def saved(folder: Path) -> dict[str, torch.Tensor]:
@@ -34,8 +35,8 @@ def saved(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     found: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        found.update(load_file(str(file)))
+    for name in saved_files(folder):
+        found.update(load_file(str(folder / name)))
     return found
 
 
