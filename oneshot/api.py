@@ -247,7 +247,7 @@ def _check_distributed(config: PruneConfig) -> None:
         raise ConfigError(f"--allocate sensitivity probes each block on one process's samples: {single}")
     if config.resume:
         raise ConfigError(
-            f"a run over several ranks keeps each rank's activations in memory, so it cannot be resumed: {single}, "
+            f"a run over several ranks does not keep each rank's activations for a resume: {single}, "
             "or start over without --resume"
         )
 
@@ -564,9 +564,9 @@ def _finish(
     if out_path is not None:
         t0 = time.perf_counter()
         report.out_dir = str(out_path)
-        with guarded(ranks, "writing the output"):
+        with guarded(ranks, "writing the output"):  # rank 0 writes, every rank hears how it went
             if ranks is not None and not ranks.writes:
-                pass  # rank 0 writes
+                pass
             elif run is not None:
                 report.extra["verified_bytes"] = run.finish(
                     tokenizer, report.to_dict(), report.config.to_dict(), report.config.to_recipe()

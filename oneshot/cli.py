@@ -170,15 +170,16 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
     parallel (each layer on one rank, by cost) and broadcast them; rank 0 writes the output.
     """
     from oneshot.api import prune as api_prune
-    from oneshot.distributed import init_from_env, leave
+    from oneshot.distributed import Ranks, init_from_env, leave
 
     joined = init_from_env(str(opts["device"]))
-    _setup_logging(opts["quiet"] or _rank() > 0)  # one rank's log and bars are enough
+    rank = getattr(Ranks.current(), "rank", 0)  # 0 when alone
+    _setup_logging(opts["quiet"] or rank > 0)  # one rank's log and bars are enough
 
     def go() -> None:
         config = config_from_options(opts, recipe)
         report = api_prune(model, config=config, out=out, overwrite=overwrite)
-        if _rank() == 0:
+        if rank == 0:
             click.echo(report.summary())
 
     try:
@@ -186,13 +187,6 @@ def prune(model: str, out: Path, overwrite: bool, recipe: Path | None, **opts: A
     finally:
         if joined:
             leave()
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @main.command(name="eval")

@@ -143,17 +143,13 @@ class Ranks:
 
     def broadcast_modules(self, modules: Sequence[nn.Module], src: int) -> None:
         """The owner's weights (and biases) of ``modules`` on every rank."""
-        for module in modules:
-            for name in ("weight", "bias"):
-                tensor = getattr(module, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    self.broadcast(tensor.data, src)
+        for tensor in _weights_and_biases(modules):
+            self.broadcast(tensor, src)
 
     def confirm_same(self, modules: Sequence[nn.Module], where: str) -> None:
         """Check by fingerprint that every rank holds the same weights (and biases) of ``modules``; if
         not, rank 0's are broadcast to all and a warning says so."""
-        tensors = [getattr(m, name, None) for m in modules for name in ("weight", "bias")]
-        prints = torch.stack([fingerprint(t.data) for t in tensors if isinstance(t, torch.Tensor)])  # [k, 2]
+        prints = torch.stack([fingerprint(t) for t in _weights_and_biases(modules)])  # [k, 2]
         found = self.all_gather(prints)  # [world, k, 2]
         if not bool((found == found[0]).all()):
             log.warning("the ranks' solves of %s differ (different hardware?): using rank 0's weights", where)
@@ -248,6 +244,12 @@ class Ranks:
             "bytes_per_block": list(self.block_bytes),
             "communication_seconds_per_block": list(self.block_seconds),
         }
+
+
+def _weights_and_biases(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The data of each module's weight and (where it has one) bias, in order."""
+    found = [getattr(m, name, None) for m in modules for name in ("weight", "bias")]
+    return [t.data for t in found if isinstance(t, torch.Tensor)]
 
 
 def fingerprint(tensor: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:

@@ -287,9 +287,10 @@ def _synced(
     inner = io.after_block if io is not None else None
 
     def after_block(i: int, block: nn.Module) -> None:
+        prefix = f"{blocks_name}.{i}."  # block i's layers, as the streaming writer picks them
         mine = [r for r in result.layers if r.block == i]
-        skipped = [n for n in result.skipped if _block_of(n, blocks_name) == i]
-        quantized = {n: q for n, q in result.quantized.items() if _block_of(n, blocks_name) == i}
+        skipped = [n for n in result.skipped if n.startswith(prefix)]
+        quantized = {n: q for n, q in result.quantized.items() if n.startswith(prefix)}
         found = ranks.all_gather_object((mine, skipped))
         everyone = ranks.gather_object(quantized if not ranks.writes else {})
         result.layers[:] = [r for r in result.layers if r.block != i]
@@ -306,8 +307,3 @@ def _synced(
             inner(i, block)
 
     return after_block
-
-
-def _block_of(name: str, blocks_name: str) -> int:
-    """The block index in a qualified layer name ``<blocks>.<i>.<layer>``."""
-    return int(name[len(blocks_name) + 1 :].split(".", 1)[0])
