@@ -109,6 +109,13 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude", "sparsity": 0.5},
     "owl": {"method": "wanda", "sparsity": 0.6, "owl": True, "batch_size": 2, "passes": "two"},
     "fisher": {"method": "fisher", "sparsity": 0.5, "batch_size": 2, "passes": "two"},  # gradients all-reduced
+    "skip": {
+        "method": "wanda",
+        "sparsity": 0.5,
+        "batch_size": 2,
+        "passes": "two",
+        "sparsity_map": {"*.2.mlp.*": "skip"},
+    },
     "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
     "sparsegpt_single": {"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4", "passes": "single"},
     "obs": {"method": "obs", "sparsity": 0.5, "batch_size": 2},
@@ -125,9 +132,16 @@ def llama_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl", "fisher"])
+@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl", "fisher", "skip"])
 def test_two_ranks_give_the_single_process_tensors(llama_runs: Path, run: str) -> None:
     assert_identical(llama_runs, run)
+
+
+def test_layers_left_dense_are_reported_by_every_rank(llama_runs: Path) -> None:
+    ref = load(llama_runs, "skip", one=True)["report"]["skipped_layers"]
+    assert ref == [f"model.layers.2.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    for rank in range(2):  # the owners' skip lists gathered after the last block too, in layer order
+        assert load(llama_runs, "skip", rank)["report"]["skipped_layers"] == ref
 
 
 @pytest.mark.parametrize("run", ["sparsegpt", "sparsegpt_single", "obs"])
