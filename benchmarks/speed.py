@@ -16,6 +16,7 @@ measured too (first N 512-token windows).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from benchmarks.common import eval_text, machine, machine_line, shared_file, smo
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
+from oneshot.memory import tune_allocator
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="speed_smollm2")
     parser.add_argument("--modes", default="single,two", help="comma-separated: single, two, single-unstacked, ...")
     parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows to score (0: none)")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (oneshot.memory.tune_allocator not applied)",
+    )
     args = parser.parse_args(argv)
+    if args.default_allocator:
+        os.environ["ONESHOT_TUNE_MALLOC"] = "0"
+    allocator = tune_allocator() or "default"  # for the baseline forward too: one process, one allocator
 
     t0 = time.perf_counter()
     model, tokenizer = oneshot.load_model(smollm2_gguf())
@@ -110,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Pruning time by phase, SmolLM2-135M, 50% unstructured",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: {machine_line()}.  ",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: {machine_line()}. "
+        f"Host allocator: {allocator}.  ",
         f"Baseline: one dense forward of the whole model over the calibration set = {baseline:.1f}s "
         f"(again after the runs: {baseline_again:.1f}s). `forwards` are the statistics-gathering block "
         "forwards without the hook time; `statistics` is the hook time; `error_report` estimates each layer's "
@@ -128,7 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
         cells = " | ".join(f"{r[c]:.1f}" for c in cols)
         lines.append(f"| {r['method']} | {r['mode']} | {cells} | {r['ratio_to_dense_forward']:.2f}x | {ppl} |")
-    payload = {"command": command, "machine": machine(), "baseline_seconds": [baseline, baseline_again], "rows": rows}
+    payload = {
+        "command": command,
+        "machine": machine(),
+        "allocator": allocator,
+        "baseline_seconds": [baseline, baseline_again],
+        "rows": rows,
+    }
     write_results(args.name, payload, "\n".join(lines) + "\n")
 
 

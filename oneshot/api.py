@@ -28,7 +28,7 @@ from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks, is_conv1d
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
-from oneshot.memory import default_budget, peak_rss
+from oneshot.memory import default_budget, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
 from oneshot.passes.owl import owl_allocation
@@ -185,6 +185,7 @@ def prune(
     ``recipe`` is a recipe file (:func:`oneshot.config.read_recipe`); the other arguments override it.
     """
     start = time.perf_counter()
+    allocator = tune_allocator()
     if recipe is not None:
         if config is not None:
             raise ConfigError("pass either config=PruneConfig(...) or recipe=FILE, not both")
@@ -216,6 +217,7 @@ def prune(
     model.eval()
     try:
         facts = _run_facts(model, calib, run)
+        facts["host_allocator"] = allocator or "default"
         if ranks is not None:
             facts["distributed"] = {"world_size": ranks.world}
             if calib is not None:

@@ -24,6 +24,7 @@ from oneshot.calibration.data import bundled_text, special_tokens, tokenize_text
 from oneshot.engine import resolve_device
 from oneshot.errors import ConfigError, DataError, ModelError
 from oneshot.loading import context_length
+from oneshot.memory import tune_allocator
 
 DEFAULT_SEQLEN = 2048
 BOS_PROTOCOLS = ("auto", "once", "window")
@@ -113,6 +114,7 @@ def evaluate_perplexity(
         windows = windows[:max_windows]
     if windows.shape[0] == 0:
         raise DataError(f"the evaluation text is shorter than one window of {seqlen} tokens")
+    tune_allocator()
     dev = resolve_device(device)
     home = next(model.parameters()).device
     model.to(dev)

