@@ -182,3 +182,21 @@ def test_rtn_with_a_mask_sets_the_grid_from_the_kept_weights() -> None:
     assert (got.scales.item(), got.zeros.item()) == (1.0, 2.0)
     assert torch.equal(got.mask, keep) and got.mask is not keep
     assert torch.equal(rtn(w, spec).mask, torch.ones_like(keep))
+
+
+@pytest.mark.parametrize(("group", "act_order"), [(None, False), (12, False), (12, True)])
+def test_sub_blocked_loop_equals_the_plain_column_loop(
+    monkeypatch: pytest.MonkeyPatch, group: int | None, act_order: bool
+) -> None:
+    """Deferring updates to sub-blocks (which start on every group's first column) changes only rounding."""
+    import oneshot.methods.linalg as linalg
+
+    w, h = _problem(seed=4)
+    spec = QuantSpec(bits=4, group_size=group, symmetric=False, act_order=act_order)
+    monkeypatch.setattr(linalg, "INNER_COLUMNS", 10**6)  # every column updates the whole rest of its block
+    plain = gptq(w, h, spec, block_size=24)
+    monkeypatch.setattr(linalg, "INNER_COLUMNS", 8)  # 8 does not divide the groups of 12: sub-blocks of 4
+    sub = gptq(w, h, spec, block_size=24)
+    assert torch.equal(plain.codes(), sub.codes())
+    torch.testing.assert_close(sub.scales, plain.scales, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sub.weight, plain.weight, rtol=0, atol=1e-5)

@@ -245,6 +245,24 @@ def test_selection_gives_the_stable_sorts_masks(monkeypatch: pytest.MonkeyPatch)
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4), (1, 3), (2, 5), (4, 8)])
+def test_sub_blocked_loop_equals_the_plain_column_loop(
+    random_layer: Layer, monkeypatch: pytest.MonkeyPatch, nm: tuple[int, int] | None
+) -> None:
+    """Deferring updates to sub-blocks (sized to whole N:M groups) changes only the float rounding."""
+    import oneshot.methods.linalg as linalg
+    import oneshot.methods.sparsegpt as sgpt
+
+    w, _, h = random_layer(out=24, inp=120, seed=9)
+    monkeypatch.setattr(linalg, "INNER_COLUMNS", 10**6)  # every column updates the whole rest of its block
+    plain = sgpt.sparsegpt(w, h, 0.6, nm=nm, block_size=40)
+    monkeypatch.setattr(linalg, "INNER_COLUMNS", 7)  # ragged sub-blocks; N:M rounds them to whole groups
+    sub = sgpt.sparsegpt(w, h, 0.6, nm=nm, block_size=40)
+    assert torch.equal(plain.mask, sub.mask)
+    torch.testing.assert_close(sub.weight, plain.weight, rtol=0, atol=1e-5)  # the solve runs in float32
+    assert sub.loss == pytest.approx(plain.loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_vectorised_block_equals_the_column_loop(random_layer: Layer, dtype: torch.dtype) -> None:
     from oneshot.methods.linalg import inverse_cholesky_upper

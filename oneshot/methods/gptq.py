@@ -21,12 +21,14 @@ Round-to-nearest (:func:`rtn`) is the baseline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from oneshot.errors import ConfigError
+from oneshot.methods import linalg
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 
@@ -165,23 +167,30 @@ def gptq(
         h, w, keep, group = h[order][:, order], w[:, order], keep[:, order], group[order]
     upper, damp_used = inverse_cholesky_upper(h, damp, max_damp_retries)  # [in, in]
     losses = torch.zeros(rows, device=w.device)
+    # Sub-blocks start on every group's first column, so a group's grid sees all earlier updates.
+    inner = math.gcd(linalg.INNER_COLUMNS, block_size, size) if order is None else linalg.INNER_COLUMNS
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()  # [out, b]
         q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col = i1 + j
-            if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
-                ahead = torch.cat([w1[:, j:], w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
-                scale, zero = grid(ahead, spec)
-                scales[:, col // size], zeros[:, col // size] = scale[:, 0], zero[:, 0]
-            at = slice(int(group[col]), int(group[col]) + 1)  # the column's group, kept 2-D
-            q1[:, j] = quantize(w1[:, j : j + 1] * keep[:, col : col + 1], scales[:, at], zeros[:, at], spec.maxq)[:, 0]
-            err = (w1[:, j] - q1[:, j]) / u1[j, j]
-            w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
-            err1[:, j] = err
+        for s in range(0, i2 - i1, inner):  # sub-blocks, as in SparseGPT's loop_block
+            e = min(s + inner, i2 - i1)
+            for j in range(s, e):
+                col = i1 + j
+                if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
+                    ahead = torch.cat([w1[:, j:], w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
+                    scale, zero = grid(ahead, spec)
+                    scales[:, col // size], zeros[:, col // size] = scale[:, 0], zero[:, 0]
+                at = slice(int(group[col]), int(group[col]) + 1)  # the column's group, kept 2-D
+                q = quantize(w1[:, j : j + 1] * keep[:, col : col + 1], scales[:, at], zeros[:, at], spec.maxq)
+                q1[:, j] = q[:, 0]
+                err = (w1[:, j] - q1[:, j]) / u1[j, j]
+                w1[:, j:e] -= err.unsqueeze(1) * u1[j, j:e].unsqueeze(0)
+                err1[:, j] = err
+            if e < i2 - i1:
+                w1[:, e:] -= err1[:, s:e] @ u1[s:e, e:]
         losses += err1.square().sum(dim=1) / 2
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]

@@ -6,6 +6,11 @@ import torch
 
 from oneshot.errors import NumericalError
 
+#: Columns of the innermost loop of the column-by-column solvers (SparseGPT, GPTQ): within a
+#: block, each column updates only the rest of its sub-block of this many columns; the rest of
+#: the block gets the sub-block's updates as one matrix product (2-4x faster on a CPU).
+INNER_COLUMNS = 16
+
 
 def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Handle dead inputs: columns never activated (``H_jj = 0``) get ``H_jj = 1`` and ``W[:, j] = 0``.

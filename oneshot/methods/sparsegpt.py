@@ -19,6 +19,7 @@ import torch
 
 from oneshot.errors import ConfigError
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
+from oneshot.methods import linalg
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
 
@@ -58,21 +59,34 @@ def loop_block(
     With ``nm`` the mask of each group of M columns is chosen from the updated weights when the
     loop reaches it and written into ``keep1`` (a view of the layer's mask); otherwise ``keep1`` is
     used as given. Returns ``(q1, err1)`` like :func:`solve_block`.
+
+    The updates are applied lazily one level further down, as Alg. 1 does across blocks: column
+    j updates the rest of its sub-block of ``linalg.INNER_COLUMNS`` (a multiple of M, so an N:M group
+    always sees every earlier column's update), and each finished sub-block updates the rest of
+    the block with one ``[out, s] @ [s, b']`` product. The same sums in another order: 2-4x
+    faster on a CPU than updating the whole rest of the block after every column.
     """
     w1 = w1.clone()  # [out, b]
     q1 = torch.zeros_like(w1)  # [out, b]
     err1 = torch.zeros_like(w1)  # [out, b]
     d1 = torch.diagonal(u1)  # [b]
-    for j in range(w1.shape[1]):
-        if nm is not None and j % nm[1] == 0:
-            group = slice(j, j + nm[1])
-            keep1[:, group] = nm_mask(w1[:, group].square() / d1[group].square(), *nm)
-        col = w1[:, j]  # [out]
-        q = col * keep1[:, j]
-        q1[:, j] = q
-        err = (col - q) / d1[j]  # [out]
-        w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)  # [out, b - j]
-        err1[:, j] = err
+    b = w1.shape[1]
+    width = linalg.INNER_COLUMNS
+    inner = width if nm is None else max(nm[1], width - width % nm[1])
+    for s in range(0, b, inner):
+        e = min(s + inner, b)
+        for j in range(s, e):
+            if nm is not None and j % nm[1] == 0:
+                group = slice(j, j + nm[1])
+                keep1[:, group] = nm_mask(w1[:, group].square() / d1[group].square(), *nm)
+            col = w1[:, j]  # [out]
+            q = col * keep1[:, j]
+            q1[:, j] = q
+            err = (col - q) / d1[j]  # [out]
+            w1[:, j:e] -= err.unsqueeze(1) * u1[j, j:e].unsqueeze(0)  # [out, e - j]
+            err1[:, j] = err
+        if e < b:
+            w1[:, e:] -= err1[:, s:e] @ u1[s:e, e:]  # [out, b - e]: the sub-block's updates at once
     return q1, err1
 
 
