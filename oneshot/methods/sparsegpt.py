@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from oneshot.errors import ConfigError
-from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
 from oneshot.methods import linalg
+from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
 
