@@ -41,6 +41,7 @@ from oneshot.errors import ModelError
 from oneshot.layers import as_matrix, find_blocks, find_linears, input_width
 from oneshot.memory import release_freed_memory
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
+from oneshot.methods.linalg import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,6 @@ class _Shared:
             with guarded(ranks if self.owned else None, f"solving {blocks_name}.{i}"):
                 for group in groups:
                     _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
-                    release_freed_memory()  # a layer's solve scratch (sorts, fp32 copies) back to the OS
             if ranks is not None and self.owned:
                 ranks.confirm_same([linears[n] for group in groups for n in group], f"{blocks_name}.{i}")
             return
@@ -411,7 +411,6 @@ class _Shared:
             for group, owner in zip(groups, owners, strict=True):
                 if owner == ranks.rank:
                     _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
-                    release_freed_memory()
         for group, owner in zip(groups, owners, strict=True):
             ranks.broadcast_modules([linears[n] for n in group], owner)
 
@@ -459,7 +458,7 @@ def _input_groups(
 def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str) -> torch.Tensor:
     """Batch ``b``'s inputs of block ``i``; ModelError naming the block if they hold NaN / Inf."""
     hidden = store.get(b)
-    if not bool(torch.isfinite(hidden).all()):
+    if not all_finite(hidden):
         raise ModelError(
             f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
             + ("" if i == 0 else f": {blocks_name}.{i - 1} overflowed")
@@ -506,7 +505,6 @@ class _SinglePassStep(_BlockStep):
                 self.visit, self.visit_group, blocks_name, i, linears, [group], lambda g: accs, replicate=True
             )
             visited.extend(group)
-            release_freed_memory()
             solve += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -554,7 +552,7 @@ def check_weights(blocks_name: str, index: int, linears: dict[str, nn.Module]) -
     """ModelError naming the first linear layer of block ``index`` whose weight holds NaN / Inf."""
     for name, module in linears.items():
         weight = module.weight
-        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+        if isinstance(weight, torch.Tensor) and not all_finite(weight):
             bad = int((~torch.isfinite(weight)).sum())
             raise ModelError(
                 f"{blocks_name}.{index}.{name}.weight holds {bad} NaN/Inf values: the checkpoint is damaged "
