@@ -28,7 +28,7 @@ from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks, is_conv1d
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
-from oneshot.memory import default_budget, peak_rss, tune_allocator
+from oneshot.memory import allocator_state, default_budget, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
 from oneshot.passes.owl import owl_allocation
@@ -185,7 +185,6 @@ def prune(
     ``recipe`` is a recipe file (:func:`oneshot.config.read_recipe`); the other arguments override it.
     """
     start = time.perf_counter()
-    allocator = tune_allocator()
     if recipe is not None:
         if config is not None:
             raise ConfigError("pass either config=PruneConfig(...) or recipe=FILE, not both")
@@ -207,6 +206,8 @@ def prune(
         raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
+    if run is None:
+        tune_allocator()  # in memory: speed first (a streaming run keeps glibc's defaults: footprint first)
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     check_layers(model, config)
     calib = _calibration(model, tokenizer, calibration, config)
@@ -217,7 +218,7 @@ def prune(
     model.eval()
     try:
         facts = _run_facts(model, calib, run)
-        facts["host_allocator"] = allocator or "default"
+        facts["host_allocator"] = allocator_state()
         if ranks is not None:
             facts["distributed"] = {"world_size": ranks.world}
             if calib is not None:

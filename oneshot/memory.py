@@ -54,7 +54,10 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-@functools.cache
+#: What :func:`tune_allocator` set in this process (None: glibc's defaults are in effect).
+_tuned: str | None = None
+
+
 def tune_allocator() -> str | None:
     """Keep large CPU tensors in glibc's heap instead of mapping fresh pages for each one.
 
@@ -62,12 +65,17 @@ def tune_allocator() -> str | None:
     and unmaps it on free, so each large activation of a block forward pays the kernel's page
     faults and zeroing again; freed heap tops above 128 KB are trimmed the same way. Raising
     the thresholds to 1 GiB (mmap) and 256 MiB (trim) made SmolLM2-135M's block forwards 20-30%
-    faster on the project's 2-core CPU (one batch of 64 x 512 tokens as fast as eight of 8),
-    with a lower peak RSS (per-block ``malloc_trim`` still hands freed memory back). Applied once
-    per process; returns what was set, or None where it was not: not glibc, disabled with
+    faster on the project's 2-core CPU (one batch of 64 x 512 tokens as fast as eight of 8).
+    The price is fragmentation: a streamed SparseGPT run of a 2-block synthetic LLaMA peaked
+    at 1.94 GB instead of 1.41 GB, so in-memory runs and evaluation tune, streaming runs (whose
+    point is the footprint) do not. Applied at most once per process (it cannot be undone);
+    returns what is set, or None where it is not: not glibc, disabled with
     ``ONESHOT_TUNE_MALLOC=0``, or the user chose the allocator (``MALLOC_*_`` settings, or
     jemalloc / tcmalloc / mimalloc preloaded).
     """
+    global _tuned
+    if _tuned is not None:
+        return _tuned
     if os.environ.get("ONESHOT_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if any(name in os.environ for name in _USER_ALLOCATOR):
@@ -79,7 +87,13 @@ def tune_allocator() -> str | None:
         return None
     if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return None
-    return f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    _tuned = f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    return _tuned
+
+
+def allocator_state() -> str:
+    """The report's ``host_allocator``: what :func:`tune_allocator` set in this process, or ``default``."""
+    return _tuned or "default"
 
 
 @functools.cache

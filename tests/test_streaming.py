@@ -20,6 +20,7 @@ import oneshot
 from benchmarks.synthetic import llama_config, write_checkpoint
 from oneshot.cli import main
 from oneshot.errors import OutputError
+from oneshot.memory import allocator_state
 from oneshot.streaming import PROGRESS_FILE, partial_dir
 from oneshot.writer import REPORT_FILE
 
@@ -66,6 +67,7 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
     assert streamed.achieved_sparsity == pytest.approx(memory.achieved_sparsity)
     report = json.loads((tmp_path / "str" / REPORT_FILE).read_text())
     assert report["mode"] == "streaming" and len(report["seconds_per_block"]) == 3 and report["peak_rss_bytes"] > 0
+    assert report["host_allocator"] == allocator_state()  # a streaming run does not tune it itself
     assert report["verified_bytes"] == sum(
         t.numel() * t.element_size() for t in saved_tensors(tmp_path / "str").values()
     )

@@ -1,0 +1,65 @@
+"""Host allocator tuning: applied once per process, skipped where the user chose, and effective."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from oneshot import memory
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+_PROBE = """
+import json, resource, torch
+from oneshot.memory import allocator_state, tune_allocator
+setting = tune_allocator()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    t = torch.empty(16 << 20)  # 64 MB: above glibc's default mmap threshold
+    t.fill_(1.0)
+    del t
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"setting": setting, "faults": faults, "again": tune_allocator() == setting, "state": allocator_state()}))
+"""
+
+
+def _probe(**env: str) -> dict[str, object]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "ONESHOT_TUNE_MALLOC"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True, check=True, timeout=120
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_tuned_allocator_reuses_large_buffers_instead_of_faulting_them_in_again() -> None:
+    tuned, default = _probe(), _probe(ONESHOT_TUNE_MALLOC="0")
+    assert tuned["setting"] == "glibc mmap threshold 1024 MiB, trim threshold 256 MiB" and tuned["again"]
+    assert default["setting"] is None and default["state"] == "default" and tuned["state"] == tuned["setting"]
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(default["faults"]) > 10 * pages  # a fresh mapping, faulted in page by page, each time
+    assert int(tuned["faults"]) < 3 * pages  # the first buffer's pages, then reused from the heap
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ONESHOT_TUNE_MALLOC": "off"},
+        {"ONESHOT_TUNE_MALLOC": "0"},
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"MALLOC_MMAP_THRESHOLD_": "65536"},
+        {"MALLOC_TOP_PAD_": "0"},
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+        {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+    ],
+)
+def test_allocator_left_alone_when_the_user_chose(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(memory, "_tuned", None)  # as in a fresh process
+    assert memory.tune_allocator() is None
