@@ -10,6 +10,7 @@ separate clone: the files are rewritten while it runs.
 
     .venv/bin/python -m benchmarks.mutants --tests tests/test_shards.py,tests/test_streaming.py
     .venv/bin/python -m benchmarks.mutants --auto oneshot/methods/wanda.py --tests tests/test_methods.py
+    .venv/bin/python -m benchmarks.mutants --auto oneshot/methods/gptq.py --changed-since HEAD~3 --tests ...
 """
 
 from __future__ import annotations
@@ -121,10 +122,25 @@ def _pytest(tests: list[str]) -> bool:
     return res.returncode != 0
 
 
-def run_auto(files: list[str], tests: list[str], start: int = 0) -> list[tuple[str, str, bool]]:
+def changed_lines(file: str, since: str) -> set[int]:
+    """Line numbers of ``file`` (as it is now) added or changed since the git revision ``since``."""
+    diff = subprocess.run(
+        ["git", "diff", "-U0", since, "--", file], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    rows: set[int] = set()
+    for start, count in re.findall(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", diff, flags=re.M):
+        first = int(start)
+        rows.update(range(first, first + (1 if count == "" else int(count))))
+    return rows
+
+
+def run_auto(
+    files: list[str], tests: list[str], start: int = 0, since: str | None = None
+) -> list[tuple[str, str, bool]]:
     """Apply each --auto mutant of ``files`` in turn, run ``tests``; returns (file:line, mutant, killed).
 
-    ``start`` skips the first mutants that compile (to continue a run that was stopped).
+    ``start`` skips the first mutants that compile (to continue a run that was stopped); with
+    ``since`` (a git revision) only the lines changed since it are mutated.
     """
     results = []
     seen = 0
@@ -132,7 +148,10 @@ def run_auto(files: list[str], tests: list[str], start: int = 0) -> list[tuple[s
         path = ROOT / file
         text = path.read_text()
         lines = text.splitlines(keepends=True)
+        wanted = None if since is None else changed_lines(file, since)
         for _, row, _original, mutant in auto_mutants(file):
+            if wanted is not None and row not in wanted:
+                continue
             mutated = "".join(lines[: row - 1] + [mutant] + lines[row:])
             try:
                 compile(mutated, file, "exec")
@@ -182,14 +201,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auto", default="", help="comma-separated files: mutate every listed token of them")
     parser.add_argument("--list", action="store_true", help="with --auto: only print the mutants")
     parser.add_argument("--start", type=int, default=0, help="with --auto: skip the first N mutants (continue a run)")
+    parser.add_argument("--changed-since", default=None, help="with --auto: only lines changed since this git revision")
     args = parser.parse_args(argv)
     if args.auto and args.list:
         for file in args.auto.split(","):
+            wanted = None if args.changed_since is None else changed_lines(file, args.changed_since)
             for _, row, _, mutant in auto_mutants(file):
-                print(f"{file}:{row}: {mutant.strip()}")
+                if wanted is None or row in wanted:
+                    print(f"{file}:{row}: {mutant.strip()}")
         return
     tests = args.tests.split(",")
-    results = run_auto(args.auto.split(","), tests, args.start) if args.auto else run(tests)
+    results = run_auto(args.auto.split(","), tests, args.start, args.changed_since) if args.auto else run(tests)
     survived = [r for r in results if not r[2]]
     print(f"{len(results) - len(survived)} of {len(results)} mutants killed")
 
