@@ -309,7 +309,7 @@ class _BlockStep:
     def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
         """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
         times, store, calls = self.times, self.store, self.captured.calls
-        factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        factories = stat_factories(self.needs)
         targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
         ranks = self.shared.ranks
         t0 = time.perf_counter()
@@ -482,7 +482,7 @@ class _SinglePassStep(_BlockStep):
         times, store = self.times, self.store
         if len(store) != 1:
             raise RuntimeError(f"a single-pass sweep needs the calibration set as one batch, not {len(store)}")
-        factories = {key: STAT_FACTORIES[key] for key in (*self.needs, SAMPLE)}
+        factories = stat_factories(self.needs)
         visited: list[str] = []
         solve, report_before = 0.0, times.report
 
@@ -560,6 +560,13 @@ def check_weights(blocks_name: str, index: int, linears: dict[str, nn.Module]) -
             )
 
 
+def stat_factories(needs: tuple[str, ...]) -> dict[str, AccumulatorFactory]:
+    """The accumulators a sweep gathers: the method's, plus a token sample for the report's error
+    estimate unless a Hessian gives that error exactly (see ``passes.unstructured._record``)."""
+    keys = needs if STAT_HESSIAN in needs else (*needs, SAMPLE)
+    return {key: STAT_FACTORIES[key] for key in keys}
+
+
 def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
     """Finalise a layer's accumulators into the :class:`LayerStats` a method consumes."""
     hessian = accs.get(STAT_HESSIAN)
@@ -569,7 +576,7 @@ def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
     return LayerStats(
         hessian=hessian.finalize() if isinstance(hessian, Hessian) else None,
         col_sq_norm=col.finalize() if isinstance(col, ColumnSqNorm) else None,
-        count=accs[SAMPLE].count if SAMPLE in accs else 0,
+        count=next((acc.count for acc in accs.values()), 0),
         mean=mean,
         var=var,
     )

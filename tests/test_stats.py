@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from oneshot.calibration.hooks import collect, flatten_tokens
-from oneshot.calibration.stats import ColumnSqNorm, Hessian, MeanVar, TokenSample, relative_error
+from oneshot.calibration.stats import (
+    ColumnSqNorm,
+    Hessian,
+    MeanVar,
+    TokenSample,
+    hessian_relative_error,
+    relative_error,
+)
 
 
 def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -116,3 +124,18 @@ def test_hessian_panels_give_the_full_symmetric_product() -> None:
         assert torch.equal(got, got.T)
         xf = x.float()
         torch.testing.assert_close(got, xf.T @ xf / 200, rtol=1e-5, atol=1e-4)
+
+
+def test_hessian_relative_error_equals_the_error_over_every_token() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 9, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 9, dtype=torch.float64)
+    w = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    pruned = w * (torch.rand(4, 9, generator=gen) > 0.5) + 0.01 * torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    h = Hessian(9)
+    for part in x.split(77):
+        h.update(part.float())
+    w, pruned = w.float(), pruned.float()
+    want = relative_error(w, pruned, x)  # over all 300 tokens
+    assert hessian_relative_error(w, pruned, h.finalize()) == pytest.approx(want, rel=1e-4)
+    assert hessian_relative_error(w, w, h.finalize()) == 0.0
+    assert hessian_relative_error(torch.zeros(2, 9), torch.ones(2, 9), h.finalize()) == 0.0  # no signal: 0, no crash

@@ -189,3 +189,17 @@ def relative_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) 
     diff = x @ (weight - pruned).T  # [t, out]
     denom = float((dense * dense).sum())
     return float((diff * diff).sum()) / denom if denom > 0 else 0.0
+
+
+def hessian_relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """:func:`relative_error` over every calibration token, from their ``X Xᵀ / n`` (``hessian`` ``[in, in]``).
+
+    ``‖(W − W′) Xᵀ‖² / ‖W Xᵀ‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: exact, and for the layers of a
+    Hessian method cheaper than the 1,024-token sample (``out · in²`` instead of ``2 · out · in · 1024``
+    multiply-adds per layer).
+    """
+    h = hessian.to(weight.device, torch.float32)
+    w = weight.to(torch.float32)
+    diff = w - pruned.to(w.device, torch.float32)  # [out, in]
+    denom = float(((w @ h) * w).sum())
+    return float(((diff @ h) * diff).sum()) / denom if denom > 0 else 0.0

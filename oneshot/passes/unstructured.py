@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
-from oneshot.calibration.stats import Accumulator, TokenSample, relative_error
+from oneshot.calibration.stats import Accumulator, Hessian, TokenSample, hessian_relative_error, relative_error
 from oneshot.checkpoint import ReferenceWeights, model_prefix
 from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
@@ -36,7 +36,7 @@ from oneshot.engine import (
 from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, find_blocks, from_matrix, is_attention, is_conv1d, weight_dtype
-from oneshot.methods.base import MethodOptions, MethodSpec, PruneResult
+from oneshot.methods.base import STAT_HESSIAN, MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
@@ -79,12 +79,19 @@ def _record(
     weight: torch.Tensor,
     pruned: PruneResult,
     target: float,
-    sample: Accumulator | None,
+    accs: Mapping[str, Accumulator],
     seconds: float,
 ) -> LayerRecord:
-    """The report's record of one pruned layer; the error is measured on the sampled calibration tokens."""
+    """The report's record of one pruned layer.
+
+    Its relative error is exact over all calibration tokens when the layer has a Hessian, else
+    measured on the sampled tokens (None without calibration data).
+    """
     error = None
-    if isinstance(sample, TokenSample):
+    hessian, sample = accs.get(STAT_HESSIAN), accs.get(SAMPLE)
+    if isinstance(hessian, Hessian):
+        error = hessian_relative_error(weight, pruned.weight, hessian.finalize())
+    elif isinstance(sample, TokenSample):
         error = relative_error(weight, pruned.weight, sample.finalize())
     return LayerRecord(
         name=name,
@@ -138,7 +145,7 @@ class _Pruner:
         if pruned.quant is not None:
             self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
         t1 = time.perf_counter()
-        record = _record(full, block, weight, pruned, facts["target"], facts["accs"].get(SAMPLE), facts["seconds"])
+        record = _record(full, block, weight, pruned, facts["target"], facts["accs"], facts["seconds"])
         self.result.layers.append(record)
         self.result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
