@@ -35,7 +35,7 @@ def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Te
         return x.reshape(-1, d)
     keep = token_mask.to(x.device).bool()
     if tuple(x.shape[:-1]) == tuple(keep.shape):
-        return x[keep]  # [tokens, d]
+        return x.reshape(-1, d) if bool(keep.all()) else x[keep]  # [tokens, d]; no padding: a view, no copy
     if x.dim() == 2 and x.shape[0] == keep.numel():
         return x[keep.reshape(-1)]  # [tokens, d]: rows are (batch, position) in order
     raise RuntimeError(
