@@ -138,4 +138,6 @@ def test_hessian_relative_error_equals_the_error_over_every_token() -> None:
     want = relative_error(w, pruned, x)  # over all 300 tokens
     assert hessian_relative_error(w, pruned, h.finalize()) == pytest.approx(want, rel=1e-4)
     assert hessian_relative_error(w, w, h.finalize()) == 0.0
+    tiny = hessian_relative_error(w * 1e-3, pruned * 1e-3, h.finalize())  # a ratio: any scale, even ‖W X‖² < 1
+    assert tiny == pytest.approx(want, rel=1e-4)
     assert hessian_relative_error(torch.zeros(2, 9), torch.ones(2, 9), h.finalize()) == 0.0  # no signal: 0, no crash
