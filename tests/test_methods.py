@@ -326,3 +326,15 @@ def test_stacked_obs_equals_each_layer_alone(random_layer: Layer) -> None:
             alone = OBS.run(w, LayerStats(hessian=h), s, MethodOptions())
             assert torch.equal(got.mask, alone.mask)
             torch.testing.assert_close(got.weight, alone.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_all_finite_finds_any_nan_or_inf() -> None:
+    from oneshot.methods.linalg import all_finite
+
+    assert all_finite(torch.empty(0)) and all_finite(torch.zeros(3, 4)) and all_finite(torch.tensor([2.5]))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite(torch.tensor([bad]))  # a single element too
+        for where in (0, 5, 11):
+            x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+            x.view(-1)[where] = bad  # only the minimum or only the maximum is non-finite
+            assert not all_finite(x) and not all_finite(x.bfloat16())
