@@ -338,3 +338,22 @@ def test_all_finite_finds_any_nan_or_inf() -> None:
             x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
             x.view(-1)[where] = bad  # only the minimum or only the maximum is non-finite
             assert not all_finite(x) and not all_finite(x.bfloat16())
+
+
+def test_a_failed_second_factorisation_raises_the_damping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """H⁻¹'s upper Cholesky reporting failure (info ≠ 0) is a failure even when its output is finite."""
+    from oneshot.methods.linalg import inverse_cholesky_upper
+
+    real = torch.linalg.cholesky_ex
+    calls: list[bool] = []
+
+    def flaky(a: torch.Tensor, *, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        factor, info = real(a, upper=upper)
+        calls.append(upper)
+        if upper and calls.count(True) == 1:  # the first upper factorisation "fails", its output finite
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    _, rel = inverse_cholesky_upper(torch.eye(6) * 2.0, 0.01, 2)
+    assert rel == pytest.approx(0.1) and calls == [False, True, False, True]
