@@ -63,3 +63,14 @@ def test_allocator_left_alone_when_the_user_chose(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(memory, "_tuned", None)  # as in a fresh process
     assert memory.tune_allocator() is None
+
+
+def test_allocator_left_alone_without_mallopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("ONESHOT_TUNE_MALLOC", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setattr(memory, "_tuned", None)
+    monkeypatch.setattr(memory, "_libc", lambda: object())  # a C library without mallopt
+    assert memory.tune_allocator() is None and memory.allocator_state() == "default"
+    monkeypatch.setattr(memory, "_libc", lambda: None)  # not Linux / no C library found
+    assert memory.tune_allocator() is None
