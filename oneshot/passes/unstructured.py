@@ -12,13 +12,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
-from oneshot.calibration.stats import Accumulator, Hessian, TokenSample, hessian_relative_error, relative_error
+from oneshot.calibration.stats import Accumulator, TokenSample, hessian_relative_error, relative_error
 from oneshot.checkpoint import ReferenceWeights, model_prefix
 from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
@@ -36,7 +35,7 @@ from oneshot.engine import (
 from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, find_blocks, from_matrix, is_attention, is_conv1d, weight_dtype
-from oneshot.methods.base import STAT_HESSIAN, MethodOptions, MethodSpec, PruneResult
+from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
@@ -79,18 +78,18 @@ def _record(
     weight: torch.Tensor,
     pruned: PruneResult,
     target: float,
-    accs: Mapping[str, Accumulator],
+    stats: LayerStats,
+    sample: Accumulator | None,
     seconds: float,
 ) -> LayerRecord:
     """The report's record of one pruned layer.
 
-    Its relative error is exact over all calibration tokens when the layer has a Hessian, else
-    measured on the sampled tokens (None without calibration data).
+    Its relative error is exact over all calibration tokens when the layer has a Hessian (the one
+    its method was given), else measured on the sampled tokens (None without calibration data).
     """
     error = None
-    hessian, sample = accs.get(STAT_HESSIAN), accs.get(SAMPLE)
-    if isinstance(hessian, Hessian):
-        error = hessian_relative_error(weight, pruned.weight, hessian.finalize())
+    if stats.hessian is not None:
+        error = hessian_relative_error(weight, pruned.weight, stats.hessian)
     elif isinstance(sample, TokenSample):
         error = relative_error(weight, pruned.weight, sample.finalize())
     return LayerRecord(
@@ -138,14 +137,24 @@ class _Pruner:
         return target
 
     def write(
-        self, full: str, block: int, module: nn.Module, weight: torch.Tensor, pruned: PruneResult, **facts: Any
+        self,
+        full: str,
+        block: int,
+        module: nn.Module,
+        weight: torch.Tensor,
+        pruned: PruneResult,
+        *,
+        target: float,
+        stats: LayerStats,
+        accs: Mapping[str, Accumulator],
+        seconds: float,
     ) -> None:
         """Put the pruned weight into the layer and record it (a quantized layer's saved form too)."""
         from_matrix(module, pruned.weight, pruned.bias)
         if pruned.quant is not None:
             self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
         t1 = time.perf_counter()
-        record = _record(full, block, weight, pruned, facts["target"], facts["accs"], facts["seconds"])
+        record = _record(full, block, weight, pruned, target, stats, accs.get(SAMPLE), seconds)
         self.result.layers.append(record)
         self.result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
@@ -169,7 +178,8 @@ class _Pruner:
             pruned = self.refine(weight, pruned, stats, self.options)
         if self.then is not None:
             pruned = quantize_stage(pruned, stats, self.options_for(module), self.then)
-        self.write(full, block, module, weight, pruned, target=target, accs=accs, seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.write(full, block, module, weight, pruned, target=target, stats=stats, accs=accs, seconds=seconds)
 
     def group(self, names: list[str], block: int, modules: list[nn.Module], accs: dict[str, Accumulator]) -> None:
         """Prune layers that read the same input with one stacked solve (``spec.run_stacked``)."""
@@ -188,7 +198,7 @@ class _Pruner:
             solved = quantize_stacked(solved, stats, options, self.then)
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
-            self.write(name, block, module, weight, pruned, target=target, accs=accs, seconds=seconds)
+            self.write(name, block, module, weight, pruned, target=target, stats=stats, accs=accs, seconds=seconds)
 
 
 def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
