@@ -156,44 +156,51 @@ def gptq(
     rows, cols = w.shape
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
     size = cols if spec.group_size is None else spec.group_size
-    scales = torch.empty(rows, _groups(cols, spec), device=w.device)
+    scales = torch.empty(_groups(cols, spec), rows, device=w.device)  # [groups, out] while the loop runs
     zeros = torch.empty_like(scales)
     group = spec.group_of(cols, w.device)  # [in]: each column's group, in the loop's order below
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if spec.act_order else None
     if order is not None:  # static groups: every grid from the weights before any update
         for g, c0 in enumerate(range(0, cols, size)):
             scale, zero = grid(w[:, c0 : c0 + size] * keep[:, c0 : c0 + size], spec)
-            scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+            scales[g], zeros[g] = scale[:, 0], zero[:, 0]
         h, w, keep, group = h[order][:, order], w[:, order], keep[:, order], group[order]
     upper, damp_used = inverse_cholesky_upper(h, damp, max_damp_retries)  # [in, in]
+    groups = group.tolist()
     losses = torch.zeros(rows, device=w.device)
     # Sub-blocks start on every group's first column, so a group's grid sees all earlier updates.
+    # The loop runs on the transposed block (column j = contiguous row j), as SparseGPT's loop_block.
     inner = math.gcd(linalg.INNER_COLUMNS, block_size, size) if order is None else linalg.INNER_COLUMNS
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()  # [out, b]
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        wt = w[:, i1:i2].t().clone(memory_format=torch.contiguous_format)  # [b, out]
+        kept = keep[:, i1:i2].t().to(w.dtype)  # [b, out]
+        qt = torch.zeros_like(wt)
+        errt = torch.zeros_like(wt)
+        d1 = torch.diagonal(upper)[i1:i2]
         u1 = upper[i1:i2, i1:i2]
-        for s in range(0, i2 - i1, inner):  # sub-blocks, as in SparseGPT's loop_block
+        for s in range(0, i2 - i1, inner):
             e = min(s + inner, i2 - i1)
             for j in range(s, e):
                 col = i1 + j
                 if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
-                    ahead = torch.cat([w1[:, j:], w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
+                    ahead = torch.cat([wt[j:].t(), w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
                     scale, zero = grid(ahead, spec)
-                    scales[:, col // size], zeros[:, col // size] = scale[:, 0], zero[:, 0]
-                at = slice(int(group[col]), int(group[col]) + 1)  # the column's group, kept 2-D
-                q = quantize(w1[:, j : j + 1] * keep[:, col : col + 1], scales[:, at], zeros[:, at], spec.maxq)
-                q1[:, j] = q[:, 0]
-                err = (w1[:, j] - q1[:, j]) / u1[j, j]
-                w1[:, j:e] -= err.unsqueeze(1) * u1[j, j:e].unsqueeze(0)
-                err1[:, j] = err
+                    scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
+                g = groups[col]
+                q = qt[j]  # [out]
+                q.copy_(quantize(wt[j] * kept[j], scales[g], zeros[g], spec.maxq))
+                err = errt[j]  # [out]
+                torch.sub(wt[j], q, out=err)
+                err.div_(d1[j])
+                if j + 1 < e:
+                    wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out]
             if e < i2 - i1:
-                w1[:, e:] -= err1[:, s:e] @ u1[s:e, e:]
-        losses += err1.square().sum(dim=1) / 2
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+                wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # the sub-block's updates at once
+        losses += errt.square().sum(dim=0) / 2
+        w[:, i1:i2] = qt.t()
+        w[:, i2:] -= errt.t() @ upper[i1:i2, i2:]
+    scales, zeros = scales.t().contiguous(), zeros.t().contiguous()  # [out, groups]
     if order is not None:
         inverse = torch.argsort(order)
         w, keep = w[:, inverse], keep[:, inverse]
