@@ -48,13 +48,40 @@ def model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+#: Bytes of a file that :func:`file_fingerprint` reads: the head, the tail and evenly spaced samples.
+FINGERPRINT_CHUNK = 1 << 20
+FINGERPRINT_SAMPLES = 16
+
+
+def file_fingerprint(path: Path) -> str:
+    """A content key of a (large) file: SHA-256 of its size, first and last 8 MiB and 16 1-MiB samples.
+
+    Reads at most 32 MiB, so a 40 GB GGUF is keyed in well under a second. The same file copied,
+    moved or reinstalled (a new virtual environment) gets the same key; a re-quantised or edited
+    one a different key, since its header (metadata and tensor table) and data change.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    head = 8 * FINGERPRINT_CHUNK
+    with path.open("rb") as f:
+        if size <= 2 * head + FINGERPRINT_SAMPLES * FINGERPRINT_CHUNK:
+            while block := f.read(head):
+                digest.update(block)
+        else:
+            offsets = [0, size - head]
+            offsets += [head + k * (size - 2 * head) // FINGERPRINT_SAMPLES for k in range(FINGERPRINT_SAMPLES)]
+            for offset in offsets:
+                f.seek(offset)
+                digest.update(f.read(head if offset in (0, size - head) else FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
 def gguf_folder(path: Path) -> Path:
-    """The plain safetensors folder of a GGUF file, dequantised once and cached."""
+    """The plain safetensors folder of a GGUF file, dequantised once and cached by content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf-v2" / f"{path.stem}-{key}"
+    key = file_fingerprint(path)[:16]
+    cached = cache_dir() / "gguf-v3" / f"{path.stem}-{key}"
     if (cached / "config.json").exists():
         return cached
     log.info("converting %s to safetensors (once; cached in %s)", path.name, cached)
