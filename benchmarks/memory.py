@@ -3,9 +3,13 @@
 Each run is a child process (``RUSAGE_CHILDREN`` of a fresh parent). The budget the issue sets
 is the model in its dtype plus one block, its activations and the statistics; the table shows the
 parts: the interpreter with torch + transformers imported (measured by a child that only imports
-them), the weights, and the calibration activations (N x T x hidden in the model dtype).
+them), the weights, and one block's forward over the calibration batch the run feeds it (all N
+samples at once in single-pass mode, batches of ``--batch-size`` in two-pass mode), measured by a
+child that runs the model up to its last block on such a batch and records the rise of its peak
+resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident model.
 
     .venv/bin/python -m benchmarks.memory                     # SmolLM2-135M and Gemma-3-270m, Wanda
+    .venv/bin/python -m benchmarks.memory --methods wanda,sparsegpt --passes single,two
 """
 
 from __future__ import annotations
@@ -20,6 +24,32 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, machine_line, shared_file, smollm2_gguf, write_results
+
+BLOCK_FORWARD = """
+import sys, torch, oneshot
+model, _ = oneshot.load_model(sys.argv[1])
+batch, seqlen = int(sys.argv[2]), int(sys.argv[3])
+with torch.no_grad():
+    for p in model.parameters():
+        p.mul_(1)  # every weight resident, as after a run has touched them all
+class Stop(Exception):
+    pass
+def stop(module, args, output):
+    raise Stop
+layers = model.get_decoder().layers
+layers[-1].register_forward_hook(stop)  # the head's logits are not part of a run
+ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch, seqlen))
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+try:
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+except Stop:
+    pass
+print(status("VmHWM:") - before)
+"""
 
 PEAK = (
     "import resource, subprocess, sys\n"
@@ -49,18 +79,29 @@ def peak(cmd: list[str]) -> int:
     return int(res.stdout.split()[-1])
 
 
-def measure(model: Path, label: str, method: str, nsamples: int, seqlen: int, workdir: Path) -> dict[str, Any]:
+def block_forward_bytes(model: Path, batch: int, seqlen: int) -> int:
+    """Peak rise of resident memory while the model runs up to its last block on ``batch`` x ``seqlen`` ids."""
+    res = subprocess.run(
+        [sys.executable, "-c", BLOCK_FORWARD, str(model), str(batch), str(seqlen)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"block forward probe failed: {res.stderr[-2000:]}")
+    return int(res.stdout.split()[-1])
+
+
+def measure(
+    model: Path, label: str, method: str, passes: str, nsamples: int, seqlen: int, batch: int, workdir: Path
+) -> dict[str, Any]:
     """One in-memory run (after a first run has cached the GGUF conversion)."""
     out = workdir / "out"
     calib = shared_file("austen", "emma.txt")
     cmd = [
         sys.executable, "-m", "oneshot", "prune", str(model), "--method", method, "--sparsity", "0.5",
         "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--no-stream", "--quiet",
-        "--out", str(out),
+        "--out", str(out), "--passes", passes, "--batch-size", str(batch),
     ]  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    first = peak(cmd)  # may include the one-off GGUF conversion
-    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-c", f"import oneshot; oneshot.load_model({str(model)!r})"], check=True)  # cache
     rss = peak(cmd)
     report = json.loads((out / "oneshot_report.json").read_text())
     config = json.loads((out / "config.json").read_text())
@@ -71,11 +112,13 @@ def measure(model: Path, label: str, method: str, nsamples: int, seqlen: int, wo
     return {
         "model": label,
         "method": method,
+        "passes": passes,
         "dtype": report["dtype"],
+        "passes_used": report.get("passes"),
+        "block_forward_bytes": block_forward_bytes(model, nsamples if passes == "single" else batch, seqlen),
         "weights_bytes": weights,
         "activation_bytes": nsamples * seqlen * hidden * itemsize,
         "peak_rss_bytes": rss,
-        "first_run_peak_rss_bytes": first,
         "command": " ".join(cmd[1:]),
     }
 
@@ -83,8 +126,10 @@ def measure(model: Path, label: str, method: str, nsamples: int, seqlen: int, wo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="wanda")
+    parser.add_argument("--passes", default="single", help="comma-separated: single, two")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4, help="two-pass mode's windows per forward")
     parser.add_argument("--name", default="memory_inmemory")
     args = parser.parse_args(argv)
     base = peak([sys.executable, "-c", "import torch, transformers, oneshot.api"])
@@ -94,21 +139,24 @@ def main(argv: list[str] | None = None) -> None:
         models = [(smollm2_gguf(), "SmolLM2-135M (GGUF)"), (gemma_gguf(work), "Gemma-3-270m (GGUF)")]
         for path, label in models:
             for method in args.methods.split(","):
-                rows.append(measure(path, label, method, args.nsamples, args.seqlen, work))
+                for passes in args.passes.split(","):
+                    rows.append(measure(path, label, method, passes, args.nsamples, args.seqlen, args.batch_size, work))
+                    print(rows[-1], flush=True)
     lines = [
         f"# Peak memory of in-memory runs (`--no-stream`), {args.nsamples} x {args.seqlen} calibration tokens\n",
         f"Command: `python -m benchmarks.memory {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
-        f"Machine: {machine_line()}. Interpreter with torch + transformers imported: {base / 1e9:.2f} GB.\n",
-        "| model | method | dtype | weights GB | activations GB | peak RSS GB "
-        "| peak − interpreter − weights − activations GB | first run (GGUF conversion) GB |",
+        f"Machine: {machine_line()}. Interpreter with torch + transformers imported: {base / 1e9:.2f} GB. "
+        "`block forward`: the peak rise of resident memory while the model runs up to its last block on the "
+        "batch the run feeds a block (all samples in single-pass mode, `--batch-size` in two-pass mode), over "
+        "the resident model. `rest` = peak − interpreter − weights − block forward.\n",
+        "| model | method | passes | dtype | weights GB | block forward GB | peak RSS GB | rest GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        rest = r["peak_rss_bytes"] - base - r["weights_bytes"] - r["activation_bytes"]
+        rest = r["peak_rss_bytes"] - base - r["weights_bytes"] - r["block_forward_bytes"]
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['dtype']} | {r['weights_bytes'] / 1e9:.3f} | "
-            f"{r['activation_bytes'] / 1e9:.3f} | {r['peak_rss_bytes'] / 1e9:.3f} | {rest / 1e9:.3f} | "
-            f"{r['first_run_peak_rss_bytes'] / 1e9:.3f} |"
+            f"| {r['model']} | {r['method']} | {r['passes_used']} | {r['dtype']} | {r['weights_bytes'] / 1e9:.3f} | "
+            f"{r['block_forward_bytes'] / 1e9:.3f} | {r['peak_rss_bytes'] / 1e9:.3f} | {rest / 1e9:.3f} |"
         )
     write_results(args.name, {"machine": machine(), "interpreter_bytes": base, "rows": rows}, "\n".join(lines) + "\n")
 
