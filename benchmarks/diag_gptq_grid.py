@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 import oneshot
-from benchmarks.common import calibration_tokens, eval_text, machine, machine_line, smollm2_gguf, write_results
+from benchmarks.common import (
+    calibration_tokens,
+    eval_text,
+    machine,
+    machine_line,
+    parse_method,
+    smollm2_gguf,
+    write_results,
+)
 from oneshot.methods.gptq import QuantSpec, grid, quantize
 
 Q4_1_GROUP = 32
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", default="wikitext2:head", help="calibration text (a file or a name as for --eval)")
     parser.add_argument("--eval", default="wikitext2:tail", help="text to score")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--quantizers", default="rtn,gptq", help="comma-separated rows, e.g. gptq/act_order=true")
+    parser.add_argument("--models", default="packaged,dithered", help="packaged and/or dithered")
     parser.add_argument("--name", default="diag_gptq_grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -93,17 +103,19 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     rows: list[dict[str, Any]] = []
-    for label, state in (("packaged (Q4_1 grid)", packaged), ("dithered (continuous)", dithered)):
+    quantizers = args.quantizers.split(",")
+    states = {"packaged": ("packaged (Q4_1 grid)", packaged), "dithered": ("dithered (continuous)", dithered)}
+    for label, state in (states[m] for m in args.models.split(",")):
         model.load_state_dict(state)
         row: dict[str, Any] = {"model": label, "rtn_error_vs_uniform": rtn_error_ratio(model, spec)}
         row["dense"] = ppl()
-        for method in ("rtn", "gptq"):
+        for entry in ["rtn", *(q for q in quantizers if q != "rtn")]:
             model.load_state_dict(state)
-            oneshot.prune(
-                model, tokenizer, method=method, bits=4, group_size=args.group_size, calibration=calib, quiet=True
-            )
-            row[method] = ppl()
-        row["gptq_share_removed"] = (row["rtn"] - row["gptq"]) / (row["rtn"] - row["dense"])
+            name, own = parse_method(entry)
+            options = {"bits": 4, "group_size": args.group_size, **own}
+            oneshot.prune(model, tokenizer, method=name, calibration=calib, quiet=True, **options)
+            row[entry] = ppl()
+            row[f"{entry} share removed"] = (row["rtn"] - row[entry]) / (row["rtn"] - row["dense"])
         rows.append(row)
         print(row, flush=True)
 
@@ -118,13 +130,17 @@ def main(argv: list[str] | None = None) -> None:
         "Dithering: uniform noise in ±d/2 of each weight's Q4_1 group of 32 (seed 0), block linears only.  ",
         f"Machine: {machine_line()}.",
         "",
-        "| model | dense | RTN | GPTQ | share of RTN's loss GPTQ removes | RTN weight error / (Δ²/12) |",
-        "|---|---|---|---|---|---|",
+        "| model | dense | RTN | "
+        + " | ".join(f"{q} | share of RTN's loss {q} removes" for q in quantizers if q != "rtn")
+        + " | RTN weight error / (Δ²/12) |",
+        "|---|---|---|" + "---|---|" * sum(q != "rtn" for q in quantizers) + "---|",
     ]
     for r in rows:
+        cells = [f"{r[q]:.2f} | {r[f'{q} share removed']:.1%}" for q in quantizers if q != "rtn"]
         lines.append(
-            f"| {r['model']} | {r['dense']:.2f} | {r['rtn']:.2f} | {r['gptq']:.2f} | "
-            f"{r['gptq_share_removed']:.1%} | {r['rtn_error_vs_uniform']:.3f} |"
+            f"| {r['model']} | {r['dense']:.2f} | {r['rtn']:.2f} | "
+            + " | ".join(cells)
+            + f" | {r['rtn_error_vs_uniform']:.3f} |"
         )
     payload = {"command": command, "machine": machine(), "args": vars(args), "rows": rows}
     write_results(args.name, payload, "\n".join(lines) + "\n")
