@@ -193,8 +193,7 @@ def gptq(
                 err = errt[j]  # [out]
                 torch.sub(wt[j], q, out=err)
                 err.div_(d1[j])
-                if j + 1 < e:
-                    wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out]
+                wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out] (empty for the last)
             if e < i2 - i1:
                 wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # the sub-block's updates at once
         losses += errt.square().sum(dim=0) / 2

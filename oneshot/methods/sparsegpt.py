@@ -86,8 +86,7 @@ def loop_block(
             err = errt[j]  # [out]
             torch.mul(wt[j], pruned[j], out=err)
             err.div_(d1[j])  # (w̃_j − q_j) / U_jj, zero where kept
-            if j + 1 < e:
-                wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out]
+            wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out] (empty for the last)
         if e < b:
             wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # [b - e, out]: the sub-block's updates at once
     return wt.t() * keep1, errt.t()
