@@ -459,6 +459,8 @@ def _sensitivity_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
     found = sensitivity_allocation(job.model, job.calib, job.config, io=io)
     return {
         "lambda": job.config.allocate_lambda,
+        "error": job.config.allocate_error,
+        "gradient_seconds": found.gradient_seconds,
         "probes": found.probes,
         "cost_vs_dense_forward": found.cost_vs_forward,
         "blocks": found.blocks,

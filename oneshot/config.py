@@ -288,6 +288,16 @@ class PruneConfig:
     allocate_lambda: float = option(
         0.1, "Sensitivity allocation: largest deviation of a block from --sparsity.", requires="allocate=sensitivity"
     )
+    allocate_error: str = option(
+        "relative",
+        "Sensitivity allocation: what a block's probe error is. relative: ‖Δy‖² / ‖y‖² of the block's "
+        "output y. fisher: ‖Δy‖² weighted by the mean ‖∂loss/∂y‖² of the dense model on the calibration "
+        "samples (one backward per sample; needs the model in memory), an estimate of the model's loss "
+        "increase that sees how later blocks amplify an error.",
+        type=str,
+        choices=("relative", "fisher"),
+        requires="allocate=sensitivity",
+    )
     owl_m: float = option(5.0, "OWL outlier threshold M (× mean score).", requires="owl")
     owl_lambda: float = option(0.08, "OWL max deviation from --sparsity.", requires="owl")
     sparsity_map: tuple[tuple[str, float | str], ...] = option(

@@ -97,6 +97,58 @@ def empirical_fisher(
     }
 
 
+def block_output_gradients(
+    model: nn.Module, calib: CalibrationSet, blocks: nn.ModuleList, *, quiet: bool = True
+) -> list[float]:
+    """Per block, the mean over real tokens of ``‖∂L/∂y‖²``, ``y`` the block's output hidden state.
+
+    ``L`` is :func:`own_loss` on one calibration sample at a time (the same loss as the empirical
+    Fisher); the samples' sums are pooled. No weight gets a gradient: the graph starts at the input
+    embeddings' output. Needs the whole model in memory.
+    """
+    device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    if embeddings is None:
+        raise ModelError(f"{type(model).__name__} has no input embeddings to start a gradient from")
+    outputs: list[torch.Tensor] = []
+
+    def start(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)
+
+    def keep(module: nn.Module, args: object, output: object) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        assert isinstance(hidden, torch.Tensor)
+        outputs.append(hidden)
+
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    tokens = 0
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    handles = [embeddings.register_forward_hook(start)] + [b.register_forward_hook(keep) for b in blocks]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)  # gradients of the activations only
+        for s in tqdm(range(calib.nsamples), desc="block gradients", unit="sample", disable=True if quiet else None):
+            ids = calib.input_ids[s : s + 1].to(device)
+            mask = None if calib.attention_mask is None else calib.attention_mask[s : s + 1].to(device)
+            outputs.clear()
+            with torch.enable_grad():
+                loss = own_loss(model, ids, mask)
+                if len(outputs) != len(blocks):
+                    raise ModelError(f"a forward ran {len(outputs)} of the model's {len(blocks)} blocks")
+                grads = torch.autograd.grad(loss, outputs)
+            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            for i, grad in enumerate(grads):
+                sums[i] += float(grad[real].float().square().sum())
+            tokens += int(real.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+        outputs.clear()
+    return [float(v) / max(tokens, 1) for v in sums]
+
+
 def load_optimizer_state(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """``{parameter name: exp_avg_sq}`` from a saved optimizer state (see the module docstring)."""
     path = Path(path)

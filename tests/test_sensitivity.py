@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ from torch import nn
 import oneshot
 from oneshot.calibration.data import CalibrationSet
 from oneshot.errors import ConfigError
+from oneshot.gradients import block_output_gradients
 from oneshot.layers import as_matrix, find_blocks, find_linears
 from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
 from oneshot.methods.wanda import wanda
+from oneshot.passes import sensitivity
 
 
 def test_probes_and_a_hand_case() -> None:
@@ -126,3 +129,74 @@ def test_allocate_options() -> None:
     with pytest.raises(ConfigError, match="use --owl or a --sparsity-map"):
         oneshot.PruneConfig(method="fisher", sparsity=0.6, allocate="sensitivity")
     assert oneshot.PruneConfig(method="magnitude", sparsity=0.6, allocate="sensitivity").uses_data
+
+
+def test_block_output_gradients_are_the_mean_squared_gradient_at_each_block(
+    tiny_model: Callable[[str], nn.Module],
+) -> None:
+    """Oracle: transformers' own next-token loss, the gradient w.r.t. every layer's output hidden state."""
+    model = tiny_model("llama")
+    ids = torch.randint(4, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    blocks = find_blocks(model)[1]
+    got = block_output_gradients(model, CalibrationSet(ids, mask), blocks)
+    want = torch.zeros(len(blocks), dtype=torch.float64)
+    tokens = 0
+    for s in range(3):
+        outs: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: object, out: object, outs: list[torch.Tensor] = outs) -> None:
+            outs.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type]
+
+        hooks = [b.register_forward_hook(keep) for b in blocks]
+        embeds = model.get_input_embeddings()(ids[s : s + 1]).detach().requires_grad_(True)
+        labels = ids[s : s + 1].masked_fill(mask[s : s + 1] == 0, -100)
+        loss = model(inputs_embeds=embeds, attention_mask=mask[s : s + 1], labels=labels).loss
+        for h in hooks:
+            h.remove()
+        real = mask[s].bool()
+        for i, g in enumerate(torch.autograd.grad(loss, outs)):
+            want[i] += float(g[0][real].double().square().sum())
+        tokens += int(real.sum())
+    assert got == pytest.approx((want / tokens).tolist(), rel=1e-4)
+    assert got[0] > 0 and len(set(got)) == len(got)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no weight gradients kept
+
+
+def test_fisher_error_weights_each_block_by_energy_and_gradient(
+    tiny_model: Callable[[str], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = torch.randint(4, VOCAB, (6, 20), generator=torch.Generator().manual_seed(6))
+    calib = CalibrationSet(ids)
+    options = {"method": "wanda", "sparsity": 0.6, "allocate": "sensitivity", "calibration": calib, "quiet": True}
+    report = oneshot.prune(tiny_model("llama"), allocate_error="fisher", **options)
+    found = report.extra["sensitivity"]
+    blocks = found["blocks"]
+    assert found["error"] == "fisher" and found["gradient_seconds"] > 0
+    costs = [[e * b["output_energy"] * b["gradient_weight"] for e in b["errors"]] for b in blocks]
+    want = sensitivity_sparsities(costs, found["probes"], [b["parameters"] for b in blocks], 0.6)
+    assert [b["sparsity"] for b in blocks] == pytest.approx(want)
+    relative = oneshot.prune(tiny_model("llama"), **options).extra["sensitivity"]
+    flat = [e for b in blocks for e in b["errors"]]
+    assert [e for b in relative["blocks"] for e in b["errors"]] == pytest.approx(flat)  # the same probes
+    assert "gradient_weight" not in relative["blocks"][0]
+
+    # a block whose errors cost a million times more at the output is pruned least, whatever its curve
+    first = [1e6] + [1.0] * (len(blocks) - 1)
+    monkeypatch.setattr(sensitivity, "block_output_gradients", lambda *a, **k: list(first))
+    found = oneshot.prune(tiny_model("llama"), allocate_error="fisher", **options).extra["sensitivity"]
+    assert found["blocks"][0]["sparsity"] == pytest.approx(0.5)
+    monkeypatch.setattr(sensitivity, "block_output_gradients", lambda *a, **k: list(reversed(first)))
+    found = oneshot.prune(tiny_model("llama"), allocate_error="fisher", **options).extra["sensitivity"]
+    assert found["blocks"][-1]["sparsity"] == pytest.approx(0.5)
+
+
+def test_fisher_error_needs_the_model_in_memory(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="drop --stream, or use --allocate-error relative"):
+        oneshot.prune(str(tiny_checkpoint("llama")), method="wanda", sparsity=0.6, allocate="sensitivity",
+                      allocate_error="fisher", stream=True, out=tmp_path / "o", quiet=True,
+                      calibration=CalibrationSet(torch.randint(4, VOCAB, (2, 12))))  # fmt: skip
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="--allocate-error only matters with --allocate sensitivity"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate_error="fisher")

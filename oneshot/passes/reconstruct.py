@@ -56,6 +56,12 @@ def _squared(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def output_error(batches: RefitBatches) -> float:
     """The block's relative output error ``Σ‖f(x) − target‖² / Σ‖target‖²`` over every batch."""
+    num, den = output_error_sums(batches)
+    return num / max(den, 1e-30)
+
+
+def output_error_sums(batches: RefitBatches) -> tuple[float, float]:
+    """``(Σ‖f(x) − target‖², Σ‖target‖²)`` over the real tokens of every batch."""
     num = den = 0.0
     with torch.no_grad():
         for b, target in enumerate(batches.targets):
@@ -63,7 +69,7 @@ def output_error(batches: RefitBatches) -> float:
             target = target.to(out.device, torch.float32)
             num += float(_squared(out - target, batches.token_masks[b]))
             den += float(_squared(target, batches.token_masks[b]))
-    return num / max(den, 1e-30)
+    return num, den
 
 
 def refit_block(

@@ -8,10 +8,20 @@ block over the calibration set, and gives the block's relative output error agai
 output. The dense weights are then put back and the dense outputs propagated, so every block is
 measured on dense inputs. :func:`oneshot.methods.allocation.sensitivity_sparsities` then picks the
 per-block sparsities with the least summed error at the parameter-weighted target.
+
+What is summed (``--allocate-error``): ``relative``, each block's ``‖Δy‖² / ‖y‖²``; or ``fisher``,
+each block's ``‖Δy‖²`` times the mean squared gradient of the dense model's loss at that block's
+output (:func:`oneshot.gradients.block_output_gradients`): with the empirical Fisher ``g gᵀ`` as
+the loss curvature and an error uncorrelated with the gradient's direction, the loss grows by about
+``Σ_t ‖g_t‖² ‖Δy_t‖² / d``, so the weight says how much an error at block b costs at the model's
+output after the blocks behind it have carried and amplified it. On SmolLM2 at 70% the relative
+error steers SparseGPT's sparsity the wrong way (worse than uniform); the Fisher weighting does not
+(``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -20,11 +30,13 @@ from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
 from oneshot.engine import PhaseTimes, RefitBatches, SweepIO, layer_stats, sweep
-from oneshot.layers import as_matrix, from_matrix
+from oneshot.errors import ConfigError
+from oneshot.gradients import block_output_gradients
+from oneshot.layers import as_matrix, find_blocks, from_matrix
 from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
 from oneshot.methods.base import LayerStats
 from oneshot.methods.registry import METHODS
-from oneshot.passes.reconstruct import in_float32, output_error
+from oneshot.passes.reconstruct import in_float32, output_error_sums
 
 
 @dataclass
@@ -36,6 +48,7 @@ class SensitivityAllocation:
     probes: list[float]
     cost_vs_forward: float  # seconds of probing / seconds of one dense forward over the calibration set
     times: PhaseTimes = field(default_factory=PhaseTimes)
+    gradient_seconds: float = 0.0  # the Fisher weights' backward passes (``--allocate-error fisher``)
 
 
 def sensitivity_allocation(
@@ -47,8 +60,10 @@ def sensitivity_allocation(
     options = config.method_options()
     target = float(config.sparsity or 0.0)
     probes = probe_sparsities(target, config.allocate_lambda)
+    weights, seconds = _error_weights(model, calib, config)
     pending: dict[str, tuple[nn.Module, LayerStats]] = {}
     curves: dict[int, list[float]] = {}
+    energies: dict[int, float] = {}
     params: dict[int, int] = {}
     layers_of: dict[int, list[str]] = {}
     times = PhaseTimes()
@@ -66,7 +81,9 @@ def sensitivity_allocation(
                 for sparsity in probes:
                     for name, (module, stats) in pending.items():
                         from_matrix(module, spec.run(dense[name], stats, sparsity, options).weight)
-                    errors.append(output_error(batches))
+                    num, den = output_error_sums(batches)
+                    errors.append(num / max(den, 1e-30))
+                    energies[i] = den
                 curves[i] = errors
                 params[i] = sum(w.numel() for w in dense.values())
             finally:
@@ -76,10 +93,35 @@ def sensitivity_allocation(
 
     sweep(model, calib, config, config.stat_needs(), visit, times=times, desc="sensitivity", io=io, refit=probe)
     order = sorted(curves)
-    chosen = sensitivity_sparsities([curves[b] for b in order], probes, [params[b] for b in order], target)
+    # relative: e_b(s) as measured; fisher: ‖Δy‖² = e_b(s)·‖y‖², times the block's gradient weight
+    scale = {b: 1.0 if weights is None else energies[b] * weights[b] for b in order}
+    costs = [[e * scale[b] for e in curves[b]] for b in order]
+    chosen = sensitivity_sparsities(costs, probes, [params[b] for b in order], target)
     sparsities = {name: s for b, s in zip(order, chosen, strict=True) for name in layers_of[b]}
     blocks: list[dict[str, object]] = [
-        {"block": b, "sparsity": s, "errors": curves[b], "parameters": params[b]}
+        {
+            "block": b,
+            "sparsity": s,
+            "errors": curves[b],
+            "parameters": params[b],
+            **({} if weights is None else {"output_energy": energies[b], "gradient_weight": weights[b]}),
+        }
         for b, s in zip(order, chosen, strict=True)
     ]
-    return SensitivityAllocation(sparsities, blocks, probes, times.refit / max(times.propagate, 1e-9), times)
+    cost = times.refit / max(times.propagate, 1e-9)
+    return SensitivityAllocation(sparsities, blocks, probes, cost, times, seconds)
+
+
+def _error_weights(model: nn.Module, calib: CalibrationSet, config: PruneConfig) -> tuple[list[float] | None, float]:
+    """Each block's Fisher weight (``--allocate-error fisher``) and the seconds it took; None for relative."""
+    if config.allocate_error != "fisher":
+        return None, 0.0
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ConfigError(
+            "--allocate-error fisher takes gradients through the whole model, which a streamed run never holds: "
+            "drop --stream, or use --allocate-error relative"
+        )
+    t0 = time.perf_counter()
+    _, blocks = find_blocks(model)
+    weights = block_output_gradients(model, calib, blocks, quiet=config.quiet)
+    return weights, time.perf_counter() - t0
