@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,6 +57,30 @@ def own_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> 
     return F.cross_entropy(logits[real].float(), targets[real])
 
 
+@contextmanager
+def _gradients_only_for(model: nn.Module, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Only ``tensors`` of ``model``'s parameters require gradients inside; every flag restored after."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+
+
+def _samples(
+    calib: CalibrationSet, device: torch.device, desc: str, quiet: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The calibration samples one at a time, ``(ids [1, T], mask [1, T] or None)`` on ``device``."""
+    for s in tqdm(range(calib.nsamples), desc=desc, unit="sample", disable=True if quiet else None):
+        mask = None if calib.attention_mask is None else calib.attention_mask[s : s + 1].to(device)
+        yield calib.input_ids[s : s + 1].to(device), mask
+
+
 def empirical_fisher(
     model: nn.Module,
     calib: CalibrationSet,
@@ -70,22 +95,12 @@ def empirical_fisher(
     """
     device = next(model.parameters()).device
     weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for s in tqdm(range(calib.nsamples), desc="fisher", unit="sample", disable=True if quiet else None):
-            ids = calib.input_ids[s : s + 1].to(device)
-            mask = None if calib.attention_mask is None else calib.attention_mask[s : s + 1].to(device)
+    with _gradients_only_for(model, weights):
+        for ids, mask in _samples(calib, device, "fisher", quiet):
             grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
             for acc, grad in zip(sums, grads, strict=True):
                 acc.add_(grad.float().square())
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), False))
     nsamples = calib.nsamples
     if ranks is not None:
         for acc in sums:
@@ -122,29 +137,23 @@ def block_output_gradients(
 
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     tokens = 0
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     handles = [embeddings.register_forward_hook(start)] + [b.register_forward_hook(keep) for b in blocks]
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)  # gradients of the activations only
-        for s in tqdm(range(calib.nsamples), desc="block gradients", unit="sample", disable=True if quiet else None):
-            ids = calib.input_ids[s : s + 1].to(device)
-            mask = None if calib.attention_mask is None else calib.attention_mask[s : s + 1].to(device)
-            outputs.clear()
-            with torch.enable_grad():
-                loss = own_loss(model, ids, mask)
-                if len(outputs) != len(blocks):
-                    raise ModelError(f"a forward ran {len(outputs)} of the model's {len(blocks)} blocks")
-                grads = torch.autograd.grad(loss, outputs)
-            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            for i, grad in enumerate(grads):
-                sums[i] += float(grad[real].float().square().sum())
-            tokens += int(real.sum())
+        with _gradients_only_for(model, []):  # gradients of the activations only
+            for ids, mask in _samples(calib, device, "block gradients", quiet):
+                outputs.clear()
+                with torch.enable_grad():
+                    loss = own_loss(model, ids, mask)
+                    if len(outputs) != len(blocks):
+                        raise ModelError(f"a forward ran {len(outputs)} of the model's {len(blocks)} blocks")
+                    grads = torch.autograd.grad(loss, outputs)
+                real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                for i, grad in enumerate(grads):
+                    sums[i] += float(grad[real].float().square().sum())
+                tokens += int(real.sum())
     finally:
         for handle in handles:
             handle.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), False))
         outputs.clear()
     return [float(v) / max(tokens, 1) for v in sums]
 
