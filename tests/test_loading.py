@@ -55,3 +55,35 @@ def test_a_moved_gguf_reuses_its_conversion(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "elsewhere").mkdir()
     moved = _write(tmp_path / "elsewhere" / "m.gguf", data)
     assert gguf_folder(moved) == folder  # found without converting (which would fail on random bytes)
+
+
+def test_fingerprint_reads_at_most_32_mib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = tmp_path / "big.gguf"
+    with big.open("wb") as f:
+        f.truncate(100 << 20)  # a sparse 100 MiB file: nothing written, all zeros
+    read: list[int] = []
+    real_open = Path.open
+
+    class Counting:
+        def __init__(self, handle: object) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()  # type: ignore[attr-defined]
+
+        def seek(self, offset: int) -> None:
+            self.handle.seek(offset)  # type: ignore[attr-defined]
+
+        def read(self, size: int) -> bytes:
+            data: bytes = self.handle.read(size)  # type: ignore[attr-defined]
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Counting(real_open(self, *a, **k)))
+    key = file_fingerprint(big)
+    assert sum(read) == 32 << 20 and len(read) == 18  # head and tail of 8 MiB, 16 samples of 1 MiB
+    monkeypatch.undo()
+    assert file_fingerprint(big) == key
