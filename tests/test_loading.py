@@ -87,3 +87,21 @@ def test_fingerprint_reads_at_most_32_mib(tmp_path: Path, monkeypatch: pytest.Mo
     assert sum(read) == 32 << 20 and len(read) == 18  # head and tail of 8 MiB, 16 samples of 1 MiB
     monkeypatch.undo()
     assert file_fingerprint(big) == key
+
+
+def test_fingerprint_hashes_files_up_to_head_tail_and_samples_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 4-byte chunks the cut is 2 x 32 + 16 x 4 = 128 bytes: below it every byte counts."""
+    monkeypatch.setattr(loading, "FINGERPRINT_CHUNK", 4)
+
+    def counts(size: int, position: int) -> bool:
+        data = bytes(range(size))
+        changed = bytearray(data)
+        changed[position] ^= 0xFF
+        a, b = _write(tmp_path / "a.gguf", data), _write(tmp_path / "b.gguf", bytes(changed))
+        return file_fingerprint(a) != file_fingerprint(b)
+
+    assert all(counts(100, p) for p in range(100))  # hashed whole (sampled, bytes 66-67 would be skipped)
+    assert not counts(150, 36)  # above the cut: samples every 5 bytes from 32, 4 bytes each
+    assert counts(150, 35)
