@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def test_fingerprint_hashes_files_up_to_head_tail_and_samples_whole(
         a, b = _write(tmp_path / "a.gguf", data), _write(tmp_path / "b.gguf", bytes(changed))
         return file_fingerprint(a) != file_fingerprint(b)
 
-    assert all(counts(100, p) for p in range(100))  # hashed whole (sampled, bytes 66-67 would be skipped)
+    assert all(counts(100, p) for p in range(100))
+    data = bytes(range(100))  # hashed whole: exactly the size, then the bytes
+    assert file_fingerprint(_write(tmp_path / "c.gguf", data)) == hashlib.sha256(b"100" + data).hexdigest()
     assert not counts(150, 36)  # above the cut: samples every 5 bytes from 32, 4 bytes each
     assert counts(150, 35)
