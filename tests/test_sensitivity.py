@@ -200,3 +200,11 @@ def test_fisher_error_needs_the_model_in_memory(tiny_checkpoint: Callable[[str],
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="--allocate-error only matters with --allocate sensitivity"):
         oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate_error="fisher")
+
+
+def test_probe_cost_is_probing_over_one_dense_forward(tiny_model: Callable[[str], nn.Module]) -> None:
+    ids = torch.randint(4, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    config = oneshot.PruneConfig(method="wanda", sparsity=0.5, allocate="sensitivity")
+    found = sensitivity.sensitivity_allocation(tiny_model("llama"), CalibrationSet(ids), config)
+    assert found.times.refit > 0 and found.times.propagate > 0
+    assert found.cost_vs_forward == pytest.approx(found.times.refit / found.times.propagate)

@@ -93,9 +93,9 @@ def sensitivity_allocation(
 
     sweep(model, calib, config, config.stat_needs(), visit, times=times, desc="sensitivity", io=io, refit=probe)
     order = sorted(curves)
-    # relative: e_b(s) as measured; fisher: ‖Δy‖² = e_b(s)·‖y‖², times the block's gradient weight
-    scale = {b: 1.0 if weights is None else energies[b] * weights[b] for b in order}
-    costs = [[e * scale[b] for e in curves[b]] for b in order]
+    costs = [curves[b] for b in order]  # relative: e_b(s) as measured
+    if weights is not None:  # fisher: ‖Δy‖² = e_b(s)·‖y‖², times the block's gradient weight
+        costs = [[e * energies[b] * weights[b] for e in curves[b]] for b in order]
     chosen = sensitivity_sparsities(costs, probes, [params[b] for b in order], target)
     sparsities = {name: s for b, s in zip(order, chosen, strict=True) for name in layers_of[b]}
     blocks: list[dict[str, object]] = [
