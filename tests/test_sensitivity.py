@@ -12,6 +12,7 @@ from conftest import VOCAB
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import oneshot
 from oneshot.calibration.data import CalibrationSet
@@ -213,3 +214,25 @@ def test_probe_cost_is_probing_over_one_dense_forward(tiny_model: Callable[[str]
     found = sensitivity.sensitivity_allocation(tiny_model("llama"), CalibrationSet(ids), config)
     assert found.times.refit > 0 and found.times.propagate > 0
     assert found.cost_vs_forward == pytest.approx(found.times.refit / found.times.propagate)
+
+
+def test_block_output_gradients_of_an_encoder_whose_blocks_return_tuples() -> None:
+    """A BERT token classifier: own predictions as targets, block outputs inside tuples."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_labels=5)  # fmt: skip
+    model = tf.BertForTokenClassification(cfg).eval()
+    ids = torch.randint(4, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    blocks = find_blocks(model)[1]
+    got = block_output_gradients(model, CalibrationSet(ids), blocks)
+    want = [0.0, 0.0]
+    for s in range(2):
+        outs = model(input_ids=ids[s : s + 1], output_hidden_states=True)
+        hidden = outs.hidden_states[1:]  # each layer's output (BERT has no final norm after the last)
+        logits = outs.logits[0]
+        loss = F.cross_entropy(logits, logits.argmax(-1).detach())
+        for i, g in enumerate(torch.autograd.grad(loss, hidden)):
+            want[i] += float(g.double().square().sum()) / 20
+    assert got == pytest.approx(want, rel=1e-4)
