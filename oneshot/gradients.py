@@ -58,17 +58,22 @@ def own_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> 
 
 
 @contextmanager
-def _gradients_only_for(model: nn.Module, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Only ``tensors`` of ``model``'s parameters require gradients inside; every flag restored after."""
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+def gradients_only_for(module: nn.Module, tensors: Sequence[torch.Tensor], *, clear: bool = False) -> Iterator[None]:
+    """Only ``tensors`` of ``module``'s parameters require gradients inside; every flag restored after.
+
+    ``clear`` drops the parameters' ``.grad`` on the way out (a refit that steps an optimizer).
+    """
+    flags = {id(p): p.requires_grad for p in module.parameters()}
     try:
-        for p in model.parameters():
+        for p in module.parameters():
             p.requires_grad_(False)
         for t in tensors:
             t.requires_grad_(True)
         yield
     finally:
-        for p in model.parameters():
+        for p in module.parameters():
+            if clear:
+                p.grad = None
             p.requires_grad_(flags.get(id(p), False))
 
 
@@ -96,7 +101,7 @@ def empirical_fisher(
     device = next(model.parameters()).device
     weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
     sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-    with _gradients_only_for(model, weights):
+    with gradients_only_for(model, weights):
         for ids, mask in _samples(calib, device, "fisher", quiet):
             grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
             for acc, grad in zip(sums, grads, strict=True):
@@ -139,7 +144,7 @@ def block_output_gradients(
     tokens = 0
     handles = [embeddings.register_forward_hook(start)] + [b.register_forward_hook(keep) for b in blocks]
     try:
-        with _gradients_only_for(model, []):  # gradients of the activations only
+        with gradients_only_for(model, []):  # gradients of the activations only
             for ids, mask in _samples(calib, device, "block gradients", quiet):
                 outputs.clear()
                 with torch.enable_grad():

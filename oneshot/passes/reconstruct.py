@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from oneshot.engine import RefitBatches
+from oneshot.gradients import gradients_only_for
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def refit_block(
     """
     weights: list[torch.Tensor] = [module.weight for module in linears.values()]  # type: ignore[misc]
     keep = [w.detach() != 0 for w in weights]
-    with in_float32(block), _gradients_of(block, weights):
+    with in_float32(block), gradients_only_for(block, weights, clear=True):
         denominator = sum(
             float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True)
         )
@@ -110,22 +111,6 @@ def refit_block(
                 for group in optimizer.param_groups:
                     group["lr"] /= 2
         return errors
-
-
-@contextlib.contextmanager
-def _gradients_of(block: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Only ``weights`` require gradients inside the ``with``; afterwards every flag is as it was, no grads kept."""
-    flags = {id(p): p.requires_grad for p in block.parameters()}
-    try:
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        yield
-    finally:
-        for p in block.parameters():
-            p.grad = None
-            p.requires_grad_(flags.get(id(p), False))
 
 
 @dataclass
