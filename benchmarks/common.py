@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+#: The project's shared data folder; ``ONESHOT_SHARED_DATA`` points elsewhere (a copy carried to a GPU machine).
+SHARED = Path(os.environ.get("ONESHOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 

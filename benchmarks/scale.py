@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine, machine_line, shared_file, write_results
-from benchmarks.synthetic import checkpoint_bytes, llama_config, write_checkpoint
+from benchmarks.synthetic import checkpoint_bytes, llama_config, write_checkpoint, write_tokenizer
 
 PEAK = (
     "import resource, subprocess, sys\n"
@@ -50,13 +50,10 @@ def ensure_checkpoint(workdir: Path, hidden: int, layers: int, dtype: torch.dtyp
     """The cached synthetic checkpoint of this shape (written once, with a tokenizer)."""
     folder = workdir / f"llama-{hidden}x{layers}-{str(dtype).removeprefix('torch.')}"
     if not (folder / "config.json").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import char_tokenizer
-
         shutil.rmtree(folder, ignore_errors=True)
         print(f"writing {folder.name} ({checkpoint_bytes(shape_config(hidden, layers), dtype) / 1e9:.1f} GB)")
         write_checkpoint(folder, shape_config(hidden, layers), dtype)
-        char_tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+        write_tokenizer(folder)
     return folder
 
 
@@ -65,14 +62,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_one(folder: Path, method: str, nsamples: int, seqlen: int, workdir: Path, calib: Path) -> dict[str, Any]:
-    """Prune ``folder`` once in a child process; return the measured row."""
+def run_one(
+    folder: Path, method: str, nsamples: int, seqlen: int, workdir: Path, calib: Path, device: str = "auto"
+) -> dict[str, Any]:
+    """Prune ``folder`` once in a child process on ``device``; return the measured row."""
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "oneshot", "prune", str(folder), "--method", method, "--sparsity", "0.5",
         "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--stream", "--quiet",
-        "--out", str(out),
+        "--out", str(out), "--device", device,
     ]  # fmt: skip
     res = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True)
     if res.returncode != 0:
@@ -91,6 +90,8 @@ def run_one(folder: Path, method: str, nsamples: int, seqlen: int, workdir: Path
         "seconds_per_block": statistics.median(per_block),
         "phase_seconds": report["phase_seconds"],
         "peak_rss_bytes": int(res.stdout.split()[-1]),
+        "peak_device_memory_bytes": report.get("peak_device_memory_bytes"),
+        "passes": report.get("passes"),
         "written_bytes": written,
         "command": " ".join(cmd[1:]),
     }
@@ -98,16 +99,45 @@ def run_one(folder: Path, method: str, nsamples: int, seqlen: int, workdir: Path
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown results table."""
+    gpu = any(r.get("peak_device_memory_bytes") for r in rows)  # a GPU run: its peak GPU memory too
+    extra = " GPU peak GB |" if gpu else ""
     lines = [
-        "| checkpoint | GB | blocks | method | tokens | wall s | s / block | peak RSS GB | RSS / size | GB written |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | GB | blocks | method | tokens | wall s | s / block | peak RSS GB | RSS / size | GB written |"
+        + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for r in rows:
         gb = r["checkpoint_bytes"] / 1e9
+        cell = f" {(r.get('peak_device_memory_bytes') or 0) / 1e9:.2f} |" if gpu else ""
         lines.append(
             f"| {r['checkpoint']} | {gb:.2f} | {r['blocks']} | {r['method']} | {r['tokens']} | {r['seconds']:.0f} | "
             f"{r['seconds_per_block']:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9 / gb:.3f} | "
-            f"{r['written_bytes'] / 1e9:.2f} |"
+            f"{r['written_bytes'] / 1e9:.2f} |{cell}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+PHASES = ("load", "forward", "statistics", "solve", "report", "propagate", "activations", "write")
+
+
+def phase_table(rows: list[dict[str, Any]]) -> str:
+    """Where a block's time goes: each phase's seconds per block (the report's ``phase_seconds`` / blocks).
+
+    ``activations`` is reading and writing the activation files (streaming keeps them on disk for
+    ``--resume``); ``write`` is handing the block to the output shards (flushed, progress recorded).
+    """
+    lines = [
+        "| checkpoint | method | tokens | " + " | ".join(PHASES) + " | other |",
+        "|---|---|---|" + "---|" * (len(PHASES) + 1),
+    ]
+    for r in rows:
+        phases, blocks = r["phase_seconds"], r["blocks"]
+        cells = [phases.get(p, 0.0) / blocks for p in PHASES]
+        other = r["seconds_per_block"] - sum(cells)
+        lines.append(
+            f"| {r['checkpoint']} | {r['method']} | {r['tokens']} | "
+            + " | ".join(f"{c:.2f}" for c in cells)
+            + f" | {other:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -151,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--name", default="scale_streaming")
     parser.add_argument("--include", type=Path, default=None, help="a results JSON whose rows come first")
+    parser.add_argument("--device", default="auto", help="the runs' --device (auto: CUDA when present)")
     args = parser.parse_args(argv)
 
     calib = shared_file("austen", "emma.txt")
@@ -168,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             counts = [args.nsamples] + ([int(t) for t in args.tokens_sweep.split(",") if t] if n == 0 else [])
             for nsamples in counts:
-                rows.append(run_one(folder, method, nsamples, args.seqlen, args.workdir, calib))
+                rows.append(run_one(folder, method, nsamples, args.seqlen, args.workdir, calib, args.device))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
                 (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, indent=2))
         if not args.keep_checkpoints and n < len(shapes) - 1:
@@ -176,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         f"# Streaming at scale (synthetic LLaMA, bf16, 50% unstructured)\n\n"
         f"Command: `python -m benchmarks.scale {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-        f"Machine: {machine_line()}\n\n" + table(rows)
+        f"Machine: {machine_line()}\n\n" + table(rows) + "\nSeconds per block by phase (`other`: the median "
+        "block's wall time minus the phases' means; phases absent from older rows count as 0):\n\n" + phase_table(rows)
     )
     write_results(args.name, {"machine": machine(), "rows": rows}, text)
     plot(rows, RESULTS / f"{args.name}.png")

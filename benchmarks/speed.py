@@ -31,7 +31,14 @@ from benchmarks.common import eval_text, machine, machine_line, shared_file, smo
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
+from oneshot.engine import resolve_device
 from oneshot.memory import tune_allocator
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on CUDA are otherwise launch times)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="speed_smollm2")
     parser.add_argument("--modes", default="single,two", help="comma-separated: single, two, single-unstacked, ...")
     parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows to score (0: none)")
+    parser.add_argument("--model", default=None, help="a GGUF file or model folder (default: the packaged SmolLM2)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="the runs' --device; on cuda the baseline is the whole model's forward on the GPU",
+    )
     parser.add_argument(
         "--default-allocator",
         action="store_true",
@@ -54,18 +67,26 @@ def main(argv: list[str] | None = None) -> None:
     allocator = tune_allocator() or "default"  # for the baseline forward too: one process, one allocator
 
     t0 = time.perf_counter()
-    model, tokenizer = oneshot.load_model(smollm2_gguf())
+    model, tokenizer = oneshot.load_model(args.model or smollm2_gguf())
+    device = resolve_device(args.device)
     load_s = time.perf_counter() - t0
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = CalibrationConfig(source=str(shared_file("austen", "emma.txt")), nsamples=args.nsamples, seqlen=args.seqlen)
     calib = build_calibration(tokenizer, cfg, args.seqlen)
 
     def dense_forward() -> float:
+        """Seconds of one dense forward over the calibration set, the whole model on ``device``."""
+        model.to(device)
+        batches = [ids.to(device) for ids, _ in calib.batches(args.batch_size)]
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
-            for ids, _ in calib.batches(args.batch_size):
+            for ids in batches:
                 model(input_ids=ids, **model_call_kwargs(model))
-        return time.perf_counter() - start
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        model.to("cpu")  # oneshot moves one block at a time to the device itself
+        return seconds
 
     baseline = dense_forward()
     rows: list[dict[str, Any]] = []
@@ -88,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                     out=Path(tmp) / "m",
                     batch_size=args.batch_size,
                     quiet=True,
+                    device=args.device,
                     **options,
                 )
             t = report.times
@@ -108,10 +130,17 @@ def main(argv: list[str] | None = None) -> None:
                 "ratio_to_dense_forward": report.seconds / adjacent,
                 "ratio_to_first_dense_forward": report.seconds / baseline,
                 "peak_rss_bytes": report.extra.get("peak_rss_bytes"),
+                "peak_device_memory_bytes": report.extra.get("peak_device_memory_bytes"),
             }
             if args.eval_windows:
                 row["perplexity"] = oneshot.evaluate_perplexity(
-                    model, tokenizer, text=text, seqlen=512, max_windows=args.eval_windows, quiet=True
+                    model,
+                    tokenizer,
+                    text=text,
+                    seqlen=512,
+                    max_windows=args.eval_windows,
+                    quiet=True,
+                    device=args.device,
                 )
             rows.append(row)
             print(row, flush=True)
@@ -120,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     cols = ["load", "capture", "forwards", "statistics", "solve", "error_report", "propagate", "write", "total"]
     lines = [
-        "# Pruning time by phase, SmolLM2-135M, 50% unstructured",
+        f"# Pruning time by phase, {Path(args.model).name if args.model else 'SmolLM2-135M'}, 50% unstructured",
         "",
         f"Command: `{command.strip()}`  ",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}. Machine: {machine_line()}. "

@@ -90,6 +90,16 @@ def write_checkpoint(
     return total
 
 
+def write_tokenizer(folder: Path) -> None:
+    """Save the tests' character-level tokenizer (printable ASCII, BOS) into a checkpoint folder."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import char_tokenizer
+
+    char_tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+
+
 def _random(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
@@ -103,11 +113,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default ≈ 2.75 × hidden)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     args = parser.parse_args(argv)
-    config = llama_config(args.hidden, args.layers, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab)
+    config = llama_config(
+        args.hidden,
+        args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+    )
     size = write_checkpoint(args.out, config, DTYPES[args.dtype])
+    write_tokenizer(args.out)  # a character-level tokenizer: the folder runs with `oneshot prune` as it is
     print(f"wrote {size / 1e9:.2f} GB to {args.out}")
 
 

@@ -28,7 +28,7 @@ from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.layers import find_blocks, is_conv1d
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
-from oneshot.memory import allocator_state, default_budget, peak_rss, tune_allocator
+from oneshot.memory import allocator_state, default_budget, peak_device_memory, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
 from oneshot.passes.owl import owl_allocation
@@ -564,6 +564,9 @@ def _finish(
     report.seconds = time.perf_counter() - start
     report.extra["seconds_per_block"] = list(report.times.per_block)
     report.extra["peak_rss_bytes"] = peak_rss()
+    device_peak = peak_device_memory(resolve_device(report.config.device))
+    if device_peak is not None:
+        report.extra["peak_device_memory_bytes"] = device_peak
     if ranks is not None:
         report.extra["distributed"] = {**report.extra.get("distributed", {}), **ranks.facts()}
     if out_path is not None:

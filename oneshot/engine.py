@@ -68,6 +68,9 @@ class PhaseTimes:
     report: float = 0.0  # reconstruction-error estimates for the report
     refit: float = 0.0  # block-output reconstruction (--refine block)
     propagate: float = 0.0
+    activations: float = 0.0  # reading / writing the activation store (not in forward or propagate)
+    load: float = 0.0  # a block's weights read (streamed from the shards) and moved to the device
+    write: float = 0.0  # a block moved back and handed to the writer (streaming: written, flushed, recorded)
     communicate: float = 0.0  # in collectives (several ranks); also counted in the phase they happen in
     per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
@@ -223,6 +226,7 @@ def sweep(
         t0 = time.perf_counter()
         size = calib.nsamples if single_pass else config.batch_size
         captured, store = _capture(model, blocks, calib, config, io, size)
+        store = _TimedStore(store, times)
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
         step = kind(config, needs, visit, block_visit, times, device, captured, store, shared, visit_group, refit)
@@ -234,15 +238,18 @@ def sweep(
             if i != 0 or calib is None:  # block 0 was loaded for the capture (a resumed sweep starts later)
                 io.source.load(i, block)
             block.to(device)
+            times.load += time.perf_counter() - start
             if ranks is not None:
                 ranks.begin_block()
             step.run(i, block, block_linears(blocks_name, i, block, config), blocks_name)
             if observer is not None and not isinstance(step, _DataFreeStep):
                 observer(i, [step.store.get(b) for b in range(len(step.store))])
+            t0 = time.perf_counter()
             block.to(home)
             with guarded(ranks, f"handing {blocks_name}.{i} to the writer"):  # every rank agrees, writer or not
                 if io.after_block is not None:
                     io.after_block(i, block)
+            times.write += time.perf_counter() - t0
             if ranks is not None:
                 ranks.end_block()
                 times.communicate += ranks.block_seconds[-1]
@@ -312,18 +319,19 @@ class _BlockStep:
         factories = stat_factories(self.needs)
         targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
         ranks = self.shared.ranks
-        t0 = time.perf_counter()
+        t0, io_before = time.perf_counter(), times.activations
         forward = guarded(ranks, f"the statistics forward of {blocks_name}.{i}")
         with torch.no_grad(), collect(linears, factories) as collector, forward:
             check_weights(blocks_name, i, linears)
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
-                hidden = _finite_inputs(store, b, i, blocks_name)
+                hidden = _finite_inputs(store, b, i, blocks_name, self.device)
                 out = calls[b][i].run(block, hidden, self.device)
                 if self.refit is not None:
-                    targets.append(out.to(hidden.device))
+                    targets.append(out.to("cpu"))  # the store's side: one batch at a time on the device
+            _synchronize(self.device)
         times.statistics += collector.seconds
-        times.forward += time.perf_counter() - t0 - collector.seconds
+        times.forward += time.perf_counter() - t0 - collector.seconds - (times.activations - io_before)
 
         t0, report_before = time.perf_counter(), times.report
         groups: dict[int, list[str]] = {}  # layers sharing accumulators read the same input
@@ -347,12 +355,14 @@ class _BlockStep:
             self.refit(i, block, linears, RefitBatches(run, targets, self.captured.token_masks))
             times.refit += time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0, io_before = time.perf_counter(), times.activations
         with torch.no_grad():
             for b in range(len(store)):
-                store.put(b, calls[b][i].run(block, store.get(b), self.device))
+                out = calls[b][i].run(block, store.get(b), self.device)
+                _synchronize(self.device)  # the forward's queued kernels count as propagate, not the copy
+                store.put(b, out)
         store.commit()
-        times.propagate += time.perf_counter() - t0
+        times.propagate += time.perf_counter() - t0 - (times.activations - io_before)
 
 
 def _visit(
@@ -457,9 +467,48 @@ def _input_groups(
     return {name: members for members in by_input.values() for name in members}
 
 
-def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str) -> torch.Tensor:
-    """Batch ``b``'s inputs of block ``i``; ModelError naming the block if they hold NaN / Inf."""
-    hidden = store.get(b)
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (CUDA), so that a phase's time is its own work's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TimedStore:
+    """An activation store whose reads and writes are timed into ``times.activations``."""
+
+    def __init__(self, store: ActivationStore, times: PhaseTimes) -> None:
+        self.store, self.times = store, times
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def get(self, batch: int) -> torch.Tensor:
+        """The store's ``get``, timed."""
+        t0 = time.perf_counter()
+        try:
+            return self.store.get(batch)
+        finally:
+            self.times.activations += time.perf_counter() - t0
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        """The store's ``put``, timed."""
+        t0 = time.perf_counter()
+        self.store.put(batch, hidden)
+        self.times.activations += time.perf_counter() - t0
+
+    def commit(self) -> None:
+        """The store's ``commit``, timed."""
+        t0 = time.perf_counter()
+        self.store.commit()
+        self.times.activations += time.perf_counter() - t0
+
+
+def _finite_inputs(store: ActivationStore, b: int, i: int, blocks_name: str, device: torch.device) -> torch.Tensor:
+    """Batch ``b``'s inputs of block ``i``, on ``device``; ModelError naming the block if they hold NaN / Inf.
+
+    Checked where they will be computed on: a scan of gigabytes of activations is cheap on a GPU.
+    """
+    hidden = store.get(b).to(device, non_blocking=True)
     if not all_finite(hidden):
         raise ModelError(
             f"the inputs of {blocks_name}.{i} contain NaN/Inf (calibration batch {b})"
@@ -490,7 +539,7 @@ class _SinglePassStep(_BlockStep):
 
         with guarded(self.shared.ranks, f"the inputs of {blocks_name}.{i}"):
             check_weights(blocks_name, i, linears)
-            hidden = _finite_inputs(store, 0, i, blocks_name)
+            hidden = _finite_inputs(store, 0, i, blocks_name, self.device)
         if self.visit_group is not None and self.groups is None:
             self.groups = _input_groups(block, self.captured.calls[0][i], hidden, self.device, linears)
         groups = self.groups or {}
@@ -510,7 +559,7 @@ class _SinglePassStep(_BlockStep):
             release_layer_scratch()
             solve += time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0, io_before = time.perf_counter(), times.activations
         with torch.no_grad(), collect(linears, factories, on_stats) as collector:
             collector.next_batch(self.captured.token_masks[0])
             out = self.captured.calls[0][i].run(block, hidden, self.device)
@@ -519,12 +568,13 @@ class _SinglePassStep(_BlockStep):
                 raise RuntimeError(f"module {missing[0]} received no input during calibration")
             if self.block_visit is not None:
                 self.block_visit(i, block, collector.stats)
+        _synchronize(self.device)  # the forward's queued kernels count as forward, not the store's copy
         store.put(0, out)
         store.commit()
         report = times.report - report_before
         times.statistics += collector.seconds
         times.solve += solve - report
-        times.forward += time.perf_counter() - t0 - collector.seconds - solve
+        times.forward += time.perf_counter() - t0 - collector.seconds - solve - (times.activations - io_before)
 
 
 def single_pass_bytes(model: nn.Module, nsamples: int, seqlen: int) -> int:

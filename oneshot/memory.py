@@ -9,6 +9,8 @@ import resource
 import sys
 from pathlib import Path
 
+import torch
+
 #: Share of the available memory a run plans to use when ``--max-memory`` is not given.
 DEFAULT_SHARE = 0.7
 
@@ -39,6 +41,13 @@ def peak_rss() -> int:
     """Peak resident memory of this process so far, in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_device_memory(device: torch.device) -> int | None:
+    """Peak memory the caching allocator has handed out on a CUDA ``device`` so far (None off CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 def release_freed_memory() -> None:

@@ -132,9 +132,10 @@ def test_auto_falls_back_to_two_passes_and_says_why(tiny_model: Callable[[str], 
     assert "passes_reason" not in single.extra
     for run in (report, single):  # every phase is a real share of the run's wall time
         t = run.times
-        phases = [t.capture, t.forward, t.statistics, t.solve, t.report, t.propagate]
+        phases = [t.capture, t.forward, t.statistics, t.solve, t.report, t.propagate, t.activations, t.load, t.write]
         assert all(p >= 0 for p in phases) and sum(phases) <= run.seconds
         assert t.statistics > 0 and t.solve > 0 and t.forward > 0 and t.capture > 0
+        assert t.activations > 0 and t.load > 0 and t.write > 0
         assert len(t.per_block) == 3 and sum(t.per_block) <= run.seconds
         shapes = {r.name: r.shape for r in run.layers}
         assert shapes["model.layers.0.mlp.down_proj"] == (64, 96)  # [out, in]
