@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,9 +84,18 @@ class DiskStore:
 
     ``get`` reads from the current file; ``put`` writes into the other one; ``commit`` flushes it
     to disk and makes it current. ``state()`` / ``DiskStore(folder, state=...)`` resume it.
+
+    With ``memory_budget`` (bytes), once the capture has put every batch and the current and next
+    inputs together fit that budget, the store also keeps them in memory and writes behind: ``get``
+    returns the kept tensor, ``put`` only keeps, and ``commit`` hands what was put to
+    :meth:`take_pending`, whose writer (the streaming run's background job) writes and flushes it
+    while the next block computes. The files then hold what the progress record says, one block
+    behind the sweep, and a resumed run reads them as before.
     """
 
-    def __init__(self, folder: Path, dtype: torch.dtype, state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: Path, dtype: torch.dtype, state: dict[str, Any] | None = None, memory_budget: int | None = None
+    ) -> None:
         self.folder = folder
         self.dtype = dtype
         self.current = 0
@@ -98,6 +108,16 @@ class DiskStore:
                 self._path(k).write_bytes(b"")
         self._itemsize = torch.empty(0, dtype=dtype).element_size()
         self._pin = False  # a GPU computes (seen at the first put from it): stage copies in pinned memory
+        self._budget = memory_budget
+        self._keep: bool | None = None  # decided at the first put after the capture
+        self._kept: dict[int, torch.Tensor] = {}  # the current inputs, in memory (write-behind mode)
+        self._next: dict[int, torch.Tensor] = {}
+        self._pending: tuple[int, dict[int, torch.Tensor]] | None = None  # (file, batches) to write behind
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the store keeps the inputs in memory and writes the files behind the sweep."""
+        return bool(self._keep)
 
     def _path(self, k: int) -> Path:
         return self.folder / f"acts-{k}.bin"
@@ -113,7 +133,10 @@ class DiskStore:
         return {"current": self.current, "shapes": [list(s) for s in self.shapes], "dtype": str(self.dtype)}
 
     def get(self, batch: int) -> torch.Tensor:
-        """Read ``batch`` from the current file."""
+        """The current input of ``batch``: the kept tensor, or read from the current file."""
+        kept = self._kept.get(batch)
+        if kept is not None:
+            return kept
         shape = self.shapes[batch]
         out = torch.empty(shape, dtype=self.dtype, pin_memory=self._pin)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -125,22 +148,54 @@ class DiskStore:
 
     def put(self, batch: int, hidden: torch.Tensor) -> None:
         """Write ``hidden`` as the next input of ``batch`` into the other file (appends a new batch)."""
-        target = 1 - self.current
+        self._pin = self._pin or hidden.is_cuda
         if batch == len(self.shapes):  # block 0's inputs, during capture: straight into the current file
             self.shapes.append(tuple(hidden.shape))
-            target = self.current
-        elif tuple(hidden.shape) != self.shapes[batch]:
+            self._write(self.current, batch, to_host(hidden.detach(), self.dtype, hidden.is_cuda))
+            return
+        if tuple(hidden.shape) != self.shapes[batch]:
             raise RuntimeError(f"block output {tuple(hidden.shape)} differs from its input {self.shapes[batch]}")
-        self._pin = self._pin or hidden.is_cuda
-        data = to_host(hidden.detach(), self.dtype, hidden.is_cuda).contiguous().reshape(-1).view(torch.uint8).numpy()
-        with self._path(target).open("r+b") as f:
+        if self._keep is None:  # every batch is known now: keep two sets of inputs if they fit
+            total = sum(math.prod(s) for s in self.shapes) * self._itemsize
+            self._keep = self._budget is not None and 2 * total <= self._budget
+        host = to_host(hidden.detach(), self.dtype, hidden.is_cuda)
+        if self._keep:
+            self._next[batch] = host
+        else:
+            self._write(1 - self.current, batch, host)
+
+    def _write(self, file: int, batch: int, host: torch.Tensor) -> None:
+        data = host.contiguous().reshape(-1).view(torch.uint8).numpy()
+        with self._path(file).open("r+b") as f:
             f.seek(self._offset(batch))
             f.write(data.data)
 
     def commit(self) -> None:
-        """Flush what was put to disk and make it the current inputs (not for the capture's append)."""
-        _fsync(self._path(1 - self.current))
-        self.current = 1 - self.current
+        """Make what was put the current inputs: flushed to disk now, or (in memory) written behind."""
+        target = 1 - self.current
+        if self._keep:
+            self._kept, self._next = self._next, {}
+            self._pending = (target, self._kept)
+        else:
+            _fsync(self._path(target))
+        self.current = target
+
+    def take_pending(self) -> Callable[[], None]:
+        """A job that writes and flushes the last committed inputs (a no-op when nothing is pending).
+
+        Call it on the sweep's thread right after the block; the job may run on another thread, but
+        before the next job that this store hands out (the two files alternate).
+        """
+        pending, self._pending = self._pending, None
+
+        def write() -> None:
+            if pending is not None:
+                file, batches = pending
+                for batch, host in sorted(batches.items()):
+                    self._write(file, batch, host)
+                _fsync(self._path(file))
+
+        return write
 
     def sync(self) -> None:
         """Flush the current file to disk (after the capture filled it)."""

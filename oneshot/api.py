@@ -564,6 +564,8 @@ def _finish(
     report.seconds = time.perf_counter() - start
     report.extra["seconds_per_block"] = list(report.times.per_block)
     report.extra["peak_rss_bytes"] = peak_rss()
+    if run is not None and run.store is not None:  # where a streaming run kept its activations
+        report.extra["activation_store"] = "memory, written behind" if run.store.in_memory else "disk"
     device_peak = peak_device_memory(resolve_device(report.config.device))
     if device_peak is not None:
         report.extra["peak_device_memory_bytes"] = device_peak

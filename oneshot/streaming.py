@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.layers import find_blocks
+from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
 from oneshot.quantized import QuantizedLayer, check_layer
@@ -133,6 +136,10 @@ class StreamingRun:
         self.writer: ShardWriter | None = None
         self.store: DiskStore | None = None
         self._param_dtype = {name: p.dtype for name, p in self.model.named_parameters()}
+        # the activations stay in memory (written behind) while two sets fit half the run's budget
+        self._activation_budget = (config.max_memory or default_budget()) // 2
+        self._job: threading.Thread | None = None  # the finished block being written behind the sweep
+        self._job_error: BaseException | None = None
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -140,7 +147,7 @@ class StreamingRun:
         """Create the partial folder, or reopen it with ``config.resume`` after checking it matches."""
         if not self.writes:  # this rank's activations only, in a scratch folder of its own
             self.scratch = Path(tempfile.mkdtemp(prefix="oneshot-rank-"))
-            self.store = DiskStore(self.scratch, self._activation_dtype())
+            self.store = self._new_store(self.scratch)
             self.source.load_stem(self.model)
             return
         identity = {
@@ -167,7 +174,7 @@ class StreamingRun:
         (self.partial / "acts").mkdir(parents=True)
         room = header_room(self.checkpoint.tensors) * 2
         self.writer = ShardWriter(self.partial, room, MAX_SHARD_BYTES)
-        self.store = DiskStore(self.partial / "acts", self._activation_dtype())
+        self.store = self._new_store(self.partial / "acts")
         for key in self.source.outside_keys():  # tensors no block owns: copied shard to shard
             value = self.checkpoint.read([key])[key]
             name = next((n for n, k in self.source.keys.items() if k == key), None)
@@ -199,11 +206,40 @@ class StreamingRun:
             )
         self.progress = progress
         self.writer = ShardWriter(self.partial, int(progress["room"]), MAX_SHARD_BYTES, state=progress["writer"])
-        self.store = DiskStore(self.partial / "acts", self._activation_dtype(), state=progress["store"])
+        self.store = self._new_store(self.partial / "acts", progress["store"])
         log.info("resuming %s from block %d", self.partial, progress["next_block"])
 
     def _activation_dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.model.parameters() if p.dtype.is_floating_point)
+
+    def _new_store(self, folder: Path, state: dict[str, Any] | None = None) -> DiskStore:
+        return DiskStore(folder, self._activation_dtype(), state=state, memory_budget=self._activation_budget)
+
+    # -- writing behind the sweep -------------------------------------------------------------
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on a background thread once the previous one is done (its error raised here)."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # handed to the sweep's thread by the next wait()
+                self._job_error = exc
+
+        self._job = threading.Thread(target=run, name="oneshot-writer", daemon=False)
+        self._job.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Wait for the block being written behind the sweep; raise its error (or only log it)."""
+        if self._job is not None:
+            self._job.join()
+            self._job = None
+        error, self._job_error = self._job_error, None
+        if error is not None:
+            if raise_error:
+                raise error
+            log.error("writing the last finished block failed: %s", error)
 
     # -- during the sweep ---------------------------------------------------------------------
 
@@ -219,13 +255,36 @@ class StreamingRun:
             return SweepIO(source=self.source, store=self.store)
 
         def after_block(index: int, block: nn.Module) -> None:
-            self._write_block(index, block, result.quantized if result is not None else {})
-            self.progress["next_block"] = index + 1
+            """Write the block, its outputs and the progress record; behind the sweep when the store is in memory.
+
+            Everything the job needs is taken now, on the sweep's thread (the block's tensors, the
+            records, the store's state and pending outputs); the job alone touches the writer and
+            the progress record until :meth:`wait`.
+            """
+            assert self.store is not None
+            tensors, quantized = self._write_block(index, block, result.quantized if result is not None else {})
+            update: dict[str, Any] = {"next_block": index + 1}
             if result is not None:
-                self.progress["layers"] = [dataclasses.asdict(r) for r in result.layers]
-                self.progress["skipped"] = list(result.skipped)
-                self.progress["refits"] = [dataclasses.asdict(r) for r in result.refits]
-            self.save_progress()
+                update["layers"] = [dataclasses.asdict(r) for r in result.layers]
+                update["skipped"] = list(result.skipped)
+                update["refits"] = [dataclasses.asdict(r) for r in result.refits]
+            store_state, write_outputs = self.store.state(), self.store.take_pending()
+
+            def job() -> None:
+                assert self.writer is not None
+                for key, tensor in tensors:
+                    self.writer.add(key, tensor)
+                write_outputs()
+                if quantized:
+                    self.progress.setdefault("quantized", []).extend(quantized)
+                self.progress.update(update)
+                self.save_progress(store_state)
+
+            if self.store.in_memory:
+                self._submit(job)  # the next block computes while this one is written
+            else:  # the next block writes into the file the last record points at: not before it is replaced
+                self.wait()
+                job()
 
         if self.start == 0:
             self.save_progress()
@@ -245,32 +304,43 @@ class StreamingRun:
         result.skipped.extend(self.progress.get("skipped", []))
         result.refits.extend(RefitRecord(**record) for record in self.progress.get("refits", []))
 
-    def _write_block(self, index: int, block: nn.Module, quantized: dict[str, QuantizedLayer]) -> None:
-        """Write the block's tensors (a quantized layer's in its compressed form, checked, then dropped)."""
-        assert self.writer is not None
+    def _write_block(
+        self, index: int, block: nn.Module, quantized: dict[str, QuantizedLayer]
+    ) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+        """The block's tensors to write, by checkpoint key, and its quantized layers' names.
+
+        A quantized layer is checked here and written in its compressed form (then dropped from
+        ``quantized``); the tensors stay referenced until written, after the block is released.
+        """
         prefix = self.source.block_prefix(index)
         modules = dict(block.named_modules())
         compressed = set()
+        tensors: list[tuple[str, torch.Tensor]] = []
+        names: list[str] = []
         for name in [n for n in quantized if n.startswith(prefix)]:
             layer = quantized.pop(name)
             check_layer(name, layer, modules[name[len(prefix) :]].weight)
             key = self.source.keys.get(f"{name}.weight", f"{name}.weight").removesuffix("weight")
-            for suffix, tensor in layer.tensors.items():
-                self.writer.add(key + suffix, tensor)
+            tensors.extend((key + suffix, tensor) for suffix, tensor in layer.tensors.items())
             compressed.add(f"{name}.weight")
-            self.progress.setdefault("quantized", []).append(name)
+            names.append(name)
         for name, param in block.named_parameters():
             full = prefix + name
             if full not in compressed:
-                self.writer.add(self.source.keys.get(full, full), param.data)
+                tensors.append((self.source.keys.get(full, full), param.data))
+        return tensors, names
 
-    def save_progress(self) -> None:
-        """Flush shards and activations, then replace ``progress.json`` atomically."""
+    def save_progress(self, store_state: dict[str, Any] | None = None) -> None:
+        """Flush shards and activations, then replace ``progress.json`` atomically.
+
+        ``store_state`` is the activation store's state when the block finished (the sweep may
+        have moved on while this block was written behind it).
+        """
         assert self.writer is not None and self.store is not None
         self.writer.flush()
         self.store.sync()
         self.progress["writer"] = self.writer.state()
-        self.progress["store"] = self.store.state()
+        self.progress["store"] = store_state if store_state is not None else self.store.state()
         tmp = self.partial / (PROGRESS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.progress))
         os.replace(tmp, self.partial / PROGRESS_FILE)
@@ -279,11 +349,13 @@ class StreamingRun:
 
     def discard(self) -> None:
         """Remove the partial folder (a run that cannot be resumed leaves nothing behind)."""
+        self.wait(raise_error=False)
         if self.writes:
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
-        """Remove a reading rank's scratch folder (a writer's partial folder is published or kept)."""
+        """Finish writing behind (errors only logged), remove a reading rank's scratch folder."""
+        self.wait(raise_error=False)
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
@@ -295,6 +367,7 @@ class StreamingRun:
 
         Returns the number of tensor bytes verified.
         """
+        self.wait()  # the last block, written behind the sweep
         assert self.writer is not None
         digests = dict(self.writer.digests)
         self.writer.finish()

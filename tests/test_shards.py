@@ -140,6 +140,45 @@ def test_disk_store_double_buffers_and_resumes(tmp_path: Path) -> None:
         store.put(0, torch.zeros(2, 6, 4))
 
 
+def test_disk_store_in_memory_writes_behind(tmp_path: Path) -> None:
+    batches = [torch.randn(2, 5, 4).to(torch.bfloat16), torch.randn(1, 3, 4).to(torch.bfloat16)]
+    nbytes = sum(h.numel() * 2 for h in batches)
+    store = DiskStore(tmp_path, torch.bfloat16, memory_budget=2 * nbytes)  # two sets fit exactly
+    for b, h in enumerate(batches):
+        store.put(b, h)
+    store.sync()
+    assert not store.in_memory  # undecided until the capture is over
+    before = (tmp_path / "acts-1.bin").read_bytes()
+    outputs = [h + 1 for h in batches]
+    for b, h in enumerate(outputs):
+        store.put(b, h)
+    assert store.in_memory and (tmp_path / "acts-1.bin").read_bytes() == before  # kept, not written
+    assert all(torch.equal(store.get(b), h) for b, h in enumerate(batches))  # inputs intact until commit
+    store.commit()
+    assert all(torch.equal(store.get(b), h) for b, h in enumerate(outputs))  # from memory ...
+    state = json.loads(json.dumps(store.state()))
+    assert (tmp_path / "acts-1.bin").read_bytes() == before  # ... the file still the old one
+    store.take_pending()()  # the background job: write and flush
+    assert store.take_pending() is not None  # nothing pending any more: a no-op job
+    reopened = DiskStore(tmp_path, torch.bfloat16, state=state)
+    assert all(torch.equal(reopened.get(b), h) for b, h in enumerate(outputs))
+    store.put(0, outputs[0] * 3)  # the next block writes behind into the other file
+    store.put(1, outputs[1] * 3)
+    store.commit()
+    job = store.take_pending()
+    assert torch.equal(DiskStore(tmp_path, torch.bfloat16, state=state).get(0), outputs[0])  # not yet
+    job()
+    assert torch.equal(DiskStore(tmp_path, torch.bfloat16, state=store.state()).get(0), outputs[0] * 3)
+
+    (tmp_path / "s").mkdir()
+    small = DiskStore(tmp_path / "s", torch.bfloat16, memory_budget=2 * nbytes - 1)
+    for b, h in enumerate(batches):
+        small.put(b, h)
+    small.put(0, outputs[0])
+    assert not small.in_memory  # two sets do not fit: written at once, as without a budget
+    assert (tmp_path / "s" / "acts-1.bin").stat().st_size == batches[0].numel() * 2
+
+
 def test_memory_store_replaces_in_place() -> None:
     store = MemoryStore()
     store.put(0, torch.ones(1, 2, 3))

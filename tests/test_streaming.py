@@ -54,6 +54,7 @@ IDS = torch.randint(4, 100, (8, 32), generator=torch.Generator().manual_seed(0))
         (torch.float32, {"method": "wanda", "sparsity": 0.6, "owl": True, "owl_lambda": 0.05}),
         (torch.bfloat16, {"method": "sparsegpt", "sparsity": 0.5, "sparsity_map": {"model.layers.1.*": "skip"}}),
         (torch.float32, {"method": "structured", "ratio": 0.5, "target": "both"}),  # shapes change, biases appear
+        (torch.bfloat16, {"method": "sparsegpt", "sparsity": 0.5, "max_memory": "48KB"}),  # activations on disk
     ],
 )
 def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options: dict[str, object]) -> None:
@@ -68,6 +69,9 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
     report = json.loads((tmp_path / "str" / REPORT_FILE).read_text())
     assert report["mode"] == "streaming" and len(report["seconds_per_block"]) == 3 and report["peak_rss_bytes"] > 0
     assert report["host_allocator"] == allocator_state()  # a streaming run does not tune it itself
+    if options["method"] != "magnitude":  # two sets of 8 x 32 x 64 activations fit half the budget, or not
+        on_disk = "max_memory" in options
+        assert report["activation_store"] == ("disk" if on_disk else "memory, written behind")
     assert report["verified_bytes"] == sum(
         t.numel() * t.element_size() for t in saved_tensors(tmp_path / "str").values()
     )
@@ -127,12 +131,13 @@ QUANT = ("--then", "gptq", "--bits", "4", "--group-size", "16")
         (14, ()),  # inside block 1's writes
         (22, ()),  # just after block 1 finished
         (45, QUANT),  # a quantized run (4 tensors per layer): inside block 1's compressed tensors
+        (14, ("--max-memory", "48KB")),  # the activations on disk, written at each block (not behind)
     ],
 )
 def test_sigkill_then_resume_is_identical(
     tmp_path: Path, text_file: Path, kill_at: int, extra: tuple[str, ...]
 ) -> None:
-    if extra:
+    if extra == QUANT:
         pytest.importorskip("compressed_tensors")
     src = make_checkpoint(tmp_path / "ck", torch.bfloat16, layers=4)
     runner = CliRunner()
@@ -156,7 +161,8 @@ def test_sigkill_then_resume_is_identical(
     assert report["resumed_from_block"] == progress["next_block"]
     assert len(report["layers"]) == 4 * 7  # records of the blocks before the kill are kept
     assert not partial_dir(out).exists()
-    if extra:  # every layer saved in its compressed form, before and after the kill
+    assert report["activation_store"] == ("disk" if "--max-memory" in extra else "memory, written behind")
+    if extra == QUANT:  # every layer saved in its compressed form, before and after the kill
         assert report["quantization"]["layers"] == 4 * 7
         assert sum(k.endswith("weight_packed") for k in saved_tensors(out)) == 4 * 7
 
@@ -202,10 +208,10 @@ def test_streaming_error_keeps_progress_and_says_so(tmp_path: Path, monkeypatch:
     src = make_checkpoint(tmp_path / "ck", torch.float32)
     original = streaming.StreamingRun._write_block
 
-    def fail_on_block_two(self: streaming.StreamingRun, index: int, block: torch.nn.Module, quantized: dict) -> None:
+    def fail_on_block_two(self: streaming.StreamingRun, index: int, block: torch.nn.Module, quantized: dict) -> Any:
         if index == 2:
             raise OutputError("disk full")
-        original(self, index, block, quantized)
+        return original(self, index, block, quantized)
 
     monkeypatch.setattr(streaming.StreamingRun, "_write_block", fail_on_block_two)
     with pytest.raises(OutputError, match="disk full"):
