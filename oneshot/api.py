@@ -542,6 +542,7 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
             "group_size": spec.group_size,
             "symmetric": spec.symmetric,
             "act_order": spec.act_order,
+            "observer": spec.observer,
             "format": "compressed-tensors pack-quantized",
             "layers": sum(r.bits is not None for r in sweep.layers),
         }

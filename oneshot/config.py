@@ -19,7 +19,7 @@ from typing import Any
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import parse_sparsity_map
 from oneshot.methods.base import MethodOptions
-from oneshot.methods.gptq import QuantSpec
+from oneshot.methods.gptq import OBSERVERS, QuantSpec
 from oneshot.methods.registry import METHODS, QUANTIZERS
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
@@ -268,6 +268,14 @@ class PruneConfig:
     act_order: bool = option(
         False,
         "GPTQ: round columns in decreasing order of their input's energy (diag H), groups kept in place.",
+        uses=QUANTIZES,
+    )
+    observer: str = option(
+        "minmax",
+        "Quantization: how each group's scale is chosen: minmax (the group's range) or mse (that range shrunk "
+        "by the factor in 1.00, 0.99, ... 0.21 that minimises sum |w - q(w)|^2.4, the GPTQ reference's search).",
+        type=str,
+        choices=OBSERVERS,
         uses=QUANTIZES,
     )
     skip_layers: tuple[str, ...] = option(
@@ -533,7 +541,7 @@ class PruneConfig:
     def quant_spec(self) -> QuantSpec:
         """The quantization grid of this run (float32 scales; each layer's own dtype is set where it is solved)."""
         group = None if self.group_size == -1 else self.group_size
-        return QuantSpec(self.bits, group, self.symmetric, self.act_order)
+        return QuantSpec(self.bits, group, self.symmetric, self.act_order, observer=self.observer)
 
     @property
     def uses_data(self) -> bool:

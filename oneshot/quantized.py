@@ -96,7 +96,7 @@ def weights_args(spec: QuantSpec) -> dict[str, Any]:
         "strategy": "channel" if spec.group_size is None else "group",
         "dynamic": False,
         "actorder": "weight" if spec.act_order else None,
-        "observer": "minmax",
+        "observer": spec.observer,
     }
 
 

@@ -34,6 +34,67 @@ def test_grid_hand_computed() -> None:
     assert scale[:, 0].tolist() == [2.0, 2.0] and zero[:, 0].tolist() == [2.0, 2.0]
 
 
+def _mse_reference(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ reference quantizer's ``find_params(mse=True)``, row by row, written plainly."""
+    maxq = 2**bits - 1
+    scales, zeros = [], []
+    for row in x:
+        lo, hi = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+        if symmetric:
+            hi = max(abs(lo), hi)
+            lo = -hi
+        if lo == hi == 0:
+            lo, hi = -1.0, 1.0
+        best, choice = float("inf"), (0.0, 0.0)
+        for i in range(80):  # maxshrink 0.8, grid 100
+            p = 1 - i / 100
+            scale = torch.tensor((p * hi - p * lo) / maxq, dtype=torch.float32)
+            zero = torch.tensor((maxq + 1) / 2) if symmetric else torch.round(-p * lo / scale)
+            q = scale * (torch.clamp(torch.round(row / scale) + zero, 0, maxq) - zero)
+            err = float((q - row).abs().pow(2.4).sum())
+            if err < best:
+                best, choice = err, (float(scale), float(zero))
+        scales.append(choice[0])
+        zeros.append(choice[1])
+    return torch.tensor(scales).unsqueeze(1), torch.tensor(zeros).unsqueeze(1)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (3, False), (2, True)])
+def test_mse_observer_equals_the_reference_search(bits: int, symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 64, generator=gen) * torch.rand(16, 1, generator=gen)
+    x[0, 3] = 9.0  # an outlier
+    x[1] = 0.0  # an all-zero row
+    spec = QuantSpec(bits=bits, group_size=None, symmetric=symmetric, observer="mse")
+    scale, zero = grid(x, spec)
+    want_scale, want_zero = _mse_reference(x, bits, symmetric)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    assert torch.equal(zero, want_zero)
+    minmax = QuantSpec(bits=bits, group_size=None, symmetric=symmetric)
+    s0, z0 = grid(x, minmax)
+    assert bool((scale <= s0).all()) and int((scale < s0).sum()) >= 8  # never wider, most rows narrower
+    err = (quantize(x, scale, zero, spec.maxq) - x).abs().pow(2.4).sum(dim=1)
+    err0 = (quantize(x, s0, z0, spec.maxq) - x).abs().pow(2.4).sum(dim=1)
+    assert bool((err <= err0).all()) and float(err.sum()) < float(err0.sum())
+    assert bool((quantize(torch.zeros(16, 1), scale, zero, spec.maxq) == 0).all())  # 0 stays exactly 0
+    with pytest.raises(ConfigError, match="--observer must be"):
+        QuantSpec(observer="percentile")
+
+
+def test_mse_observer_in_rtn_and_gptq() -> None:
+    w, h = _problem(rows=24, cols=64)
+    minmax, mse = QuantSpec(bits=3, group_size=32), QuantSpec(bits=3, group_size=32, observer="mse")
+    a, b = rtn(w, minmax), rtn(w, mse)
+    assert not torch.equal(a.scales, b.scales) and bool((b.scales <= a.scales).all())
+    assert float((b.weight - w).square().sum()) < float((a.weight - w).square().sum())  # finer steps, few clipped
+    a, b = gptq(w.clone(), h, minmax), gptq(w.clone(), h, mse)
+    # the first group's grid is set from the original weights (later ones from the updated weights)
+    assert bool((b.scales[:, 0] <= a.scales[:, 0]).all()) and not torch.equal(a.scales[:, 0], b.scales[:, 0])
+    assert b.loss < a.loss  # on this problem the searched grids also cost GPTQ less output error
+    scale, zero = b.expand()  # every weight on its (searched) grid
+    torch.testing.assert_close(b.weight, quantize(b.weight, scale, zero, mse.maxq))
+
+
 def _problem(rows: int = 12, cols: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)

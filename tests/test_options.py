@@ -90,6 +90,8 @@ def test_cli_options_map_onto_the_config(tiny_checkpoint: Checkpoint, tmp_path: 
         ({"method": "magnitude", "sparsity": 0.5, "batch_size": 2}, "--batch-size does not apply"),
         ({"method": "magnitude", "sparsity": 0.5, "calibration": CalibrationConfig(nsamples=4)}, "no calibration"),
         ({"method": "wanda", "nm": "2:4", "sparsity_map": {"*.q_proj": 0.3}}, "can only leave layers dense"),
+        ({"method": "wanda", "sparsity": 0.5, "observer": "mse"}, "--observer does not apply"),
+        ({"method": "rtn", "observer": "percentile"}, "--observer must be"),
     ],
 )
 def test_options_that_do_not_apply_are_refused(options: dict[str, Any], message: str) -> None:
@@ -102,6 +104,8 @@ def test_options_that_apply_are_accepted() -> None:
     PruneConfig(method="wanda", nm="2:4", sparsity_map={"*.q_proj": "skip"})
     PruneConfig(method="structured", ratio=0.2, skip_layers=[])  # an empty list is the default
     PruneConfig(method="obs", sparsity=0.5, damp=0.1, obs_memory_mb=8, max_damp_retries=1)
+    assert PruneConfig(method="rtn", observer="mse").quant_spec().observer == "mse"
+    assert PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", observer="mse").quant_spec().observer == "mse"
 
 
 def test_sparsity_map_from_a_file_path(tmp_path: Path) -> None:

@@ -339,6 +339,8 @@ def test_config_matches_the_formats_own_schemes() -> None:
     asym = QuantizationArgs(**weights_args(QuantSpec(bits=8, group_size=None, symmetric=False, act_order=True)))
     assert (asym.num_bits, asym.strategy, asym.group_size, asym.symmetric) == (8, "channel", None, False)
     assert asym.actorder == "weight" and asym.dynamic is False
+    mse = QuantizationArgs(**weights_args(QuantSpec(observer="mse")))
+    assert mse.observer == "mse" and ours.observer == "minmax"  # the format's own observer names
     config = quantization_config(QuantSpec(), ["model.b", "lm_head"])
     assert config["ignore"] == ["lm_head", "model.b"] and config["quantization_status"] == "compressed"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -166,3 +167,52 @@ def test_stacked_solves_equal_layer_by_layer(tiny_model: Callable[[str], nn.Modu
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=key)
     assert [r.name for r in reports[True].layers] == [r.name for r in reports[False].layers]
     assert all(r.achieved_sparsity == 0.5 for r in reports[True].layers)
+
+
+class _SlowStore:
+    """A memory store whose every read and write takes at least ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        from oneshot.activations import MemoryStore
+
+        self.inner, self.delay, self.calls = MemoryStore(), delay, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def get(self, batch: int) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner.get(batch)
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        self.calls += 1
+        time.sleep(self.delay)
+        self.inner.put(batch, hidden)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_activation_io_is_its_own_phase(tiny_model: Callable[[str], nn.Module], single: bool) -> None:
+    """Reading and writing the store is timed as ``activations`` and nowhere else."""
+    from oneshot.engine import PhaseTimes, SweepIO, stat_factories, sweep
+
+    delay = 0.1
+    store = _SlowStore(delay)
+    times = PhaseTimes()
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, quiet=True)
+    start = time.perf_counter()
+    sweep(
+        tiny_model("llama"), CalibrationSet(_ids()), config, tuple(stat_factories(("col_sq_norm",))),
+        lambda *args: None, times=times, io=SweepIO(store=store), single_pass=single,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    capture_calls = 1 if single else 4  # the capture's puts count as capture
+    slept = (store.calls - capture_calls) * delay
+    phases = [times.capture, times.forward, times.statistics, times.solve, times.report, times.propagate]
+    phases += [times.activations, times.load, times.write]
+    assert all(p >= 0 for p in phases) and sum(phases) <= wall
+    assert slept <= times.activations < slept + 0.5 * len(times.per_block)
+    assert times.forward + times.propagate < slept  # the sleeps are not counted there too

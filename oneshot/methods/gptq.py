@@ -32,6 +32,12 @@ from oneshot.methods import linalg
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
 from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
 
+#: How a group's scale is chosen: its min-max range, or that range shrunk to minimise the rounding error.
+OBSERVERS = ("minmax", "mse")
+#: The MSE search of the GPTQ reference's quantizer (``mse=True``): shrink factors 1 − i/GRID for
+#: i < MAX_SHRINK · GRID, error Σ|w − q(w)|^NORM per row.
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -42,10 +48,13 @@ class QuantSpec:
     symmetric: bool = True
     act_order: bool = False
     scale_dtype: torch.dtype = torch.float32  # the dtype scales are saved in (the model's)
+    observer: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"--bits must be 2, 3, 4 or 8 (got {self.bits})")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"--observer must be one of {', '.join(OBSERVERS)} (got {self.observer!r})")
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"--group-size must be positive, or -1 for one scale per row (got {self.group_size})")
 
@@ -88,12 +97,14 @@ class QuantResult:
 
 
 def grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero point per row of ``x`` ``[out, g]``, both ``[out, 1]`` (GPTQ's quantizer).
+    """Scale and zero point per row of ``x`` ``[out, g]``, both ``[out, 1]`` (GPTQ's quantizer).
 
-    The range always contains 0 (so a zero weight stays exactly zero); symmetric grids use
-    ``±max|x|`` and the middle code as zero point, for every row (the GPTQ reference leaves a row
-    without negative weights at ``[0, max]``, where the middle zero point clamps its upper half);
-    an all-zero row gets the range ``[−1, 1]``.
+    ``minmax``: the row's range. The range always contains 0 (so a zero weight stays exactly
+    zero); symmetric grids use ``±max|x|`` and the middle code as zero point, for every row (the
+    GPTQ reference leaves a row without negative weights at ``[0, max]``, where the middle zero
+    point clamps its upper half); an all-zero row gets the range ``[−1, 1]``. ``mse``: that range
+    times the shrink factor ``p = 1 − i/100`` (i = 0 … 79) with the least ``Σ |x − q(x)|^2.4`` over
+    the row, the first such ``p`` on ties (so never worse than min-max on that measure).
     """
     xmin = x.min(dim=1).values.clamp(max=0)
     xmax = x.max(dim=1).values.clamp(min=0)
@@ -102,10 +113,33 @@ def grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    tiny = torch.finfo(spec.scale_dtype).tiny  # a scale that rounds to 0 in its saved dtype would divide by 0
-    scale = ((xmax - xmin) / spec.maxq).clamp(min=tiny).to(spec.scale_dtype).to(x.dtype)
-    zero = torch.full_like(scale, (spec.maxq + 1) / 2) if spec.symmetric else torch.round(-xmin / scale)
+    scale, zero = _scale_zero(xmin, xmax, spec, x.dtype)
+    if spec.observer == "mse":
+        best = _rounding_error(x, scale, zero, spec)
+        for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
+            shrink = 1 - i / MSE_GRID
+            s1, z1 = _scale_zero(shrink * xmin, shrink * xmax, spec, x.dtype)
+            err = _rounding_error(x, s1, z1, spec)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s1, scale), torch.where(better, z1, zero)
     return scale.unsqueeze(1), zero.unsqueeze(1)
+
+
+def _scale_zero(
+    xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of the range ``[xmin, xmax]`` per row (``[out]`` each): scale in ``spec.scale_dtype``'s values."""
+    tiny = torch.finfo(spec.scale_dtype).tiny  # a scale that rounds to 0 in its saved dtype would divide by 0
+    scale = ((xmax - xmin) / spec.maxq).clamp(min=tiny).to(spec.scale_dtype).to(dtype)
+    zero = torch.full_like(scale, (spec.maxq + 1) / 2) if spec.symmetric else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _rounding_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Σ |x − q(x)|^MSE_NORM`` per row of ``x`` on the grid ``scale``, ``zero`` (``[out]`` each)."""
+    q = quantize(x, scale.unsqueeze(1), zero.unsqueeze(1), spec.maxq)
+    return (q - x).abs().pow(MSE_NORM).sum(dim=1)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
