@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The project's shared data folder; ``ONESHOT_SHARED_DATA`` points elsewhere (a copy carried to a GPU machine).
 SHARED = Path(os.environ.get("ONESHOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How a benchmark was run, for its results file: ``python -m MODULE ARGS`` (``argv``, else the process's)."""
+    return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
 
 def package_dir(name: str) -> Path:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import oneshot
 from benchmarks.common import (
     RESULTS,
     SHARED,
+    command_line,
     machine,
     machine_line,
     minilm_dir,
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     payload = run_grid(args)
-    command = "python -m benchmarks.conll2003 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.conll2003", argv)
     payload.update(
         {"command": command.strip(), "machine": machine(), "args": vars(args), "seconds": time.perf_counter() - start}
     )

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 import oneshot
-from benchmarks.common import machine, machine_line, shared_file, write_results
+from benchmarks.common import command_line, machine, machine_line, shared_file, write_results
 from benchmarks.synthetic import llama_config, write_checkpoint, write_tokenizer
 from oneshot.config import CalibrationConfig
 
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "per_tensor_mask_disagreement"}, flush=True)
 
-    command = "python -m benchmarks.device_agreement " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.device_agreement", argv)
     lines = [
         "# Pruning on a device vs on the CPU (synthetic LLaMA, float32, 50% unstructured)",
         "",

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from torch import nn
 import oneshot
 from benchmarks.common import (
     calibration_tokens,
+    command_line,
     eval_text,
     machine,
     machine_line,
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(row, flush=True)
 
-    command = "python -m benchmarks.diag_gptq_grid " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.diag_gptq_grid", argv)
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
     lines = [
         "# GPTQ vs RTN on SmolLM2's packaged (Q4_1-grid) weights and on the same weights dithered back to continuous",

@@ -10,8 +10,6 @@ the same Hessian. Error is ‖(W − W′)X‖² / ‖WX‖² computed exactly f
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import SHARED, machine, machine_line, minilm_dir, write_results
+from benchmarks.common import SHARED, command_line, machine, machine_line, minilm_dir, write_results
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(rows[-1], flush=True)
 
-    command = "python -m benchmarks.obs_vs_sparsegpt " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.obs_vs_sparsegpt", argv)
     grouped: dict[tuple[float, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         grouped[(r["sparsity"], r["kind"])].append(r)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 import oneshot
 from benchmarks.common import (
     calibration_tokens,
+    command_line,
     eval_text,
     machine,
     machine_line,
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{rows[-1]['method']} {pattern}: {value:.3f} sparsity {report.achieved_sparsity:.4%}", flush=True
                 )
 
-    command = "python -m benchmarks.perplexity " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.perplexity", argv)
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
     calib_label = calib_path.split("shared/")[-1]
     lines = [

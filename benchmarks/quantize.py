@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 import oneshot
 from benchmarks.common import (
     calibration_tokens,
+    command_line,
     eval_text,
     machine,
     machine_line,
@@ -132,7 +131,7 @@ def _write(
     rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None, eval_name: str, calib: str
 ) -> None:
     """The markdown table, the JSON and the size / perplexity plot."""
-    command = "python -m benchmarks.quantize " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.quantize", argv)
     dense = next((r for r in rows if r["row"] == "bf16"), rows[0])
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
     lines = [

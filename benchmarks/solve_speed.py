@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, machine_line, write_results
+from benchmarks.common import command_line, machine, machine_line, write_results
 from oneshot.methods import gptq, sparsegpt
 
 #: SmolLM2-135M's solves per block: q/k/v stacked, o, gate/up stacked, down.
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    command = "python -m benchmarks.solve_speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.solve_speed", argv)
     lines = [
         "# One layer's SparseGPT (50%) / GPTQ (4-bit g64) solve, this commit vs another",
         "",

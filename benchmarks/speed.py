@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
+from benchmarks.common import command_line, eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
     baseline_again = dense_forward()  # the machine's speed drifts: show it
 
-    command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.speed", argv)
     cols = ["load", "capture", "forwards", "statistics", "solve", "error_report", "propagate", "write", "total"]
     lines = [
         f"# Pruning time by phase, {Path(args.model).name if args.model else 'SmolLM2-135M'}, 50% unstructured",

@@ -10,8 +10,6 @@ tokens/s of the pruned model as a ratio to the dense model's, timed in the same 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
+from benchmarks.common import command_line, eval_text, machine, machine_line, shared_file, smollm2_gguf, write_results
 from oneshot.calibration.data import build_calibration
 from oneshot.config import CalibrationConfig
 from oneshot.evaluation import bos_protocol
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 print(rows[-1], flush=True)
 
-    command = "python -m benchmarks.structured " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.structured", argv)
     windows = "all" if args.max_windows is None else f"first {args.max_windows}"
     lines = [
         "# Structured pruning of SmolLM2-135M (MLP neurons removed in every block)",
