@@ -21,22 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 import oneshot
 from benchmarks.common import command_line, machine, machine_line, shared_file, write_results
 from benchmarks.synthetic import llama_config, write_checkpoint, write_tokenizer
+from oneshot.checkpoint import Checkpoint
 from oneshot.config import CalibrationConfig
-
-
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved output folder (all shards)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = f.get_tensor(key)
-    return tensors
 
 
 def compare(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -116,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                     )  # fmt: skip
                 finally:
                     torch.set_num_threads(before)
-                outputs[label] = load_tensors(out)
+                saved = Checkpoint(out)
+                outputs[label] = saved.read(saved.tensors)
                 row = {
                     "method": method,
                     "run": label,

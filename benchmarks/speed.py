@@ -29,14 +29,8 @@ from benchmarks.common import command_line, eval_text, machine, machine_line, sh
 from oneshot.calibration.data import build_calibration
 from oneshot.capture import model_call_kwargs
 from oneshot.config import CalibrationConfig
-from oneshot.engine import resolve_device
+from oneshot.engine import resolve_device, synchronize
 from oneshot.memory import tune_allocator
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (timings on CUDA are otherwise launch times)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,16 +149,17 @@ class DiskStore:
     def put(self, batch: int, hidden: torch.Tensor) -> None:
         """Write ``hidden`` as the next input of ``batch`` into the other file (appends a new batch)."""
         self._pin = self._pin or hidden.is_cuda
-        if batch == len(self.shapes):  # block 0's inputs, during capture: straight into the current file
-            self.shapes.append(tuple(hidden.shape))
-            self._write(self.current, batch, to_host(hidden.detach(), self.dtype, hidden.is_cuda))
-            return
-        if tuple(hidden.shape) != self.shapes[batch]:
+        capture = batch == len(self.shapes)  # block 0's inputs: appended straight into the current file
+        if not capture and tuple(hidden.shape) != self.shapes[batch]:
             raise RuntimeError(f"block output {tuple(hidden.shape)} differs from its input {self.shapes[batch]}")
+        host = to_host(hidden.detach(), self.dtype, hidden.is_cuda)
+        if capture:
+            self.shapes.append(tuple(hidden.shape))
+            self._write(self.current, batch, host)
+            return
         if self._keep is None:  # every batch is known now: keep two sets of inputs if they fit
             total = sum(math.prod(s) for s in self.shapes) * self._itemsize
             self._keep = self._budget is not None and 2 * total <= self._budget
-        host = to_host(hidden.detach(), self.dtype, hidden.is_cuda)
         if self._keep:
             self._next[batch] = host
         else:

@@ -329,7 +329,7 @@ class _BlockStep:
                 out = calls[b][i].run(block, hidden, self.device)
                 if self.refit is not None:
                     targets.append(out.to("cpu"))  # the store's side: one batch at a time on the device
-            _synchronize(self.device)
+            synchronize(self.device)
         times.statistics += collector.seconds
         times.forward += time.perf_counter() - t0 - collector.seconds - (times.activations - io_before)
 
@@ -359,7 +359,7 @@ class _BlockStep:
         with torch.no_grad():
             for b in range(len(store)):
                 out = calls[b][i].run(block, store.get(b), self.device)
-                _synchronize(self.device)  # the forward's queued kernels count as propagate, not the copy
+                synchronize(self.device)  # the forward's queued kernels count as propagate, not the copy
                 store.put(b, out)
         store.commit()
         times.propagate += time.perf_counter() - t0 - (times.activations - io_before)
@@ -467,7 +467,7 @@ def _input_groups(
     return {name: members for members in by_input.values() for name in members}
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued kernels (CUDA), so that a phase's time is its own work's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -568,7 +568,7 @@ class _SinglePassStep(_BlockStep):
                 raise RuntimeError(f"module {missing[0]} received no input during calibration")
             if self.block_visit is not None:
                 self.block_visit(i, block, collector.stats)
-        _synchronize(self.device)  # the forward's queued kernels count as forward, not the store's copy
+        synchronize(self.device)  # the forward's queued kernels count as forward, not the store's copy
         store.put(0, out)
         store.commit()
         report = times.report - report_before
