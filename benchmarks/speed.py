@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         f"before every row (`dense s`; {baseline:.1f}s at the start, {baseline_again:.1f}s after the runs): "
         "each row's ratio is to its own. `forwards` are the statistics-gathering block "
         "forwards without the hook time; `statistics` is the hook time; `error_report` estimates each layer's "
-        "reconstruction error for the report on 1,024 sampled tokens; `total` is the whole `oneshot.prune` call "
+        "reconstruction error for the report on 256 sampled tokens; `total` is the whole `oneshot.prune` call "
         "including the write (the model is already loaded: `load` is listed once, outside `total`). Modes: "
         "`single` = each layer pruned inside the block's one forward over the whole calibration set (no "
         "propagation pass), `two` = statistics forward then propagation forward; `-unstacked` = q/k/v and "

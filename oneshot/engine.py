@@ -39,7 +39,7 @@ from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks, guarded
 from oneshot.errors import ModelError
 from oneshot.layers import as_matrix, find_blocks, find_linears, input_width
-from oneshot.memory import release_freed_memory, release_layer_scratch
+from oneshot.memory import release_scratch
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
 from oneshot.methods.linalg import all_finite
 
@@ -254,7 +254,7 @@ def sweep(
                 ranks.end_block()
                 times.communicate += ranks.block_seconds[-1]
             io.source.unload(i, block)
-            release_freed_memory()
+            release_scratch()
             times.per_block.append(time.perf_counter() - start)
     finally:
         _move_outside(model, blocks, home)
@@ -413,7 +413,7 @@ class _Shared:
             with guarded(ranks if self.owned else None, f"solving {blocks_name}.{i}"):
                 for group in groups:
                     _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
-                    release_layer_scratch()
+                    release_scratch()
             if ranks is not None and self.owned:
                 ranks.confirm_same([linears[n] for group in groups for n in group], f"{blocks_name}.{i}")
             return
@@ -422,7 +422,7 @@ class _Shared:
             for group, owner in zip(groups, owners, strict=True):
                 if owner == ranks.rank:
                     _visit(visit, visit_group, blocks_name, i, linears, group, stats_of(group))
-                    release_layer_scratch()
+                    release_scratch()
         for group, owner in zip(groups, owners, strict=True):
             ranks.broadcast_modules([linears[n] for n in group], owner)
 
@@ -556,7 +556,7 @@ class _SinglePassStep(_BlockStep):
                 self.visit, self.visit_group, blocks_name, i, linears, [group], lambda g: accs, replicate=True
             )
             visited.extend(group)
-            release_layer_scratch()
+            release_scratch()
             solve += time.perf_counter() - t0
 
         t0, io_before = time.perf_counter(), times.activations

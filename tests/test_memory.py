@@ -74,3 +74,25 @@ def test_allocator_left_alone_without_mallopt(monkeypatch: pytest.MonkeyPatch) -
     assert memory.tune_allocator() is None and memory.allocator_state() == "default"
     monkeypatch.setattr(memory, "_libc", lambda: None)  # not Linux / no C library found
     assert memory.tune_allocator() is None
+
+
+class _CountingLibc:
+    def __init__(self) -> None:
+        self.trims = 0
+
+    def malloc_trim(self, pad: int) -> int:
+        assert pad == 0
+        self.trims += 1
+        return 1
+
+
+@pytest.mark.parametrize("tuned", [None, "glibc mmap threshold 1024 MiB, trim threshold 256 MiB"])
+def test_scratch_goes_back_only_where_the_allocator_was_not_tuned(
+    monkeypatch: pytest.MonkeyPatch, tuned: str | None
+) -> None:
+    libc = _CountingLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_tuned", tuned)
+    memory.release_scratch()
+    memory.release_freed_memory()  # unconditional
+    assert libc.trims == (2 if tuned is None else 1)
