@@ -140,7 +140,7 @@ def _write(
         f"Command: `{command.strip()}`  ",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib.split('shared/')[-1]}`, seed 0. Evaluation: "
         f"{eval_name}, {windows} non-overlapping {args.seqlen}-token windows. Quantized rows: {args.bits}-bit, "
-        f"symmetric, group size {args.group_size}, saved in the compressed-tensors pack-quantized format. Each "
+        f"symmetric unless the row says `symmetric=false`, group size {args.group_size}, saved in the compressed-tensors pack-quantized format. Each "
         "row's folder is reloaded with stock transformers (+ compressed-tensors) in bf16 and scored in float32. "
         "Embeddings and the tied head stay bf16.  ",
         f"Machine: {machine_line()}.",
