@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from oneshot.activations import DiskStore, MemoryStore
 from oneshot.checkpoint import Checkpoint, read_header
 from oneshot.errors import ModelError, OutputError
 from oneshot.shards import ShardWriter, digest, header_room, iter_saved, tensor_bytes, verify_shards
+from oneshot.writer import _same_bytes
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -261,3 +263,26 @@ def test_in_memory_verification_catches_a_differing_or_missing_tensor(tmp_path: 
     model.register_buffer("extra", torch.ones(3))  # persistent: in the state dict, not in the files
     with pytest.raises(OutputError, match="were not saved"):
         verify_saved_model(model, tmp_path)
+
+
+class _Saved:
+    """A saved tensor's bytes, served in chunks as :class:`oneshot.shards.SavedTensor` does."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.nbytes = data, chunk, len(data)
+
+    def chunks(self) -> Iterator[memoryview]:
+        buf = memoryview(bytearray(self.data))
+        for start in range(0, self.nbytes, self.chunk):
+            yield buf[start : start + self.chunk]
+
+
+@pytest.mark.parametrize("where", [0, 5, 39])  # first chunk, inside, the last byte
+def test_the_re_reading_check_finds_one_changed_byte(where: int) -> None:
+    tensor = torch.arange(10, dtype=torch.float32)  # 40 bytes
+    data = bytes(tensor_bytes(tensor))
+    assert _same_bytes(tensor, _Saved(data, 16))
+    changed = bytearray(data)
+    changed[where] ^= 1
+    assert not _same_bytes(tensor, _Saved(bytes(changed), 16))
+    assert not _same_bytes(tensor, _Saved(data[:-4], 16))

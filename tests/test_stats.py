@@ -48,6 +48,14 @@ def test_token_sample_stride_is_global() -> None:
     assert s.count == 100
 
 
+def test_token_sample_defaults_take_every_32nd_of_the_first_8192_tokens() -> None:
+    x = torch.arange(10_000, dtype=torch.float32).unsqueeze(1)
+    s = TokenSample(1)
+    for part in _split(x, [512] * 19 + [10_000 - 512 * 19]):
+        s.update(part)
+    assert s.finalize().squeeze(1).tolist() == [float(i) for i in range(0, 8192, 32)]  # 256 rows
+
+
 def test_relative_error() -> None:
     w = torch.randn(4, 6)
     x = torch.randn(20, 6)
