@@ -14,6 +14,7 @@ its bf16 weights evaluated in float32. Rows are ``METHOD/key=value/...`` as in
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -46,13 +47,59 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def asymmetric(folder: Path) -> bool:
+    """Whether the saved folder's quantization grid has zero points (``symmetric: false``)."""
+    config = json.loads((folder / "config.json").read_text())
+    groups = config.get("quantization_config", {}).get("config_groups", {})
+    return any(not group["weights"]["symmetric"] for group in groups.values())
+
+
+def reload_by_decompressor(folder: Path) -> torch.nn.Module:
+    """The saved folder as float32, each quantized layer dequantized by compressed-tensors' own decompressor.
+
+    For asymmetric grids: stock transformers 5.23 + compressed-tensors 0.20 fail to load packed zero
+    points (the module layout the loader builds on the meta device keeps them unpacked), though the
+    decompressor reads them.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from oneshot.quantized import decompress
+
+    config = AutoConfig.from_pretrained(folder)
+    weights = next(iter(config.quantization_config["config_groups"].values()))["weights"]
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    saved: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            saved.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in saved.items():
+        if key.endswith(".weight_packed"):
+            prefix = key.removesuffix("_packed")  # "<layer>.weight"
+            layer = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix + "_")}
+            state[prefix] = decompress({"weight" + k: v for k, v in layer.items()}, weights).float()
+        elif not any(key.endswith(s) for s in ("_scale", "_zero_point", "_shape")):
+            state[key] = tensor.float()
+    missing = set(plain.state_dict()) - set(state) - {"lm_head.weight"}  # the tied head is re-tied
+    if missing:
+        raise RuntimeError(f"the saved folder lacks {sorted(missing)[:3]}")
+    plain.load_state_dict(state, strict=False)
+    plain.tie_weights()
+    return plain
+
+
 def reload_float32(folder: Path) -> torch.nn.Module:
     """The saved folder loaded by stock transformers in bf16, dequantized by its loader, copied into float32.
 
     (A quantized model refuses ``.float()``; its dequantized weights go into a plain float32 model.)
+    Asymmetric grids go through :func:`reload_by_decompressor` instead.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if asymmetric(folder):
+        return reload_by_decompressor(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     with torch.no_grad():  # compressed-tensors decompresses on the first forward
         model(torch.ones(1, 2, dtype=torch.long))
@@ -140,8 +187,11 @@ def _write(
         f"Command: `{command.strip()}`  ",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of `{calib.split('shared/')[-1]}`, seed 0. Evaluation: "
         f"{eval_name}, {windows} non-overlapping {args.seqlen}-token windows. Quantized rows: {args.bits}-bit, "
-        f"symmetric unless the row says `symmetric=false`, group size {args.group_size}, saved in the compressed-tensors pack-quantized format. Each "
-        "row's folder is reloaded with stock transformers (+ compressed-tensors) in bf16 and scored in float32. "
+        f"symmetric unless the row says `symmetric=false`, group size {args.group_size}, saved in the "
+        "compressed-tensors pack-quantized format. Each "
+        "row's folder is reloaded with stock transformers (+ compressed-tensors) in bf16 and scored in float32 "
+        "(asymmetric rows: each layer dequantized by compressed-tensors' decompressor, which stock transformers "
+        "5.23 + compressed-tensors 0.20 cannot load). "
         "Embeddings and the tied head stay bf16.  ",
         f"Machine: {machine_line()}.",
         "",
