@@ -35,7 +35,7 @@ from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
 from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
-from oneshot.quantized import QuantizedLayer, check_groups, check_loader
+from oneshot.quantized import ASYMMETRIC_LOAD_WARNING, QuantizedLayer, check_groups, check_loader
 from oneshot.streaming import StreamingRun, partial_dir
 from oneshot.writer import check_output_dir, save_pruned
 
@@ -286,7 +286,10 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
             f"the compressed-tensors format stores nn.Linear layers; {conv[0]} is a GPT-2 Conv1D "
             f"({len(conv)} layers): quantize a model with nn.Linear layers or leave these dense with --skip"
         )
-    check_groups(layers, config.quant_spec())
+    spec = config.quant_spec()
+    check_groups(layers, spec)
+    if not spec.symmetric:
+        log.warning(ASYMMETRIC_LOAD_WARNING)
 
 
 def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:

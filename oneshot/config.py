@@ -262,7 +262,8 @@ class PruneConfig:
     )
     symmetric: bool = option(
         True,
-        "Quantization: symmetric grid (zero point in the middle); --no-symmetric fits min and max with a zero point.",
+        "Quantization: symmetric grid (zero point in the middle); --no-symmetric fits min and max with a zero point "
+        "(saved packed, as vLLM loads it; stock transformers 5.23 + compressed-tensors 0.20 cannot load that).",
         uses=QUANTIZES,
     )
     act_order: bool = option(

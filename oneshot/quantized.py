@@ -121,6 +121,16 @@ def quantization_config(spec: QuantSpec, ignore: list[str]) -> dict[str, Any]:
     }
 
 
+#: Said when an asymmetric grid is saved: the format's zero points load in vLLM and through the
+#: package's decompressor, but not through stock transformers at the versions tested here.
+ASYMMETRIC_LOAD_WARNING = (
+    "an asymmetric grid (--no-symmetric) saves packed zero points, the compressed-tensors layout vLLM "
+    "loads; stock transformers (5.23, with compressed-tensors 0.20) cannot load them (it builds "
+    "weight_zero_point unpacked: a size mismatch). For a folder transformers reloads, keep the default "
+    "symmetric grid"
+)
+
+
 def check_loader() -> None:
     """Refuse, before any work, a quantized run without the package that loads its output."""
     try:

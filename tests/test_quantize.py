@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,11 +135,15 @@ def test_pruned_and_quantized_model_reloads_with_stock_transformers(tmp_path: Pa
     assert (out / "recipe.yaml").exists()
 
 
-def test_quantize_only_methods_and_their_options(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_quantize_only_methods_and_their_options(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
     """--method rtn reads no data and equals rtn() per layer; --method gptq moves weights; a recipe reruns it."""
     folder = tiny_checkpoint("llama")
     out = tmp_path / "rtn"
-    report = oneshot.prune(str(folder), method="rtn", group_size=32, bits=3, symmetric=False, out=out, quiet=True)
+    with caplog.at_level(logging.WARNING, logger="oneshot.api"):
+        report = oneshot.prune(str(folder), method="rtn", group_size=32, bits=3, symmetric=False, out=out, quiet=True)
+    assert any("stock transformers" in r.getMessage() for r in caplog.records)  # asymmetric: where it loads
     assert report.extra["calibration"] is None and report.extra["quantization"]["method"] == "rtn"
     original, saved = saved_tensors(folder), saved_tensors(out)
     from oneshot.quantized import decompress, weights_args
