@@ -47,11 +47,28 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def asymmetric(folder: Path) -> bool:
-    """Whether the saved folder's quantization grid has zero points (``symmetric: false``)."""
+def quantization_groups(folder: Path) -> dict[str, Any]:
+    """The saved folder's compressed-tensors ``config_groups`` (empty for a dense folder)."""
     config = json.loads((folder / "config.json").read_text())
-    groups = config.get("quantization_config", {}).get("config_groups", {})
-    return any(not group["weights"]["symmetric"] for group in groups.values())
+    return dict(config.get("quantization_config", {}).get("config_groups", {}))
+
+
+def into_plain_float32(folder: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain float32 model of the folder's architecture holding the dequantized ``state``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    wanted = plain.state_dict()
+    state = {k: v.float() for k, v in state.items() if k in wanted}
+    missing = set(wanted) - set(state) - {"lm_head.weight"}  # the tied head is re-tied
+    if missing:
+        raise RuntimeError(f"the reloaded model lacks {sorted(missing)[:3]}")
+    plain.load_state_dict(state, strict=False)
+    plain.tie_weights()
+    return plain
 
 
 def reload_by_decompressor(folder: Path) -> torch.nn.Module:
@@ -61,33 +78,22 @@ def reload_by_decompressor(folder: Path) -> torch.nn.Module:
     points (the module layout the loader builds on the meta device keeps them unpacked), though the
     decompressor reads them.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from oneshot.checkpoint import Checkpoint
     from oneshot.quantized import decompress
 
-    config = AutoConfig.from_pretrained(folder)
-    weights = next(iter(config.quantization_config["config_groups"].values()))["weights"]
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    saved: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            saved.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    weights = next(iter(quantization_groups(folder).values()))["weights"]
+    checkpoint = Checkpoint(folder)
+    saved = checkpoint.read(checkpoint.tensors)
+    parts = ("_packed", "_scale", "_zero_point", "_shape")  # a quantized weight's tensors: "<layer>.weight" + part
     state: dict[str, torch.Tensor] = {}
     for key, tensor in saved.items():
         if key.endswith(".weight_packed"):
-            prefix = key.removesuffix("_packed")  # "<layer>.weight"
-            layer = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix + "_")}
-            state[prefix] = decompress({"weight" + k: v for k, v in layer.items()}, weights).float()
-        elif not any(key.endswith(s) for s in ("_scale", "_zero_point", "_shape")):
-            state[key] = tensor.float()
-    missing = set(plain.state_dict()) - set(state) - {"lm_head.weight"}  # the tied head is re-tied
-    if missing:
-        raise RuntimeError(f"the saved folder lacks {sorted(missing)[:3]}")
-    plain.load_state_dict(state, strict=False)
-    plain.tie_weights()
-    return plain
+            weight = key.removesuffix("_packed")
+            layer = {"weight" + part: saved[weight + part] for part in parts if weight + part in saved}
+            state[weight] = decompress(layer, weights)
+        elif not key.endswith(parts):
+            state[key] = tensor
+    return into_plain_float32(folder, state)
 
 
 def reload_float32(folder: Path) -> torch.nn.Module:
@@ -96,25 +102,14 @@ def reload_float32(folder: Path) -> torch.nn.Module:
     (A quantized model refuses ``.float()``; its dequantized weights go into a plain float32 model.)
     Asymmetric grids go through :func:`reload_by_decompressor` instead.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if asymmetric(folder):
+    if any(not group["weights"]["symmetric"] for group in quantization_groups(folder).values()):
         return reload_by_decompressor(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     with torch.no_grad():  # compressed-tensors decompresses on the first forward
         model(torch.ones(1, 2, dtype=torch.long))
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    wanted = plain.state_dict()
-    state = {k: v.float() for k, v in model.state_dict().items() if k in wanted}
-    missing = set(wanted) - set(state) - {"lm_head.weight"}  # the tied head is re-tied
-    if missing:
-        raise RuntimeError(f"the reloaded model lacks {sorted(missing)[:3]}")
-    plain.load_state_dict(state, strict=False)
-    plain.tie_weights()
-    return plain
+    return into_plain_float32(folder, model.state_dict())
 
 
 def main(argv: list[str] | None = None) -> None:
