@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
@@ -94,16 +95,28 @@ def verify_saved_model(model: nn.Module, folder: Path, quantized: Mapping[str, Q
     return total
 
 
+#: Bytes compared at once by :func:`_same_bytes`: numpy's comparison allocates a boolean per byte.
+COMPARE_SLICE = 1 << 20
+
+
 def _same_bytes(tensor: torch.Tensor, saved: SavedTensor) -> bool:
-    """Whether the saved bytes equal the tensor's, compared one read chunk at a time."""
-    view = tensor_bytes(tensor)
-    if len(view) != saved.nbytes:
+    """Whether the saved bytes equal the tensor's, read one chunk and compared one 1 MB slice at a time.
+
+    Slices keep numpy's boolean temporary at 1 MB (a whole 64 MB read chunk made a 64 MB one) and
+    in cache: 17 ms per 64 MB here, against 27 ms for whole chunks and 216 ms for ``memoryview ==``,
+    which unpacks byte by byte.
+    """
+    want = numpy.frombuffer(tensor_bytes(tensor), numpy.uint8)
+    if len(want) != saved.nbytes:
         return False
     offset = 0
-    for chunk in saved.chunks():  # memoryview ==: no boolean array per chunk (numpy's was 64 MB)
-        if view[offset : offset + len(chunk)] != chunk:
-            return False
-        offset += len(chunk)
+    for chunk in saved.chunks():
+        got = numpy.frombuffer(chunk, numpy.uint8)
+        for start in range(0, len(got), COMPARE_SLICE):
+            part = got[start : start + COMPARE_SLICE]
+            if not numpy.array_equal(want[offset + start : offset + start + len(part)], part):
+                return False
+        offset += len(got)
     return True
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import saved_tensors
 from safetensors.torch import save_file
 
+from oneshot import writer
 from oneshot.activations import DiskStore, MemoryStore
 from oneshot.checkpoint import Checkpoint, read_header
 from oneshot.errors import ModelError, OutputError
@@ -277,8 +278,12 @@ class _Saved:
             yield buf[start : start + self.chunk]
 
 
+@pytest.mark.parametrize("slice_bytes", [3, 1 << 20])  # slices inside a chunk, or the chunk at once
 @pytest.mark.parametrize("where", [0, 5, 39])  # first chunk, inside, the last byte
-def test_the_re_reading_check_finds_one_changed_byte(where: int) -> None:
+def test_the_re_reading_check_finds_one_changed_byte(
+    where: int, slice_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "COMPARE_SLICE", slice_bytes)
     tensor = torch.arange(10, dtype=torch.float32)  # 40 bytes
     data = bytes(tensor_bytes(tensor))
     assert _same_bytes(tensor, _Saved(data, 16))
