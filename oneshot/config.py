@@ -81,6 +81,9 @@ QUANTIZES = "quantizes"
 
 #: Mask refinements (``--refine``).
 REFINES = ("dsnot", "block")
+#: ``--refine block``'s default Adam learning rates: on the kept weights of a pruned block, and on a
+#: quantized block's latent weights (in grid steps) and log-scales (``benchmarks/results/quant_refit_lr.md``).
+REFIT_LR, QUANT_REFIT_LR = 1e-3, 2e-2
 
 
 def option(
@@ -228,7 +231,8 @@ class PruneConfig:
         None,
         "Refine after the method. dsnot: swap pruned and kept weights in each row to cancel its expected "
         "output shift (DSnoT; methods that keep the surviving weights as they are: all but sparsegpt and obs). "
-        "block: refit each block's kept weights so its output matches the dense block's (masks fixed).",
+        "block: refit each block's kept weights so its output matches the dense block's (masks fixed); in a "
+        "quantized run, tune the rounding and the scales of the quantized weights instead (codes stay on the grid).",
         type=str,
         choices=REFINES,
         uses=UNSTRUCTURED,
@@ -247,7 +251,13 @@ class PruneConfig:
     recon_epochs: int = option(
         4, "Block reconstruction: Adam passes over the calibration set per block.", requires="refine=block"
     )
-    recon_lr: float = option(1e-3, "Block reconstruction: Adam's learning rate.", requires="refine=block")
+    recon_lr: float | None = option(
+        None,
+        "Block reconstruction: Adam's learning rate [default: 1e-3 on the weights; in a quantized run 2e-2, "
+        "in grid steps and in log-scale].",
+        type=float,
+        requires="refine=block",
+    )
     then: str | None = option(
         None,
         "Quantize after pruning, in the same sweep: gptq (the pruned zeros held at zero while the kept weights "
@@ -413,7 +423,7 @@ class PruneConfig:
             )
         if self.refine == "block" and self.passes == "single":
             raise ConfigError("--refine block fits each block to the dense block's outputs: it needs --passes two")
-        if self.recon_epochs < 1 or not self.recon_lr > 0:
+        if self.recon_epochs < 1 or not (self.recon_lr is None or self.recon_lr > 0):
             raise ConfigError(
                 f"--recon-epochs must be at least 1 and --recon-lr positive (got {self.recon_epochs}, {self.recon_lr})"
             )
@@ -433,10 +443,10 @@ class PruneConfig:
             )
         if self.then is not None:
             raise ConfigError(f"--method {self.method} already quantizes; drop --then")
-        if self.refine is not None or self.owl or self.allocate is not None:
+        if self.refine == "dsnot" or self.owl or self.allocate is not None:
             raise ConfigError(
-                f"--method {self.method} quantizes without pruning, so --refine, --owl and --allocate (which act on "
-                "pruning masks) do nothing; drop them"
+                f"--method {self.method} quantizes without pruning, so --refine dsnot, --owl and --allocate (which "
+                "act on pruning masks) do nothing; drop them (--refine block tunes the rounding and scales)"
             )
         object.__setattr__(self, "sparsity", 0.0)
 
@@ -447,11 +457,6 @@ class PruneConfig:
         self.quant_spec()  # checks --bits
         if self.act_order and self.quantizer != "gptq":
             raise ConfigError("--act-order changes GPTQ's column order; round-to-nearest has none: drop it")
-        if self.refine == "block":
-            raise ConfigError(
-                "--refine block refits each block after its layers are done, which would move quantized weights off "
-                "their grid: use --then with --refine dsnot or without --refine"
-            )
 
     def _check_owl(self) -> None:
         """OWL's M and λ, and its incompatibility with N:M."""
@@ -539,6 +544,12 @@ class PruneConfig:
         """Whether the run puts weights on a quantization grid (and is saved in the compressed-tensors format)."""
         return self.quantizer is not None
 
+    def refit_lr(self) -> float:
+        """``--refine block``'s learning rate: as given, else 1e-3 (weights) or 2e-2 (a quantized run's grid steps)."""
+        if self.recon_lr is not None:
+            return self.recon_lr
+        return QUANT_REFIT_LR if self.quantizes else REFIT_LR
+
     def quant_spec(self) -> QuantSpec:
         """The quantization grid of this run (float32 scales; each layer's own dtype is set where it is solved)."""
         group = None if self.group_size == -1 else self.group_size
@@ -574,6 +585,7 @@ class PruneConfig:
             dsnot_cycles=self.dsnot_cycles,
             dsnot_threshold=self.dsnot_threshold,
             quant=self.quant_spec() if self.quantizes else None,
+            keep_latent=self.quantizes and self.refine == "block",
         )
 
     def to_recipe(self) -> dict[str, Any]:

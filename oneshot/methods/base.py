@@ -75,6 +75,7 @@ class MethodOptions:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 5e-5
     quant: QuantSpec | None = None  # the grid of a quantization stage (--method gptq / rtn, --then)
+    keep_latent: bool = False  # quantizers also return the weights before rounding (--refine block tunes them)
 
     def damping(self) -> Damping:
         """The Hessian damping keywords the OBS-family solvers take (``damp``, ``max_damp_retries``)."""

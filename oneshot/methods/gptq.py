@@ -75,6 +75,8 @@ class QuantResult:
     ``scales`` / ``zeros`` are ``[out, groups]`` float32 (zeros are integer codes; ``(maxq + 1) / 2``
     for a symmetric grid; scales exactly representable in ``spec.scale_dtype``), ``mask`` the kept
     weights (all True without pruning), ``loss`` the sum of ``err² / 2`` and ``info`` the damping used.
+    ``latent`` (when asked for) holds each weight as the solve left it just before rounding it (zero
+    where pruned): a block refit tunes the rounding from there (:mod:`oneshot.passes.reconstruct`).
     """
 
     weight: torch.Tensor
@@ -84,6 +86,7 @@ class QuantResult:
     spec: QuantSpec
     loss: float = 0.0
     info: dict[str, float] = field(default_factory=dict)
+    latent: torch.Tensor | None = None
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each weight's scale and zero point, both ``[out, in]``."""
@@ -152,10 +155,13 @@ def _groups(cols: int, spec: QuantSpec) -> int:
     return 1 if spec.group_size is None else -(-cols // spec.group_size)
 
 
-def rtn(weight: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = None) -> QuantResult:
+def rtn(
+    weight: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = None, keep_latent: bool = False
+) -> QuantResult:
     """Round-to-nearest on the same grid (the baseline): each group's min-max from the original weights.
 
-    ``mask`` (True = keep) zeroes the pruned weights first, so the grid is set from the kept ones.
+    ``mask`` (True = keep) zeroes the pruned weights first, so the grid is set from the kept ones;
+    ``keep_latent``: the result's ``latent`` is that masked weight.
     """
     keep = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     w = weight.to(torch.float32) * keep
@@ -168,7 +174,7 @@ def rtn(weight: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = No
         scale, zero = grid(w[:, c0 : c0 + size], spec)
         out[:, c0 : c0 + size] = quantize(w[:, c0 : c0 + size], scale, zero, spec.maxq)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-    return QuantResult(out, scales, zeros, keep.clone(), spec)
+    return QuantResult(out, scales, zeros, keep.clone(), spec, latent=w if keep_latent else None)
 
 
 def gptq(
@@ -180,11 +186,14 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     max_damp_retries: int = 4,
+    keep_latent: bool = False,
 ) -> QuantResult:
     """Quantize ``weight`` ``[out, in]`` with ``hessian`` ``[in, in]`` (see the module docstring).
 
     ``mask`` (True = keep) holds pruned weights at exactly zero while the kept ones are quantized
     and the error is propagated (SparseGPT's joint solve; the mask is not chosen here).
+    ``keep_latent``: also return each weight as updated just before it was rounded (one more
+    ``[out, in]`` float32 tensor).
     """
     h, w, dead = prepare_hessian(hessian, weight)  # [in, in], [out, in]
     rows, cols = w.shape
@@ -202,6 +211,7 @@ def gptq(
     upper, damp_used = inverse_cholesky_upper(h, damp, max_damp_retries)  # [in, in]
     groups = group.tolist()
     losses = torch.zeros(rows, device=w.device)
+    latent = torch.zeros_like(w) if keep_latent else None
     # Sub-blocks start on every group's first column, so a group's grid sees all earlier updates.
     # The loop runs on the transposed block (column j = contiguous row j), as SparseGPT's loop_block.
     inner = math.gcd(linalg.INNER_COLUMNS, block_size, size) if order is None else linalg.INNER_COLUMNS
@@ -231,14 +241,19 @@ def gptq(
             if e < i2 - i1:
                 wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # the sub-block's updates at once
         losses += errt.square().sum(dim=0) / 2
+        if latent is not None:  # each column's row of wt is final once rounded: later updates reach later columns
+            latent[:, i1:i2] = (wt * kept).t()
         w[:, i1:i2] = qt.t()
         w[:, i2:] -= errt.t() @ upper[i1:i2, i2:]
     scales, zeros = scales.t().contiguous(), zeros.t().contiguous()  # [out, groups]
     if order is not None:
         inverse = torch.argsort(order)
         w, keep = w[:, inverse], keep[:, inverse]
+        latent = None if latent is None else latent[:, inverse]
     keep[:, dead] = False
-    return QuantResult(w, scales, zeros, keep, spec, float(losses.sum()), {"damp": damp_used})
+    if latent is not None:
+        latent[:, dead] = 0
+    return QuantResult(w, scales, zeros, keep, spec, float(losses.sum()), {"damp": damp_used}, latent)
 
 
 def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOptions, method: str) -> PruneResult:
@@ -252,9 +267,17 @@ def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOption
         raise RuntimeError("a quantization stage needs options.quant (the run's --bits / --group-size)")
     if method == "gptq":
         hessian = require(stats.hessian, STAT_HESSIAN, "gptq")
-        q = gptq(pruned.weight, hessian, spec, mask=pruned.mask, block_size=options.block_size, **options.damping())
+        q = gptq(
+            pruned.weight,
+            hessian,
+            spec,
+            mask=pruned.mask,
+            block_size=options.block_size,
+            keep_latent=options.keep_latent,
+            **options.damping(),
+        )
     else:
-        q = rtn(pruned.weight, spec, mask=pruned.mask)
+        q = rtn(pruned.weight, spec, mask=pruned.mask, keep_latent=options.keep_latent)
     info = {**pruned.info, **q.info}
     return PruneResult(q.weight, q.mask, pruned.bias, q.loss, info, quant=q)
 
@@ -275,7 +298,10 @@ def quantize_stacked(
     for result, n in zip(results, rows, strict=True):
         part = slice(r0, r0 + n)
         q = done.quant
-        layer = QuantResult(q.weight[part], q.scales[part], q.zeros[part], q.mask[part], q.spec, 0.0, dict(q.info))
+        latent = None if q.latent is None else q.latent[part]
+        layer = QuantResult(
+            q.weight[part], q.scales[part], q.zeros[part], q.mask[part], q.spec, 0.0, dict(q.info), latent
+        )
         out.append(PruneResult(layer.weight, layer.mask, result.bias, None, {**result.info, **q.info}, quant=layer))
         r0 += n
     return out

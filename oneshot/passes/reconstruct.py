@@ -13,15 +13,20 @@ that does not lower it is undone and the learning rate halved, so the recorded e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from oneshot.engine import RefitBatches
 from oneshot.gradients import gradients_only_for
+from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
+from oneshot.methods.gptq import QuantResult
+from oneshot.quantized import QuantizedLayer, compress
 
 
 @dataclass(frozen=True)
@@ -83,46 +88,192 @@ def refit_block(
     """
     weights: list[torch.Tensor] = [module.weight for module in linears.values()]  # type: ignore[misc]
     keep = [w.detach() != 0 for w in weights]
+
+    def masked() -> None:
+        for w, k in zip(weights, keep, strict=True):
+            w.mul_(k)
+
     with in_float32(block), gradients_only_for(block, weights, clear=True):
-        denominator = sum(
-            float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True)
-        )
-        optimizer = torch.optim.Adam(weights, lr=lr)
-        errors = [output_error(batches)]
-        best = [w.detach().clone() for w in weights]
-        for _ in range(epochs):
-            for b, target in enumerate(batches.targets):
-                optimizer.zero_grad(set_to_none=True)
-                out = batches.run(b)
-                loss = _squared(out - target.to(out.device, torch.float32), batches.token_masks[b]) / denominator
-                loss.backward()
-                optimizer.step()
+        return _fit(weights, batches, epochs=epochs, lr=lr, after_step=masked)
+
+
+def _fit(
+    params: list[torch.Tensor],
+    batches: RefitBatches,
+    *,
+    epochs: int,
+    lr: float,
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Adam on ``params`` (leaves the block's forward reads) toward the batches' targets, one step per batch.
+
+    ``after_step`` runs after each step, without autograd (a projection, e.g. back onto the masks).
+    A pass that does not lower the whole calibration error is undone and the learning rate halved;
+    returns the error before, then after each accepted pass.
+    """
+    denominator = sum(float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True))
+    optimizer = torch.optim.Adam(params, lr=lr)
+    errors = [output_error(batches)]
+    best = [p.detach().clone() for p in params]
+    for _ in range(epochs):
+        for b, target in enumerate(batches.targets):
+            optimizer.zero_grad(set_to_none=True)
+            out = batches.run(b)
+            loss = _squared(out - target.to(out.device, torch.float32), batches.token_masks[b]) / denominator
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
                 with torch.no_grad():
-                    for w, k in zip(weights, keep, strict=True):
-                        w.mul_(k)
-            error = output_error(batches)
-            if error < errors[-1]:
-                errors.append(error)
-                best = [w.detach().clone() for w in weights]
-            else:  # undo the pass, take smaller steps
-                with torch.no_grad():
-                    for w, saved in zip(weights, best, strict=True):
-                        w.copy_(saved)
-                for group in optimizer.param_groups:
-                    group["lr"] /= 2
-        return errors
+                    after_step()
+        error = output_error(batches)
+        if error < errors[-1]:
+            errors.append(error)
+            best = [p.detach().clone() for p in params]
+        else:  # undo the pass, take smaller steps
+            with torch.no_grad():
+                for p, saved in zip(params, best, strict=True):
+                    p.copy_(saved)
+            for group in optimizer.param_groups:
+                group["lr"] /= 2
+    return errors
+
+
+class FakeQuant(nn.Module):
+    """A layer's weight as its grid rounds it, for training through the rounding (a parametrization).
+
+    The latent weight ``u`` is held in units of the layer's first grid step ``s0`` (so one learning
+    rate means the same fraction of a step in every group). ``forward(u)`` is
+    ``s · (clamp(round(u · s0 / s) + z, 0, maxq) − z) · mask`` per group, the rounding straight
+    through (its gradient taken as 1: LSQ's gradients for the latent and the scale), the zero
+    points ``z`` fixed integer codes and the scales ``s = s0 · exp(log_scale)`` rounded to the dtype
+    they are saved in (straight through as well), so the weight the forward uses is the one the
+    saved codes and scales hold. ``u`` is ``[out, in]``, or ``[in, out]`` for a ``Conv1D``
+    (``transposed``).
+    """
+
+    scales0: torch.Tensor  # [out, groups] the grid's scales before the tuning
+    zeros: torch.Tensor  # [out, groups] integer zero points (float32)
+    mask: torch.Tensor  # [out, in] bool, the kept weights
+    group: torch.Tensor  # [in] each input column's group
+
+    def __init__(self, grid: QuantResult, transposed: bool = False) -> None:
+        super().__init__()
+        self.spec, self.transposed = grid.spec, transposed
+        self.log_scale = nn.Parameter(torch.zeros_like(grid.scales, dtype=torch.float32))
+        self.register_buffer("scales0", grid.scales.float().clone())
+        self.register_buffer("zeros", grid.zeros.float().clone())
+        self.register_buffer("mask", grid.mask.clone())
+        self.register_buffer("group", grid.spec.group_of(grid.weight.shape[1], grid.weight.device))
+
+    def scales(self) -> torch.Tensor:
+        """The current scales ``[out, groups]``, float32 values of the saved dtype (straight through)."""
+        s = self.scales0 * self.log_scale.exp()
+        return s + (s.to(self.spec.scale_dtype).float() - s).detach()
+
+    def units(self, weight: torch.Tensor) -> torch.Tensor:
+        """A ``[out, in]`` weight in units of the first grid step, in the layer's layout (a latent)."""
+        u = weight.float() / self.scales0[:, self.group]
+        return u.t() if self.transposed else u
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """The quantized weight of ``latent`` (in the layer's own layout)."""
+        u = latent.t() if self.transposed else latent
+        s, z = self.scales()[:, self.group], self.zeros[:, self.group]
+        x = u * (self.scales0[:, self.group] / s)
+        codes = torch.clamp(x + (torch.round(x) - x).detach() + z, 0, self.spec.maxq)
+        q = s * (codes - z) * self.mask
+        return q.t() if self.transposed else q
+
+    def result(self, latent: torch.Tensor, grid: QuantResult) -> QuantResult:
+        """The layer's grid and quantized weight now (``grid`` the one it started from), as a QuantResult."""
+        with torch.no_grad():
+            s = self.scales()
+            weight = self.forward(latent)
+            weight = weight.t() if self.transposed else weight
+        return dataclasses.replace(grid, weight=weight.detach().clone(), scales=s.detach().clone(), latent=None)
+
+
+def _original(module: nn.Module) -> torch.Tensor:
+    """The tensor a parametrized ``weight`` is computed from (the latent the refit trains)."""
+    original = module.parametrizations["weight"].original  # type: ignore[index,union-attr]
+    assert isinstance(original, torch.Tensor)
+    return original
+
+
+def refit_quantized_block(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    grids: dict[str, QuantResult],
+    batches: RefitBatches,
+    *,
+    epochs: int,
+    lr: float,
+) -> tuple[list[float], dict[str, QuantResult]]:
+    """Tune a quantized block's rounding and scales so its output matches the dense block's.
+
+    Each layer of ``grids`` (by its name in ``linears``) trains a latent weight and one log-scale
+    per group through :class:`FakeQuant`, with Adam on the block-output loss of :func:`refit_block`
+    (``lr``: a fraction of a grid step, and of ``log s``, per step). The latent starts where the
+    quantizer left each weight before rounding it (``grid.latent``; else its quantized value), so the
+    first error is the quantizer's and the weights it rounded on a close call move first; the codes
+    change where a latent crosses a rounding boundary, the scales move freely, zero points and masks
+    stay (a pruned weight stays exactly zero). In the spirit of AutoRound's signed-gradient rounding
+    (Cheng et al. 2023) and EfficientQAT's block-wise training of weights and scales (Chen et al.
+    2024). Returns the errors (as :func:`refit_block`) and each layer's new grid; the layers hold
+    the new quantized weights.
+    """
+    tuned = {name: linears[name] for name in grids}
+    fakes = {name: FakeQuant(grids[name], is_conv1d(module)) for name, module in tuned.items()}
+    latents: list[torch.Tensor] = []
+    with in_float32(block):
+        for name, module in tuned.items():
+            fake = fakes[name].to(as_matrix(module).device)
+            parametrize.register_parametrization(module, "weight", fake)
+            latents.append(_original(module))
+            start = grids[name].latent
+            with torch.no_grad():
+                latents[-1].copy_(fake.units(grids[name].weight if start is None else start))
+        try:
+            params = latents + [fake.log_scale for fake in fakes.values()]
+            with gradients_only_for(block, params, clear=True):
+                errors = _fit(params, batches, epochs=epochs, lr=lr)
+            results = {
+                name: fakes[name].result(latent.detach(), grids[name])
+                for name, latent in zip(tuned, latents, strict=True)
+            }
+        finally:
+            for module in tuned.values():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    for name, module in tuned.items():
+        from_matrix(module, results[name].weight)
+    return errors, results
 
 
 @dataclass
 class BlockRefitter:
-    """The sweep's ``refit`` callback for ``--refine block``; collects one record per block."""
+    """The sweep's ``refit`` callback for ``--refine block``; collects one record per block.
+
+    A quantized run's layers leave their grids in ``grids`` (by module) as they are solved; the
+    refitter then tunes their rounding and scales (:func:`refit_quantized_block`) and replaces
+    their saved form in ``quantized`` (by qualified name). Without grids it refits kept weights.
+    """
 
     epochs: int
     lr: float
     records: list[RefitRecord]
+    grids: dict[nn.Module, tuple[str, QuantResult]] = field(default_factory=dict)
+    quantized: dict[str, QuantizedLayer] = field(default_factory=dict)
 
     def __call__(self, i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
         """Refit block ``i`` and record its errors."""
         t0 = time.perf_counter()
-        errors = refit_block(block, linears, batches, epochs=self.epochs, lr=self.lr)
+        mine = {name: self.grids.pop(module) for name, module in linears.items() if module in self.grids}
+        if mine:
+            errors, tuned = refit_quantized_block(
+                block, linears, {n: grid for n, (_, grid) in mine.items()}, batches, epochs=self.epochs, lr=self.lr
+            )
+            for name, (full, _) in mine.items():
+                self.quantized[full] = compress(tuned[name], weight_dtype(linears[name]))
+        else:
+            errors = refit_block(block, linears, batches, epochs=self.epochs, lr=self.lr)
         self.records.append(RefitRecord(i, errors, time.perf_counter() - t0))

@@ -36,7 +36,7 @@ from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, find_blocks, from_matrix, is_attention, is_conv1d, weight_dtype
 from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
-from oneshot.methods.gptq import quantize_stacked, quantize_stage
+from oneshot.methods.gptq import QuantResult, quantize_stacked, quantize_stage
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 from oneshot.quantized import QuantizedLayer, compress
@@ -121,6 +121,7 @@ class _Pruner:
     grad_sq: Mapping[str, torch.Tensor] | None = None
     then: str | None = None  # the quantization stage after the method (--then)
     refine_layers: str = "all"  # DSnoT: attention, mlp or all layers
+    grids: dict[nn.Module, tuple[str, QuantResult]] | None = None  # --refine block: quantized layers to tune
 
     def options_for(self, module: nn.Module) -> MethodOptions:
         """The method options for one layer: a quantization grid's scales are rounded to the layer's dtype."""
@@ -153,6 +154,8 @@ class _Pruner:
         from_matrix(module, pruned.weight, pruned.bias)
         if pruned.quant is not None:
             self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
+            if self.grids is not None:  # the block refit tunes it, then saves it again
+                self.grids[module] = (full, pruned.quant)
         t1 = time.perf_counter()
         record = _record(full, block, weight, pruned, target, stats, accs.get(SAMPLE), seconds)
         self.result.layers.append(record)
@@ -259,13 +262,17 @@ def prune_sequential(
     refine = REFINERS.get(config.refine or "") if method is None else None
     reference = _reference(model, config) if spec.reference else None
     grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
-    refit = BlockRefitter(config.recon_epochs, config.recon_lr, result.refits) if config.refine == "block" else None
+    refit = None
+    if config.refine == "block" and method is None:
+        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, quantized=result.quantized)
     target = float(config.sparsity or 0.0)
     then = config.then if method is None else None
     options = config.method_options()
     pruner = _Pruner(
         spec, options, device, target, sparsities, result, refine, reference, grad_sq, then, config.dsnot_layers
     )
+    if refit is not None and config.quantizes:
+        pruner.grids = refit.grids
     needs = config.stat_needs() if method is None else spec.needs
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards
@@ -284,7 +291,7 @@ def prune_sequential(
         io=io,
         single_pass=single_pass,
         visit_group=pruner.group if stacked else None,
-        refit=refit if method is None else None,
+        refit=refit,
         ranks=ranks,
         owned=True,
     )
