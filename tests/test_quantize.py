@@ -229,11 +229,14 @@ def test_a_layer_the_loader_would_not_restore_is_not_saved(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_streaming_quantized_equals_in_memory(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
-    """A streamed SparseGPT + GPTQ run writes the same compressed tensors and config as the in-memory run."""
+@pytest.mark.parametrize("extra", [{}, {"refine": "block", "recon_lr": 0.1}])
+def test_streaming_quantized_equals_in_memory(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], extra: dict[str, object]
+) -> None:
+    """A streamed SparseGPT + GPTQ run (± the block tuning) writes the same compressed tensors and config as in memory."""
     folder = tiny_checkpoint("llama")
     small = CalibrationConfig(nsamples=4, seqlen=32)
-    options = {"method": "sparsegpt", "sparsity": 0.5, "then": "gptq", "group_size": 32, "calibration": small}
+    options = {"method": "sparsegpt", "sparsity": 0.5, "then": "gptq", "group_size": 32, "calibration": small, **extra}
     oneshot.prune(str(folder), out=tmp_path / "mem", stream=False, quiet=True, **options)  # type: ignore[arg-type]
     report = oneshot.prune(str(folder), out=tmp_path / "str", stream=True, quiet=True, **options)  # type: ignore[arg-type]
     assert report.extra["mode"] == "streaming"
