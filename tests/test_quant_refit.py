@@ -228,3 +228,16 @@ def test_quantize_only_runs_take_the_tuning(tmp_path: Path, tiny_checkpoint: Cal
         if method == "rtn":  # (GPTQ's 4-bit error on this tiny model's 128 tokens is already near its floor)
             assert all(r["errors"][-1] < r["errors"][0] for r in records)
         assert report.extra["quantization"]["layers"] == 21
+
+
+def test_a_pass_that_changes_nothing_is_not_kept() -> None:
+    """Steps too small to move a code or a bf16 scale leave the error exactly equal: no pass is recorded."""
+    block, grids, batches = _quantized_block(torch.bfloat16)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    errors, tuned = refit_quantized_block(block, {"0": block[0], "2": block[2]}, grids, batches, epochs=3, lr=1e-9)
+    assert len(errors) == 1
+    for name in ("0", "2"):
+        assert torch.equal(tuned[name].weight, grids[name].weight) and torch.equal(
+            tuned[name].scales, grids[name].scales
+        )
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
