@@ -241,3 +241,35 @@ def test_a_pass_that_changes_nothing_is_not_kept() -> None:
             tuned[name].scales, grids[name].scales
         )
     assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
+
+
+def test_a_rejected_pass_halves_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step's learning rate is lr / 2^k, k the passes undone before it (wild steps get undone)."""
+    seen: list[float] = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure: None = None) -> None:  # type: ignore[override]
+            seen.append(self.param_groups[0]["lr"])
+            super().step()
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    block, grids, batches = _quantized_block()
+    errors, _ = refit_quantized_block(block, {"0": block[0], "2": block[2]}, grids, batches, epochs=5, lr=2.0)
+    per_pass = seen[::3]  # three batches per pass, one rate per pass
+    assert len(seen) == 15 and all(seen[i] == seen[i - i % 3] for i in range(15))
+    undone = 0
+    for k, lr in enumerate(per_pass):
+        assert lr == 2.0 / 2**undone
+        if k + 1 < len(per_pass) and per_pass[k + 1] != lr:
+            undone += 1
+    assert undone >= 1 and len(errors) >= 2  # some passes undone, some kept
+
+
+def test_refit_defaults_and_the_quantize_only_refusals() -> None:
+    """The documented defaults (1e-3 on weights, 2e-2 grid steps), one pass allowed, masks-only options refused."""
+    assert PruneConfig(method="wanda", sparsity=0.5, refine="block").refit_lr() == 1e-3
+    assert PruneConfig(method="gptq", refine="block").refit_lr() == 2e-2
+    assert PruneConfig(method="gptq", refine="block", recon_epochs=1).recon_epochs == 1
+    for options in ({"owl": True}, {"allocate": "sensitivity"}):
+        with pytest.raises(ConfigError, match="act on pruning masks"):
+            PruneConfig(method="gptq", **options)  # type: ignore[arg-type]
