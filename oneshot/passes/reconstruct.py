@@ -8,6 +8,11 @@ BRECQ-style block fitting. Masks are fixed: a pruned weight stays exactly zero. 
 refit in float32 (a bf16 block is cast for the refit and cast back), one Adam step per calibration
 batch, ``epochs`` passes. After every pass the whole calibration error is measured again; a pass
 that does not lower it is undone and the learning rate halved, so the recorded errors never rise.
+
+In a quantized run the same loop tunes the grid instead (:func:`refit_quantized_block`): each
+quantized layer's weight becomes a :class:`FakeQuant` parametrization of a latent weight and
+per-group log-scales, trained through a straight-through rounding; the layers' grids wait in
+:class:`BlockRefitter` from the solve until the block's tuning replaces their saved form.
 """
 
 from __future__ import annotations
