@@ -183,10 +183,11 @@ class FakeQuant(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """The quantized weight of ``latent`` (in the layer's own layout)."""
         u = latent.t() if self.transposed else latent
-        s, z = self.scales()[:, self.group], self.zeros[:, self.group]
-        x = u * (self.scales0[:, self.group] / s)
+        s = self.scales()  # [out, groups]: expanded to the weights once each, below
+        x = u * (self.scales0 / s)[:, self.group]
+        z = self.zeros[:, self.group]
         codes = torch.clamp(x + (torch.round(x) - x).detach() + z, 0, self.spec.maxq)
-        q = s * (codes - z) * self.mask
+        q = s[:, self.group] * (codes - z) * self.mask
         return q.t() if self.transposed else q
 
     def result(self, latent: torch.Tensor, grid: QuantResult) -> QuantResult:
@@ -266,8 +267,8 @@ class BlockRefitter:
     epochs: int
     lr: float
     records: list[RefitRecord]
+    quantized: dict[str, QuantizedLayer]  # the sweep's saved forms, by qualified name
     grids: dict[nn.Module, tuple[str, QuantResult]] = field(default_factory=dict)
-    quantized: dict[str, QuantizedLayer] = field(default_factory=dict)
 
     def __call__(self, i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
         """Refit block ``i`` and record its errors."""

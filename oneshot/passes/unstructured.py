@@ -152,10 +152,10 @@ class _Pruner:
     ) -> None:
         """Put the pruned weight into the layer and record it (a quantized layer's saved form too)."""
         from_matrix(module, pruned.weight, pruned.bias)
-        if pruned.quant is not None:
+        if pruned.quant is not None and self.grids is not None:  # the block refit tunes the grid, then saves it
+            self.grids[module] = (full, pruned.quant)
+        elif pruned.quant is not None:
             self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
-            if self.grids is not None:  # the block refit tunes it, then saves it again
-                self.grids[module] = (full, pruned.quant)
         t1 = time.perf_counter()
         record = _record(full, block, weight, pruned, target, stats, accs.get(SAMPLE), seconds)
         self.result.layers.append(record)
@@ -264,7 +264,7 @@ def prune_sequential(
     grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
     refit = None
     if config.refine == "block" and method is None:
-        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, quantized=result.quantized)
+        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized)
     target = float(config.sparsity or 0.0)
     then = config.then if method is None else None
     options = config.method_options()
