@@ -10,12 +10,13 @@ still intact (what makes a streaming run resumable) and resident memory holds on
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from oneshot.shards import fsync_path
 
 
 def to_host(tensor: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -178,7 +179,7 @@ class DiskStore:
             self._kept, self._next = self._next, {}
             self._pending = (target, self._kept)
         else:
-            _fsync(self._path(target))
+            fsync_path(self._path(target))
         self.current = target
 
     def take_pending(self) -> Callable[[], None]:
@@ -194,18 +195,10 @@ class DiskStore:
                 file, batches = pending
                 for batch, host in sorted(batches.items()):
                     self._write(file, batch, host)
-                _fsync(self._path(file))
+                fsync_path(self._path(file))
 
         return write
 
     def sync(self) -> None:
         """Flush the current file to disk (after the capture filled it)."""
-        _fsync(self._path(self.current))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(self._path(self.current))

@@ -21,7 +21,7 @@ from torch import nn
 
 from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors, saved_quantization
-from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
+from oneshot.config import DTYPES, TOKENS, CalibrationConfig, PruneConfig, read_recipe
 from oneshot.distributed import Ranks, guarded
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
@@ -35,13 +35,31 @@ from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
 from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
-from oneshot.quantized import ASYMMETRIC_LOAD_WARNING, QuantizedLayer, check_groups, check_loader
+from oneshot.quantized import ASYMMETRIC_LOAD_WARNING, QuantizedLayer, auto_group_size, check_groups, check_loader
 from oneshot.streaming import StreamingRun, partial_dir
-from oneshot.writer import check_output_dir, save_pruned
+from oneshot.writer import check_output_dir, rewrite_report, save_pruned
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Report", "evaluate_perplexity", "prune", "should_stream"]
+
+
+#: The allocation sweeps that run before the pruning sweep, by their key in the report.
+ALLOCATIONS = ("owl", "sensitivity")
+
+#: How :func:`phase_line` names the phases of :meth:`Report.phase_seconds`.
+_PHASE_LABELS = {"report": "error report", "forward": "forwards", "activations": "activation store"}
+
+
+def phase_line(phases: dict[str, float]) -> str:
+    """The phases that took time, as one line: ``capture 1.2, forwards 3.4, ...``."""
+    return ", ".join(f"{_PHASE_LABELS.get(k, k)} {v:.1f}" for k, v in phases.items() if v >= 0.05)
+
+
+def _weighted(layers: list[LayerRecord], value: Callable[[LayerRecord], float]) -> float:
+    """The mean of ``value`` over ``layers`` weighted by their sizes (0 without layers)."""
+    total = sum(r.shape[0] * r.shape[1] for r in layers)
+    return sum(value(r) * r.shape[0] * r.shape[1] for r in layers) / total if total else 0.0
 
 
 @dataclass
@@ -61,16 +79,34 @@ class Report:
 
     @property
     def achieved_sparsity(self) -> float:
-        """Share of zero weights over all pruned layers, weighted by their size."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        zeros = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in self.layers)
-        return zeros / total if total else 0.0
+        """Share of the weights the masks removed over all pruned layers, weighted by their size."""
+        return _weighted(self.layers, lambda r: r.achieved_sparsity)
+
+    @property
+    def zero_fraction(self) -> float:
+        """Share of the weights of the pruned layers equal to zero as written: pruned, or rounded to zero."""
+        return _weighted(self.layers, lambda r: r.achieved_sparsity if r.zero_fraction is None else r.zero_fraction)
 
     @property
     def mean_relative_error(self) -> float | None:
         """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens (None: no data)."""
         errors = [r.relative_error for r in self.layers if r.relative_error is not None]
         return sum(errors) / len(errors) if errors else None
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Every second of the run in one phase: the sweep's, the allocation sweep, the save, and setup.
+
+        ``setup`` is what no other phase holds (loading the model and tokenizer, tokenizing the
+        calibration text, the checks before any work), so the phases add up to ``seconds``.
+        ``communicate`` (several ranks) overlaps the phase each collective happens in and is not summed.
+        """
+        phases = {k: v for k, v in dataclasses.asdict(self.times).items() if k not in ("per_block", "communicate")}
+        phases["allocation"] = sum(float(self.extra.get(name, {}).get("seconds", 0.0)) for name in ALLOCATIONS)
+        phases["save"] = float(self.extra.get("write_seconds", 0.0))
+        phases["setup"] = max(0.0, self.seconds - sum(phases.values()))
+        if self.times.communicate:
+            phases["communicate"] = self.times.communicate
+        return phases
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, as saved in ``oneshot_report.json``."""
@@ -80,9 +116,10 @@ class Report:
             "target_sparsity": self.config.sparsity,
             "nm": None if self.config.nm is None else f"{self.config.nm[0]}:{self.config.nm[1]}",
             "achieved_sparsity": self.achieved_sparsity,
+            "zero_fraction": self.zero_fraction,
             "mean_relative_error": self.mean_relative_error,
             "seconds": self.seconds,
-            "phase_seconds": dataclasses.asdict(self.times),
+            "phase_seconds": self.phase_seconds(),
             "blocks": self.blocks,
             "out_dir": self.out_dir,
             "layers": [dataclasses.asdict(r) for r in self.layers],
@@ -109,16 +146,18 @@ class Report:
         quant = self.extra.get("quantization")
         if quant:
             grid = f"{quant['bits']}-bit " + ("per row" if quant["group_size"] is None else f"g{quant['group_size']}")
+            grid += (
+                " (group size chosen: the largest of 128/64/32 that fits)" if "group_size_chosen" in self.extra else ""
+            )
             pattern = f"{pattern}, then {quant['method']} {grid}" if self.config.then else grid
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
             f"method {self.config.method} at {pattern}: {len(self.layers)} linear layers in {self.blocks}",
-            ("weights rounded to zero" if METHODS[self.config.method].quantizes else "achieved sparsity")
-            + f" {self.achieved_sparsity:.4%}, mean relative error "
+            f"achieved sparsity {self.achieved_sparsity:.4%}"
+            + (f" (zeros after rounding {self.zero_fraction:.4%})" if quant else "")
+            + ", mean relative error "
             + ("n/a (no calibration data)" if self.mean_relative_error is None else f"{self.mean_relative_error:.4g}"),
-            f"time {self.seconds:.1f}s (capture {self.times.capture:.1f}, forwards {self.times.forward:.1f}, "
-            f"statistics {self.times.statistics:.1f}, solve {self.times.solve:.1f}, "
-            f"error report {self.times.report:.1f}, propagate {self.times.propagate:.1f})",
+            f"time {self.seconds:.1f}s ({phase_line(self.phase_seconds())})",
         ]
         owl = self.extra.get("owl")
         if owl:
@@ -209,8 +248,12 @@ def prune(
     if run is None:
         tune_allocator()  # in memory: speed first (a streaming run keeps glibc's defaults: footprint first)
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-    check_layers(model, config)
+    auto_group = config.quantizes and config.group_size is None
+    config = check_layers(model, config)
+    if run is not None:
+        run.config = config
     calib = _calibration(model, tokenizer, calibration, config)
+    recorded = None if calib is None else _recorded_calibration(calibration, config, calib)
     if run is not None:
         run.begin(calib)
 
@@ -219,6 +262,8 @@ def prune(
     try:
         facts = _run_facts(model, calib, run)
         facts["host_allocator"] = allocator_state()
+        if auto_group:
+            facts["group_size_chosen"] = "the largest of 128, 64, 32 that divides every quantized layer's input"
         if ranks is not None:
             facts["distributed"] = {"world_size": ranks.world}
             if calib is not None:
@@ -228,11 +273,12 @@ def prune(
         job = _Job(model, calib, config, facts, run, ranks)
         report = _prune_structured(job) if METHODS[config.method].structured else _prune_unstructured(job, sparsities)
         report.model = name
+        report.config = resolved_config(config, model, recorded, report.extra)
         return _finish(report, model, tokenizer, out_path, overwrite, start, run, ranks)
     except BaseException:
         if run is not None and ranks is not None:
             run.discard()  # a run over several ranks cannot be resumed: leave nothing behind
-        elif run is not None and run.partial.exists():
+        elif run is not None and run.resumable:
             log.error("the finished blocks are kept in %s: rerun with --resume to continue", run.partial)
         raise
     finally:
@@ -255,8 +301,11 @@ def _check_distributed(config: PruneConfig) -> None:
         )
 
 
-def check_layers(model: nn.Module, config: PruneConfig) -> None:
-    """Refuse, before any work, a model whose blocks have no prunable layer or whose widths the N:M misfits."""
+def check_layers(model: nn.Module, config: PruneConfig) -> PruneConfig:
+    """Refuse, before any work, a model whose blocks have no prunable layer or whose widths the N:M misfits.
+
+    Returns ``config`` with what depends on the layers settled (a quantized run's default group size).
+    """
     layers = prunable_layers(model, config)
     if not layers and not METHODS[config.method].structured:
         blocks_name, blocks = find_blocks(model)
@@ -266,7 +315,7 @@ def check_layers(model: nn.Module, config: PruneConfig) -> None:
             "GPT-2 Conv1D layers" + (", and --skip leaves none" if config.skip_layers else "")
         )
     if config.quantizes:
-        _check_quantizable(model, config, layers)
+        config = _check_quantizable(model, config, layers)
     if config.nm is not None:
         m = config.nm[1]
         misfit = [name for name, width in layers.items() if width % m]
@@ -275,10 +324,14 @@ def check_layers(model: nn.Module, config: PruneConfig) -> None:
                 f"--nm {config.nm[0]}:{m} needs every pruned layer's input width to be a multiple of {m}; "
                 f"{len(misfit)} are not (e.g. {misfit[0]}): leave them dense with --skip or choose another M"
             )
+    return config
 
 
-def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, int]) -> None:
-    """A quantized run's output must be loadable: the format's package present, plain Linear layers, whole groups."""
+def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, int]) -> PruneConfig:
+    """A quantized run's output must be loadable: the format's package present, plain Linear layers, whole groups.
+
+    Returns ``config`` with its group size set: the default is the largest of 128 / 64 / 32 that fits.
+    """
     check_loader()
     conv = [name for name, module in model.named_modules() if name in layers and is_conv1d(module)]
     if conv:
@@ -286,10 +339,14 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
             f"the compressed-tensors format stores nn.Linear layers; {conv[0]} is a GPT-2 Conv1D "
             f"({len(conv)} layers): quantize a model with nn.Linear layers or leave these dense with --skip"
         )
+    if config.group_size is None:
+        config = dataclasses.replace(config, group_size=auto_group_size(layers))
+        log.info("--group-size %d: the largest of 128, 64, 32 that divides every quantized layer", config.group_size)
     spec = config.quant_spec()
     check_groups(layers, spec)
     if not spec.symmetric:
         log.warning(ASYMMETRIC_LOAD_WARNING)
+    return config
 
 
 def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:
@@ -386,22 +443,67 @@ def should_stream(folder: Path, config: PruneConfig, dtype: torch.dtype) -> bool
 
 
 def _calibration(model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig) -> CalibrationSet | None:
-    """The calibration tokens, or None when the run reads no data (a data-free method without OWL)."""
+    """The calibration tokens, or None when the run reads no data (a data-free method without OWL).
+
+    A recorded ``digest`` (a recipe run again) must match the tokens built now.
+    """
     if not config.uses_data:
         if calibration is not None:
             log.info("%s needs no calibration data: the calibration passed is not used", config.method)
         return None
     source = _as_calibration(calibration, config)  # type: ignore[arg-type]
     if isinstance(source, CalibrationConfig):
+        if source.source == TOKENS:
+            raise ConfigError(
+                "this configuration was calibrated on token ids passed to oneshot.prune(calibration=...), which a "
+                "recipe does not hold: pass the same ids as calibration= (their digest is checked)"
+            )
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build calibration data; pass tokenizer= or token ids")
         calib = build_calibration(tokenizer, source, resolve_seqlen(model, source.seqlen))
     else:
         calib = source
         resolve_seqlen(model, calib.seqlen)
+    expected = config.calibration.digest if calibration is None or isinstance(calibration, torch.Tensor) else None
+    expected = source.digest if isinstance(source, CalibrationConfig) else expected
+    if expected is not None and expected != calib.digest():
+        raise ConfigError(
+            "the calibration tokens differ from the ones the recipe recorded (digest mismatch): the same text, "
+            "tokenizer, --nsamples, --seqlen and --seed are needed to re-make the run"
+        )
     if not config.quiet:
         log.info("calibrating on %d samples x %d tokens", calib.nsamples, calib.seqlen)
     return calib
+
+
+def _recorded_calibration(calibration: object, config: PruneConfig, calib: CalibrationSet) -> CalibrationConfig:
+    """The calibration as this run used it: its source (or :data:`TOKENS` for ids), size and digest."""
+    source = _as_calibration(calibration, config)  # type: ignore[arg-type]
+    if isinstance(source, CalibrationSet):
+        source = CalibrationConfig(source=TOKENS)
+    return dataclasses.replace(source, nsamples=calib.nsamples, seqlen=calib.seqlen, digest=calib.digest())
+
+
+def resolved_config(
+    config: PruneConfig, model: nn.Module, calibration: CalibrationConfig | None, facts: dict[str, Any]
+) -> PruneConfig:
+    """``config`` with what the run decided filled in: device, dtype, streaming, passes and the calibration used.
+
+    This is the configuration saved next to the output and in its recipe, so the recipe re-makes the run.
+    """
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    changes: dict[str, Any] = {
+        "device": str(resolve_device(config.device)),
+        "stream": facts.get("mode") == "streaming",
+        "dtype": dtype if dtype in DTYPES else config.dtype,
+    }
+    if calibration is not None:
+        changes["calibration"] = calibration
+    if METHODS[config.method].structured:
+        changes["sparsity"] = None  # a structured run removes units; its config sets no sparsity of its own
+    if "passes" in facts and calibration is not None and not METHODS[config.method].structured:
+        changes["passes"] = facts["passes"]
+    return dataclasses.replace(config, **changes)
 
 
 @dataclass
@@ -565,7 +667,8 @@ def _finish(
     ranks: Ranks | None = None,
 ) -> Report:
     """Stamp time and memory, and save the model when an output folder was given (rank 0 of several)."""
-    report.seconds = time.perf_counter() - start
+    before = run.prior_seconds if run is not None else 0.0  # a resumed run: the blocks done before it
+    report.seconds = time.perf_counter() - start + before
     report.extra["seconds_per_block"] = list(report.times.per_block)
     report.extra["peak_rss_bytes"] = peak_rss()
     if run is not None and run.store is not None:  # where a streaming run kept its activations
@@ -597,6 +700,8 @@ def _finish(
                     recipe=report.config.to_recipe(),
                 )
         report.extra["write_seconds"] = time.perf_counter() - t0
-        report.seconds = time.perf_counter() - start
+        report.seconds = time.perf_counter() - start + before
         report.extra["peak_rss_bytes"] = peak_rss()
+        if ranks is None or ranks.writes:  # the saved report, with the save and its check counted
+            rewrite_report(out_path, report.to_dict())
     return report

@@ -56,19 +56,31 @@ class CapturedInputs:
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
 
-def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+def to_device(
+    obj: Any,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Any:
     """Move every tensor inside nested tuples / lists / dicts to ``device`` (others unchanged).
 
     With ``dtype``, floating-point tensors are cast to it as well (integer ones keep theirs).
+    With ``memo`` (``id(tensor) -> (tensor, its copy)``) a tensor met before is not copied again:
+    its first copy is returned (the memo holds the source, so its id is not reused meanwhile).
     """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
+        moved = obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+        if memo is not None:
+            memo[id(obj)] = (obj, moved)
+        return moved
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device, dtype) for o in obj)
+        return tuple(to_device(o, device, dtype, memo) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device, dtype) for o in obj]
+        return [to_device(o, device, dtype, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype, memo) for k, v in obj.items()}
     return obj
 
 
@@ -89,6 +101,10 @@ class _Recorder:
     storage: torch.device
     last: int
     kind: tuple[str, int] | None = None  # how the block family returns its output, learnt once
+    # This batch's tensors already stored, by the id of the model's own: the attention mask and the
+    # position embeddings every block receives are stored once, shared by all blocks' calls (a 4-D
+    # [B, 1, T, T] mask per block would be ~0.5 GB at 128 x 2048, tens of GB over a deep model).
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def wrap(self, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
         """The recording forward of block ``index`` (``original`` runs once, on block 0, to learn ``kind``)."""
@@ -100,7 +116,13 @@ class _Recorder:
             else:
                 hidden_kw = "hidden_states"
                 hidden, rest = kwargs.pop(hidden_kw), ()
-            call = BlockCall(to_device(rest, self.storage), to_device(kwargs, self.storage), hidden_kw)
+            if index == 0:  # a new batch: the model's tensors of the last one are gone
+                self.stored.clear()
+            call = BlockCall(
+                to_device(rest, self.storage, memo=self.stored),
+                to_device(kwargs, self.storage, memo=self.stored),
+                hidden_kw,
+            )
             self.captured.calls[-1].append(call)
             if index == 0:
                 self.sink(len(self.captured.calls) - 1, hidden.detach())

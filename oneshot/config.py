@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.errors import ConfigError
-from oneshot.methods.allocation import parse_sparsity_map
+from oneshot.methods.allocation import MAX_PROBE, parse_sparsity_map
 from oneshot.methods.base import MethodOptions
 from oneshot.methods.gptq import OBSERVERS, QuantSpec
 from oneshot.methods.registry import METHODS, QUANTIZERS
@@ -28,6 +28,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Options that say where and how this machine runs a job, not what it computes: a recipe does not
 #: record them, and a resumed streaming run may differ in them.
 RUN_ONLY = ("quiet", "resume", "device", "stream", "max_memory")
+#: The calibration source a run records when it was given token ids, not text.
+TOKENS = "tokens"
 #: How a block is swept: see ``PruneConfig.passes``.
 PASSES = ("auto", "single", "two")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -123,7 +125,10 @@ class CalibrationConfig:
 
     ``source`` is ``"bundled"`` (a public-domain novel shipped with oneshot), a local ``.txt``,
     ``.jsonl`` or ``.parquet`` file, or a Hugging Face dataset name (``dataset_config``, ``split``
-    and ``text_field`` then select the text). ``nsamples`` windows of ``seqlen`` tokens are drawn
+    and ``text_field`` then select the text); a run calibrated on token ids passed to
+    :func:`oneshot.prune` records ``"tokens"`` (:data:`TOKENS`). ``digest`` is recorded by a run
+    (:meth:`CalibrationSet.digest`); a recipe that carries one is checked against its tokens.
+    ``nsamples`` windows of ``seqlen`` tokens are drawn
     at seeded random offsets. ``seqlen=None`` means min(2048, the model's context length).
     """
 
@@ -140,6 +145,12 @@ class CalibrationConfig:
     nsamples: int = option(128, "Number of calibration sequences.")
     seqlen: int | None = option(None, "Tokens per calibration sequence [default: min(2048, context)].", type=int)
     seed: int = option(0, "Seed for drawing calibration windows.")
+    digest: str | None = option(
+        None,
+        "The calibration tokens' digest, as a run records it: a recipe run again checks its tokens are the same.",
+        type=str,
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -267,8 +278,12 @@ class PruneConfig:
         uses=UNSTRUCTURED,
     )
     bits: int = option(4, "Quantization: bits per weight (2, 3, 4 or 8).", uses=QUANTIZES)
-    group_size: int = option(
-        128, "Quantization: input columns sharing a scale; -1 = one scale per output row.", uses=QUANTIZES
+    group_size: int | None = option(
+        None,
+        "Quantization: input columns sharing a scale; -1 = one scale per output row [default: the largest of "
+        "128, 64, 32 that divides every quantized layer's input width, named in the output and the report].",
+        type=int,
+        uses=QUANTIZES,
     )
     symmetric: bool = option(
         True,
@@ -318,7 +333,9 @@ class PruneConfig:
         requires="allocate=sensitivity",
     )
     owl_m: float = option(5.0, "OWL outlier threshold M (× mean score).", requires="owl")
-    owl_lambda: float = option(0.08, "OWL max deviation from --sparsity.", requires="owl")
+    owl_lambda: float = option(
+        0.08, "OWL's λ: the block sparsities span 2λ, centred on --sparsity (the published mapping).", requires="owl"
+    )
     sparsity_map: tuple[tuple[str, float | str], ...] = option(
         (),
         'JSON/YAML file {layer glob: sparsity or "skip"}, applied after OWL; later entries win.',
@@ -452,9 +469,9 @@ class PruneConfig:
 
     def _check_quantization(self) -> None:
         """The grid's knobs, and the options a quantized run cannot be combined with."""
-        if self.group_size == 0 or self.group_size < -1:
+        if self.group_size is not None and (self.group_size == 0 or self.group_size < -1):
             raise ConfigError(f"--group-size must be positive, or -1 for one scale per row (got {self.group_size})")
-        self.quant_spec()  # checks --bits
+        QuantSpec(self.bits, observer=self.observer)  # checks --bits
         if self.act_order and self.quantizer != "gptq":
             raise ConfigError("--act-order changes GPTQ's column order; round-to-nearest has none: drop it")
 
@@ -486,6 +503,11 @@ class PruneConfig:
             raise ConfigError(
                 f"--allocate sensitivity probes blocks with the method's own statistics; {self.method} scores from "
                 "gradients or a base model it reads once per run: use --owl or a --sparsity-map instead"
+            )
+        if sparsity > MAX_PROBE:
+            raise ConfigError(
+                f"--allocate sensitivity measures blocks at sparsities up to {MAX_PROBE}; --sparsity {sparsity} is "
+                "above: prune uniformly (drop --allocate) or choose a lower --sparsity"
             )
         if not 0 < self.allocate_lambda <= sparsity or sparsity + self.allocate_lambda >= 1.0:
             raise ConfigError(
@@ -551,7 +573,13 @@ class PruneConfig:
         return QUANT_REFIT_LR if self.quantizes else REFIT_LR
 
     def quant_spec(self) -> QuantSpec:
-        """The quantization grid of this run (float32 scales; each layer's own dtype is set where it is solved)."""
+        """The quantization grid of this run (float32 scales; each layer's own dtype is set where it is solved).
+
+        The default group size depends on the model's layers: :func:`oneshot.quantized.auto_group_size`
+        sets it (``dataclasses.replace``) before the grid is asked for.
+        """
+        if self.group_size is None:
+            raise RuntimeError("the default --group-size is chosen from the model's layers before the grid is built")
         group = None if self.group_size == -1 else self.group_size
         return QuantSpec(self.bits, group, self.symmetric, self.act_order, observer=self.observer)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from oneshot.activations import ActivationStore, MemoryStore
 from oneshot.calibration.data import CalibrationSet
-from oneshot.calibration.hooks import AccumulatorFactory, collect
+from oneshot.calibration.hooks import AccumulatorFactory, collect, no_input
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
 from oneshot.capture import BlockCall, CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
@@ -335,6 +335,9 @@ class _BlockStep:
 
         t0, report_before = time.perf_counter(), times.report
         groups: dict[int, list[str]] = {}  # layers sharing accumulators read the same input
+        missing = [name for name in linears if not collector.received(name)]
+        if missing:
+            raise no_input(f"{blocks_name}.{i}.{missing[0]}")
         for name in linears:
             groups.setdefault(id(collector.stats(name)), []).append(name)
         if ranks is not None:
@@ -565,7 +568,7 @@ class _SinglePassStep(_BlockStep):
             out = self.captured.calls[0][i].run(block, hidden, self.device)
             missing = [name for name in linears if name not in visited]
             if missing:
-                raise RuntimeError(f"module {missing[0]} received no input during calibration")
+                raise no_input(f"{blocks_name}.{i}.{missing[0]}")
             if self.block_visit is not None:
                 self.block_visit(i, block, collector.stats)
         synchronize(self.device)  # the forward's queued kernels count as forward, not the store's copy

@@ -142,6 +142,26 @@ def check_loader() -> None:
         ) from exc
 
 
+#: The group sizes the default tries, largest first (the first that divides every quantized layer wins).
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def auto_group_size(widths: Mapping[str, int]) -> int:
+    """The largest of :data:`AUTO_GROUP_SIZES` that divides every quantized layer's input width.
+
+    A model none of them fits is refused with the two ways out (a smaller group, or one per row).
+    """
+    for size in AUTO_GROUP_SIZES:
+        if all(width % size == 0 for width in widths.values()):
+            return size
+    name, width = next((n, w) for n, w in widths.items() if w % AUTO_GROUP_SIZES[-1])
+    raise ConfigError(
+        f"no group size of {', '.join(map(str, AUTO_GROUP_SIZES))} divides the input width {width} of {name}; the "
+        "compressed-tensors format needs whole groups: pass --group-size with a divisor of every layer's width "
+        "(e.g. 16), or -1 for one scale per output row"
+    )
+
+
 def check_groups(widths: Mapping[str, int], spec: QuantSpec) -> None:
     """Refuse a group size that does not divide every quantized layer's input width (the format needs whole groups)."""
     size = spec.group_size

@@ -103,35 +103,50 @@ class ShardWriter:
             raise OutputError(f"shard header needs {len(text)} bytes but {self.room} were reserved")
         with self._current.open("r+b") as f:
             f.write(self.room.to_bytes(8, "little") + text + b" " * (self.room - len(text)))
+        fsync_path(self._current)  # a closed shard is never touched again: durable before the state says closed
         self.closed.append({"file": self._current.name, "entries": self.entries})
         self.entries, self.end = {}, 0
 
     def flush(self) -> None:
         """Make what was added durable (fsync of the open shard)."""
         if self._current.exists():
-            fd = os.open(self._current, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(self._current)
 
-    def finish(self) -> dict[str, str]:
-        """Close the last shard, give the shards their final names, write the index; returns key -> file."""
+    def close_shard(self) -> None:
+        """Close the open shard (write its header, make it durable); the state then holds every shard closed."""
         if self.entries:
             self._close()
+
+    def finish(self) -> dict[str, str]:
+        """Close the last shard, give the shards their final names, write the index; returns key -> file.
+
+        Renaming is idempotent: a shard already renamed (a finish interrupted and run again) is left.
+        """
+        self.close_shard()
         total = len(self.closed)
         weight_map: dict[str, str] = {}
         size = 0
         for i, shard in enumerate(self.closed, start=1):
             name = SINGLE_FILE if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-            (self.folder / shard["file"]).rename(self.folder / name)
+            if (self.folder / shard["file"]).exists():
+                (self.folder / shard["file"]).rename(self.folder / name)
             for key, entry in shard["entries"].items():
                 weight_map[key] = name
                 size += entry[3] - entry[2]
         if total > 1:
             index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        fsync_path(self.folder)
         return weight_map
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (renames, new files), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def saved_files(folder: Path) -> list[str]:

@@ -13,13 +13,13 @@ re-read and checked, and the folder is renamed into place.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
 from oneshot.quantized import QuantizedLayer, check_layer
-from oneshot.shards import ShardWriter, header_room, verify_shards
-from oneshot.writer import add_quantization_config, publish, unquantized_linears, write_run_files
+from oneshot.shards import ShardWriter, fsync_path, header_room, verify_shards
+from oneshot.writer import REPORT_FILE, add_quantization_config, publish, unquantized_linears, write_run_files
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,7 @@ def partial_dir(out: Path) -> Path:
 
 def calibration_digest(calib: CalibrationSet | None) -> str:
     """A digest of the calibration token ids and mask (a resume must use the very same tokens)."""
-    if calib is None:
-        return "no calibration data"
-    h = hashlib.sha256(calib.input_ids.to(torch.int64).numpy().tobytes())
-    if calib.attention_mask is not None:
-        h.update(calib.attention_mask.to(torch.int64).numpy().tobytes())
-    return h.hexdigest()
+    return "no calibration data" if calib is None else calib.digest()
 
 
 def _semantic(config: PruneConfig) -> dict[str, Any]:
@@ -133,6 +128,8 @@ class StreamingRun:
         self.source = StreamingSource(self.checkpoint, self.model)
         self.partial = partial_dir(out)
         self.progress: dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+        self.prior_seconds = 0.0  # seconds the interrupted run(s) spent on the blocks a resume keeps
         self.writer: ShardWriter | None = None
         self.store: DiskStore | None = None
         self._param_dtype = {name: p.dtype for name, p in self.model.named_parameters()}
@@ -155,6 +152,8 @@ class StreamingRun:
             "config": _semantic(self.config),
             "calibration": calibration_digest(calib),
         }
+        if self.partial.exists() and self.config.resume and self._finished():
+            return
         if self.partial.exists() and self.config.resume:
             self._reopen(identity)
         else:
@@ -181,6 +180,17 @@ class StreamingRun:
             self.writer.add(key, value.to(self._param_dtype[name]) if name is not None else value)
         self.progress = {"version": 1, **identity, "room": room, "next_block": 0, "layers": [], "skipped": []}
 
+    def _finished(self) -> bool:
+        """Publish a partial folder whose finish was interrupted after its last check (True), else False.
+
+        The finish removes ``progress.json`` only once the shards are verified and the report is
+        written: a folder in that state is complete and only has to be renamed into place.
+        """
+        if (self.partial / PROGRESS_FILE).exists() or not (self.partial / REPORT_FILE).exists():
+            return False
+        self._publish()
+        raise OutputError(f"the interrupted run had finished and verified its output: it is now in {self.out}")
+
     def _reopen(self, identity: dict[str, Any]) -> None:
         path = self.partial / PROGRESS_FILE
         if not path.exists():
@@ -205,6 +215,7 @@ class StreamingRun:
                 "original options, or --overwrite to start over"
             )
         self.progress = progress
+        self.prior_seconds = float(progress.get("elapsed", 0.0))
         self.writer = ShardWriter(self.partial, int(progress["room"]), MAX_SHARD_BYTES, state=progress["writer"])
         self.store = self._new_store(self.partial / "acts", progress["store"])
         log.info("resuming %s from block %d", self.partial, progress["next_block"])
@@ -268,6 +279,8 @@ class StreamingRun:
                 update["layers"] = [dataclasses.asdict(r) for r in result.layers]
                 update["skipped"] = list(result.skipped)
                 update["refits"] = [dataclasses.asdict(r) for r in result.refits]
+                update["times"] = dataclasses.asdict(result.times)
+            update["elapsed"] = self.prior_seconds + time.perf_counter() - self.t0
             store_state, write_outputs = self.store.state(), self.store.take_pending()
 
             def job() -> None:
@@ -303,6 +316,8 @@ class StreamingRun:
             result.layers.append(LayerRecord(**{**record, "shape": tuple(record["shape"])}))
         result.skipped.extend(self.progress.get("skipped", []))
         result.refits.extend(RefitRecord(**record) for record in self.progress.get("refits", []))
+        for name, value in self.progress.get("times", {}).items():  # the phases of the blocks done before
+            setattr(result.times, name, list(value) if name == "per_block" else float(value))
 
     def _write_block(
         self, index: int, block: nn.Module, quantized: dict[str, QuantizedLayer]
@@ -343,7 +358,9 @@ class StreamingRun:
         self.progress["store"] = store_state if store_state is not None else self.store.state()
         tmp = self.partial / (PROGRESS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.progress))
+        fsync_path(tmp)
         os.replace(tmp, self.partial / PROGRESS_FILE)
+        fsync_path(self.partial)  # the rename itself survives a power loss
 
     # -- finishing ----------------------------------------------------------------------------
 
@@ -360,21 +377,20 @@ class StreamingRun:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
 
-    def finish(
-        self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any], recipe: dict[str, Any] | None = None
-    ) -> int:
-        """Name and index the shards, add config, tokenizer and report, verify, rename into place.
-
-        Returns the number of tensor bytes verified.
-        """
-        self.wait()  # the last block, written behind the sweep
-        assert self.writer is not None
-        digests = dict(self.writer.digests)
-        self.writer.finish()
-        for scratch in self.partial.iterdir():  # activation files (acts/, owl/)
+    def _publish(self) -> None:
+        """Remove the activation files (acts/, owl/) and rename the finished folder into place."""
+        for scratch in self.partial.iterdir():
             if scratch.is_dir():
                 shutil.rmtree(scratch)
-        (self.partial / PROGRESS_FILE).unlink()
+        publish(self.partial, self.out, self.overwrite)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the partial folder can be continued with ``--resume`` (it has its progress record)."""
+        return self.writes and (self.partial / PROGRESS_FILE).exists()
+
+    def _write_metadata(self, tokenizer: Any) -> None:
+        """The model config (with a quantized run's ``quantization_config``), generation config and tokenizer."""
         model_config: Any = self.model.config
         model_config.save_pretrained(self.partial)
         quantized = set(self.progress.get("quantized", []))
@@ -387,7 +403,34 @@ class StreamingRun:
             shutil.copy2(generation, self.partial / generation.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.partial)
-        verified = verify_shards(self.partial, digests)
+
+    def finish(
+        self, tokenizer: Any, report: dict[str, Any], config: dict[str, Any], recipe: dict[str, Any] | None = None
+    ) -> int:
+        """Name and index the shards, add config, tokenizer and report, verify, rename into place.
+
+        Returns the number of tensor bytes verified.
+        """
+        self.wait()  # the last block, written behind the sweep
+        assert self.writer is not None
+        digests = dict(self.writer.digests)
+        # Crash-safe order: every step up to the report can be redone by --resume (progress.json stays,
+        # and records the shards' closing); the progress record goes once the folder is verified and
+        # complete, and a resume that finds a folder in that state only publishes it.
+        if not self.progress.get("finishing"):
+            self.writer.close_shard()
+            self.progress["finishing"] = True
+            self.save_progress()
+        self.writer.finish()
+        self._write_metadata(tokenizer)
+        try:
+            verified = verify_shards(self.partial, digests)
+        except OutputError:
+            (self.partial / PROGRESS_FILE).unlink()  # the shards on disk are not what was written: no resume
+            raise
         write_run_files(self.partial, {**report, "verified_bytes": verified}, config, recipe)
-        publish(self.partial, self.out, self.overwrite)
+        fsync_path(self.partial / REPORT_FILE)
+        (self.partial / PROGRESS_FILE).unlink()
+        fsync_path(self.partial)
+        self._publish()
         return verified

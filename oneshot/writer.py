@@ -47,6 +47,17 @@ def write_run_files(
         (folder / RECIPE_FILE).write_text(header + yaml.safe_dump(recipe, sort_keys=False))
 
 
+def rewrite_report(folder: Path, report: dict[str, Any]) -> None:
+    """Update the report of a published folder (atomically): its times and memory then count the save.
+
+    Keys only the saved report has (what the save itself found, e.g. ``verified_bytes``) are kept.
+    """
+    path = folder / REPORT_FILE
+    tmp = folder / (REPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps({**json.loads(path.read_text()), **report}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
     """Validate the output folder before any work is done; returns it as a Path."""
     path = Path(out).expanduser()

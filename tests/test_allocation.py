@@ -38,19 +38,34 @@ def test_owl_weighted_mean_band_and_order(seed: int) -> None:
     s = owl_sparsities(ratios, params, target, lam)
     weighted = sum(si * p for si, p in zip(s, params, strict=True)) / sum(params)
     assert weighted == pytest.approx(target, abs=1e-12)
-    assert all(target - lam - 1e-12 <= si <= target + lam + 1e-12 for si in s)
-    assert max(s) - min(s) > lam  # the band is used, not collapsed
+    assert max(s) - min(s) == pytest.approx(2 * lam, abs=1e-12)  # the published span, whatever the profile
+    assert s[ratios.index(max(ratios))] == min(s) and s[ratios.index(min(ratios))] == max(s)
     order = sorted(range(12), key=lambda i: ratios[i])
     assert all(s[a] >= s[b] for a, b in zip(order, order[1:], strict=False))  # more outliers -> less sparsity
+    # linear in D: equal steps of D give equal steps of sparsity
+    slope = (max(s) - min(s)) / (max(ratios) - min(ratios))
+    assert all(
+        si == pytest.approx(max(s) - slope * (d - min(ratios)), abs=1e-12) for si, d in zip(s, ratios, strict=True)
+    )
 
 
-def test_owl_equal_blocks_match_published_formula() -> None:
-    ratios = [0.01, 0.02, 0.04, 0.03]
+@pytest.mark.parametrize("ratios", [[0.01, 0.02, 0.04, 0.03], [0.0, 0.0, 0.0, 0.05], [0.01, 0.05, 0.05, 0.05]])
+def test_owl_equal_blocks_match_published_formula(ratios: list[float]) -> None:
+    """``luuyin/OWL`` lib/prune_all.py: keep = (D − min) / (max − min) · 2λ, minus its mean, plus 1 − S."""
     s = owl_sparsities(ratios, [1, 1, 1, 1], 0.5, 0.08)
     d = torch.tensor(ratios, dtype=torch.float64)
-    keep = (d - d.min()) / (d.max() - d.min()) * 0.16
-    published = 1 - (keep - keep.mean() + 0.5)
-    assert s == pytest.approx(published.tolist())
+    keep = (d - d.min()) * (1 / (d.max() - d.min()) * 0.08 * 2)
+    published = 1 - (keep - keep.mean() + (1 - 0.5))
+    assert s == pytest.approx(published.tolist(), abs=1e-12)
+    assert sum(s) / 4 == pytest.approx(0.5, abs=1e-12) and max(s) - min(s) == pytest.approx(0.16, abs=1e-12)
+
+
+def test_owl_refuses_a_span_outside_the_unit_interval() -> None:
+    with pytest.raises(ConfigError, match="smaller --owl-lambda"):
+        owl_sparsities([0.0, 0.05, 0.05, 0.05], [1, 1, 1, 1], 0.85, 0.1)  # block 0 at 0.85 + 1.5λ = 1.0
+    with pytest.raises(ConfigError, match="smaller --owl-lambda"):
+        owl_sparsities([0.05, 0.0, 0.0, 0.0], [1, 1, 1, 1], 0.1, 0.09)  # block 0 at 0.1 − 1.5λ < 0
+    assert min(owl_sparsities([0.05, 0.0, 0.0, 0.0], [1, 1, 1, 1], 0.1, 0.06)) == pytest.approx(0.01)
 
 
 def test_owl_uniform_when_no_spread() -> None:

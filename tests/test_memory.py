@@ -7,8 +7,11 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+import torch
+from torch import nn
 
 from oneshot import memory
 
@@ -96,3 +99,49 @@ def test_scratch_goes_back_only_where_the_allocator_was_not_tuned(
     memory.release_scratch()
     memory.release_freed_memory()  # unconditional
     assert libc.trims == (2 if tuned is None else 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_capture_stores_each_tensor_of_a_batch_once(tiny_model: Callable[[str], nn.Module], family: str) -> None:
+    """The mask and position embeddings the model hands every block are stored once per batch, shared by
+    all the blocks' recorded calls (on a GPU each block's copy to the host was a copy of its own)."""
+    from oneshot.calibration.data import CalibrationSet
+    from oneshot.capture import capture_inputs
+    from oneshot.layers import find_blocks
+
+    model = tiny_model(family)
+    _, blocks = find_blocks(model)
+    ids = torch.randint(4, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # padding: a real mask tensor reaches the blocks
+    stored = torch.device("meta")  # a storage other than the compute device: every tensor is copied
+    captured = capture_inputs(
+        model, blocks, CalibrationSet(ids, mask), 2, torch.device("cpu"), lambda b, h: None, stored
+    )
+
+    def tensors(call: object) -> list[torch.Tensor]:
+        found: list[torch.Tensor] = []
+
+        def walk(obj: object) -> None:
+            if isinstance(obj, torch.Tensor):
+                found.append(obj)
+            elif isinstance(obj, (tuple, list)):
+                for o in obj:
+                    walk(o)
+            elif isinstance(obj, dict):
+                for o in obj.values():
+                    walk(o)
+
+        walk((call.args, call.kwargs))  # type: ignore[attr-defined]
+        return found
+
+    assert len(captured.calls) == 2 and len(blocks) >= 2
+    for batch in captured.calls:
+        per_block = [[id(t) for t in tensors(call)] for call in batch]
+        assert per_block[0] and all(t.device.type == "meta" for call in batch for t in tensors(call))
+        if family == "llama":  # one mask, one rotary pair for every block: the very same stored tensors
+            assert all(ids == per_block[0] for ids in per_block)
+        distinct = {i for ids in per_block for i in ids}
+        assert len(distinct) <= 2 * len(per_block[0]) < sum(map(len, per_block)) + 1  # Gemma: sliding and global
+    other = {id(t) for t in tensors(captured.calls[1][0])}
+    assert not other & {id(t) for t in tensors(captured.calls[0][0])}  # a batch's own copies

@@ -245,6 +245,23 @@ def test_selection_gives_the_stable_sorts_masks(monkeypatch: pytest.MonkeyPatch)
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_selection_counts_ties_across_chunks(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The ties' running count is carried from chunk to chunk: a layer-wide row split into pieces of
+    ``chunk`` columns removes the same (first by position) ties as the stable sort of the whole layer."""
+    import oneshot.methods.masks as masks
+
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 3, (9, 31), generator=gen).float()  # a third of each value: ties everywhere
+    monkeypatch.setattr(masks, "SELECT_FROM", 10**9)
+    expected = [masks.unstructured_mask(scores, s, per_row=p) for s in (0.2, 0.5, 0.9) for p in (True, False)]
+    monkeypatch.setattr(masks, "SELECT_FROM", 1)
+    monkeypatch.setattr(masks, "SORT_CHUNK", chunk)
+    got = [masks.unstructured_mask(scores, s, per_row=p) for s in (0.2, 0.5, 0.9) for p in (True, False)]
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("nm", [None, (2, 4), (1, 3), (2, 5), (4, 8)])
 def test_sub_blocked_loop_equals_the_plain_column_loop(
     random_layer: Layer, monkeypatch: pytest.MonkeyPatch, nm: tuple[int, int] | None

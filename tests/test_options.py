@@ -19,7 +19,7 @@ from oneshot.calibration.hooks import collect, flatten_tokens
 from oneshot.calibration.stats import ColumnSqNorm
 from oneshot.cli import main
 from oneshot.config import CalibrationConfig, PruneConfig
-from oneshot.errors import ConfigError
+from oneshot.errors import ConfigError, ModelError
 from oneshot.layers import as_matrix, find_blocks, find_linears
 from oneshot.methods.magnitude import magnitude
 from oneshot.methods.registry import METHODS
@@ -104,8 +104,11 @@ def test_options_that_apply_are_accepted() -> None:
     PruneConfig(method="wanda", nm="2:4", sparsity_map={"*.q_proj": "skip"})
     PruneConfig(method="structured", ratio=0.2, skip_layers=[])  # an empty list is the default
     PruneConfig(method="obs", sparsity=0.5, damp=0.1, obs_memory_mb=8, max_damp_retries=1)
-    assert PruneConfig(method="rtn", observer="mse").quant_spec().observer == "mse"
-    assert PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", observer="mse").quant_spec().observer == "mse"
+    assert PruneConfig(method="rtn", observer="mse", group_size=32).quant_spec().observer == "mse"
+    assert (
+        PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", observer="mse", group_size=-1).quant_spec().observer
+        == "mse"
+    )
 
 
 def test_sparsity_map_from_a_file_path(tmp_path: Path) -> None:
@@ -145,7 +148,7 @@ def test_padding_never_enters_flattened_inputs(tiny_model: Callable[[str], nn.Mo
     x = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert torch.equal(flatten_tokens(x.reshape(6, 2), mask), x[mask.bool()])  # OPT's [B·T, d] layout
-    with pytest.raises(RuntimeError, match="does not line up"):
+    with pytest.raises(ModelError, match="does not line up"):
         flatten_tokens(x.reshape(3, 4), mask)
     # through OPT, whose fc1 / fc2 see [B·T, d]: every layer counts exactly the real tokens
     model = tiny_model("opt")

@@ -173,9 +173,9 @@ def test_refit_quantized_block_in_bf16_and_without_a_latent() -> None:
 
 def test_refine_block_learning_rates_and_options() -> None:
     assert PruneConfig(method="sparsegpt", sparsity=0.5, refine="block").refit_lr() == REFIT_LR
-    quantized = PruneConfig(method="sparsegpt", sparsity=0.5, refine="block", then="gptq")
+    quantized = PruneConfig(method="sparsegpt", sparsity=0.5, refine="block", then="gptq", group_size=32)
     assert quantized.refit_lr() == QUANT_REFIT_LR and quantized.method_options().keep_latent
-    assert not PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq").method_options().keep_latent
+    assert not PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", group_size=32).method_options().keep_latent
     assert PruneConfig(method="gptq", refine="block", recon_lr=0.05).refit_lr() == 0.05
     assert PruneConfig(method="rtn", refine="block").uses_data  # the tuning reads calibration data
     with pytest.raises(ConfigError, match="--refine dsnot, --owl and --allocate"):

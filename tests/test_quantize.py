@@ -196,7 +196,7 @@ def test_quantized_runs_check_the_model_and_the_loader(
 ) -> None:
     """Whole groups only (with the group size that fits suggested), nn.Linear only, and the loader present."""
     with pytest.raises(ConfigError, match="--group-size 128 does not divide the input width 576.*--group-size 64"):
-        oneshot.prune(_smol_shaped(torch.float32), method="rtn")
+        oneshot.prune(_smol_shaped(torch.float32), method="rtn", group_size=128)
     with pytest.raises(ConfigError, match="Conv1D"):
         oneshot.prune(tiny_model("gpt2"), method="rtn", group_size=-1)
     import builtins
@@ -350,6 +350,28 @@ def test_config_matches_the_formats_own_schemes() -> None:
     assert mse.observer == "mse" and ours.observer == "minmax"  # the format's own observer names
     config = quantization_config(QuantSpec(), ["model.b", "lm_head"])
     assert config["ignore"] == ["lm_head", "model.b"] and config["quantization_status"] == "compressed"
+
+
+def test_the_default_group_size_is_the_largest_of_128_64_32_that_fits(
+    tmp_path: Path, tiny_model: Callable[[str], nn.Module]
+) -> None:
+    """SmolLM2's width 576 takes g64 by default (no error), said in the report, the summary and the saved config."""
+    from oneshot.quantized import auto_group_size
+
+    assert auto_group_size({"a": 256, "b": 384}) == 128
+    assert auto_group_size({"a": 576, "b": 1536}) == 64
+    assert auto_group_size({"a": 64, "b": 96}) == 32
+    with pytest.raises(ConfigError, match="no group size of 128, 64, 32 divides the input width 80 of b"):
+        auto_group_size({"a": 64, "b": 80})
+    out = tmp_path / "o"
+    report = oneshot.prune(_smol_shaped(torch.float32), method="rtn", out=out, quiet=True)
+    assert report.config.group_size == 64 and report.extra["quantization"]["group_size"] == 64
+    assert "g64 (group size chosen" in report.summary() and "group_size_chosen" in report.extra
+    assert json.loads((out / "oneshot_config.json").read_text())["group_size"] == 64
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    explicit = oneshot.prune(tiny_model("llama"), method="rtn", group_size=32, quiet=True)
+    assert "group_size_chosen" not in explicit.extra and "chosen" not in explicit.summary()
 
 
 def test_group_size_hint_names_the_largest_that_fits() -> None:

@@ -145,3 +145,30 @@ def test_refine_block_options() -> None:
         oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block", recon_epochs=0)
     config = oneshot.PruneConfig(method="sparsegpt", sparsity=0.5, refine="block")
     assert config.stat_needs() == ("hessian",)
+
+
+@pytest.mark.parametrize("then", [None, "rtn"])
+def test_refine_block_moves_only_the_layers_the_run_changed(
+    tiny_model: Callable[[str], nn.Module], then: str | None
+) -> None:
+    """A layer a sparsity map leaves dense ("skip") is not trained by the block refit: its weight stays the
+    dense one bit for bit, its block's other layers move; a block with no changed layer is not refitted."""
+    model = tiny_model("llama")
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calib = CalibrationSet(torch.randint(4, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0)), None)
+    skip = {"*.0.self_attn.o_proj": "skip", "*.2.*": "skip"}
+    options = {"then": then, "group_size": 32} if then else {}
+    report = oneshot.prune(
+        model, method="wanda", sparsity=0.5, refine="block", sparsity_map=skip, calibration=calib, quiet=True,
+        batch_size=2, **options,
+    )  # fmt: skip
+    params = dict(model.named_parameters())
+    for name in ("model.layers.0.self_attn.o_proj.weight", *[n for n in dense if n.startswith("model.layers.2.")]):
+        assert torch.equal(params[name], dense[name]), name
+    assert not torch.equal(
+        params["model.layers.0.self_attn.q_proj.weight"], dense["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert [r["block"] for r in report.extra["block_refit"]] == [0, 1]  # block 2: nothing to refit
+    for r in report.layers:  # the zeros as written: the masks' (float refit) or the tuned grid's
+        weight = params[r.name + ".weight"]
+        assert r.zero_fraction == pytest.approx(float((weight == 0).float().mean()), abs=1e-9)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -149,3 +151,34 @@ def test_hessian_relative_error_equals_the_error_over_every_token() -> None:
     tiny = hessian_relative_error(w * 1e-3, pruned * 1e-3, h.finalize())  # a ratio: any scale, even ‖W X‖² < 1
     assert tiny == pytest.approx(want, rel=1e-4)
     assert hessian_relative_error(torch.zeros(2, 9), torch.ones(2, 9), h.finalize()) == 0.0  # no signal: 0, no crash
+
+
+def test_a_bf16_models_hessian_is_summed_in_float32(tiny_model: Callable[[str], nn.Module]) -> None:
+    """The sweep's X Xᵀ of a bf16 model equals the float64 product of the layer's bf16 inputs to float32
+    precision: summed in bf16 (the model's dtype) it would be off by ~1e-2 relative."""
+    from oneshot.calibration.data import CalibrationSet
+    from oneshot.config import PruneConfig
+    from oneshot.engine import layer_stats, sweep
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(4, 100, (6, 48), generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    layer = model.model.layers[0].mlp.down_proj  # its input (the MLP's product) has no norm in front of it
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, 96)))
+    with torch.no_grad():
+        for b in range(0, 6, 2):
+            model(input_ids=ids[b : b + 2])
+    handle.remove()
+    x = torch.cat(seen).double()  # [tokens, 96], the bf16 values exactly
+    want = x.T @ x / x.shape[0]
+    got: dict[str, torch.Tensor] = {}
+
+    def visit(full: str, block: int, module: nn.Module, accs: dict) -> None:  # type: ignore[type-arg]
+        if full == "model.layers.0.mlp.down_proj":
+            got["h"] = layer_stats(accs).hessian
+
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2, quiet=True)
+    sweep(model, CalibrationSet(ids, None), config, ("hessian",), visit)
+    assert got["h"].dtype == torch.float32
+    error = float((got["h"].double() - want).norm() / want.norm())
+    assert error < 1e-5, error

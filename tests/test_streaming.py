@@ -281,3 +281,64 @@ def test_two_gigabyte_checkpoint_streams_in_a_fraction_of_its_size(tmp_path: Pat
     calib = oneshot.CalibrationConfig(source=str(text_file), nsamples=4, seqlen=32)
     oneshot.prune(src, method="wanda", sparsity=0.5, calibration=calib, out=tmp_path / "mem", stream=False, quiet=True)
     assert_same_tensors(out, tmp_path / "mem")
+
+
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so no handler on the way out mistakes it for an error it handles."""
+
+
+FINISH_STEPS = [
+    ("oneshot.shards.ShardWriter.close_shard", "after"),  # the last shard's header written, not yet recorded
+    ("oneshot.streaming.StreamingRun.save_progress", "after"),  # the shards' closing recorded
+    ("oneshot.shards.ShardWriter.finish", "after"),  # the shards renamed, the index written
+    ("oneshot.streaming.StreamingRun._write_metadata", "after"),  # config and tokenizer saved
+    ("oneshot.streaming.verify_shards", "after"),  # verified, no report yet
+    ("oneshot.streaming.write_run_files", "after"),  # the report written, progress.json still there
+    ("oneshot.streaming.publish", "before"),  # progress.json gone: only the rename into place was left
+]
+
+
+@pytest.mark.parametrize(("target", "when"), FINISH_STEPS)
+def test_a_kill_at_each_step_of_the_finish_resumes_or_says_where_the_output_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, when: str
+) -> None:
+    """The finish's on-disk order is crash-safe: after a kill at any step, ``--resume`` completes the folder
+    (the same tensors as an uninterrupted run) or, when only the rename was left, puts it in place."""
+    import importlib
+
+    src = make_checkpoint(tmp_path / "ck", torch.float32, layers=3)
+    options: dict[str, Any] = {"method": "wanda", "sparsity": 0.5, "calibration": IDS, "stream": True, "quiet": True}
+    oneshot.prune(str(src), out=tmp_path / "whole", **options)
+    module_name, _, attr = target.rpartition(".")
+    owner: Any
+    try:
+        owner = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        parent, _, cls = module_name.rpartition(".")
+        owner = getattr(importlib.import_module(parent), cls)
+    original = getattr(owner, attr)
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        if attr == "save_progress" and not args[0].progress.get("finishing"):
+            return original(*args, **kwargs)  # the record after each block: not the step under test
+        if when == "before":
+            raise _Killed
+        original(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(owner, attr, killed)
+    out = tmp_path / "out"
+    with pytest.raises(_Killed):
+        oneshot.prune(str(src), out=out, **options)
+    monkeypatch.setattr(owner, attr, original)
+    assert not out.exists()
+    if when == "before":  # everything but the rename was done: the resume only publishes the folder
+        with pytest.raises(OutputError, match="had finished and verified its output"):
+            oneshot.prune(str(src), out=out, resume=True, **options)
+    else:
+        report = oneshot.prune(str(src), out=out, resume=True, **options)
+        assert report.extra["resumed_from_block"] == 3
+    assert_same_tensors(tmp_path / "whole", out)
+    assert not partial_dir(out).exists()
+    assert json.loads((out / REPORT_FILE).read_text())["achieved_sparsity"] == pytest.approx(0.5)
+    assert not any(p.is_dir() for p in out.iterdir())  # no activation folders published

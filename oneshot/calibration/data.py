@@ -10,6 +10,7 @@ each wrapped in the special tokens the tokenizer adds to a sequence (BOS for LLa
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ class CalibrationSet:
             )
         if self.attention_mask is not None and self.attention_mask.shape != self.input_ids.shape:
             raise DataError("calibration attention_mask must have the same shape as input_ids")
+
+    def digest(self) -> str:
+        """A digest of the token ids and mask: a resume, or a recipe run again, checks it is the very same tokens."""
+        h = hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes())
+        if self.attention_mask is not None:
+            h.update(self.attention_mask.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def nsamples(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from oneshot.calibration.stats import Accumulator
+from oneshot.errors import ModelError
 
 AccumulatorFactory = Callable[[int, torch.device], Accumulator]
 #: Token rows fed to the accumulators at a time.
@@ -28,7 +29,7 @@ def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Te
 
     ``token_mask`` is the calibration batch's ``[B, T]`` attention mask (or None: keep all). Layers
     fed a flattened ``[B·T, d]`` input (OPT's ``fc1`` / ``fc2``) are masked row by row; any other
-    shape that does not line up with the mask is a RuntimeError, never silently unmasked.
+    shape that does not line up with the mask is a ModelError, never silently unmasked.
     """
     d = x.shape[-1]
     if token_mask is None:
@@ -38,7 +39,7 @@ def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Te
         return x.reshape(-1, d) if bool(keep.all()) else x[keep]  # [tokens, d]; no padding: a view, no copy
     if x.dim() == 2 and x.shape[0] == keep.numel():
         return x[keep.reshape(-1)]  # [tokens, d]: rows are (batch, position) in order
-    raise RuntimeError(
+    raise ModelError(
         f"a layer input of shape {tuple(x.shape)} does not line up with the padding mask {tuple(keep.shape)}; "
         "calibrate without padding (equal-length samples) for this model"
     )
@@ -103,12 +104,23 @@ class Collector:
                 acc.update(chunk)
         self.seconds += time.perf_counter() - t0
 
+    def received(self, name: str) -> bool:
+        """Whether module ``name`` was called (its input gathered) since the collector opened."""
+        return self._alias.get(name, name) in self._accs
+
     def stats(self, name: str) -> dict[str, Accumulator]:
         """The accumulators of module ``name`` (shared ones for modules with identical inputs)."""
-        key = self._alias.get(name, name)
-        if key not in self._accs:
-            raise RuntimeError(f"module {name} received no input during calibration")
-        return self._accs[key]
+        if not self.received(name):
+            raise no_input(name)
+        return self._accs[self._alias.get(name, name)]
+
+
+def no_input(name: str) -> ModelError:
+    """The error for a layer its block's forward never called on the calibration tokens (with the way out)."""
+    return ModelError(
+        f"layer {name} received no input during calibration: its block's forward does not call it (a layer the "
+        f"model does not use, or an expert no calibration token was routed to); leave it dense with --skip '{name}'"
+    )
 
 
 @contextmanager

@@ -2,10 +2,10 @@
 
 OWL: Yin et al., "Outlier Weighed Layerwise Sparsity (OWL)" (ICML 2024), §3. A block's outlier
 ratio D_l is the share of its Wanda scores ``|W_ij|·‖X_j‖`` above M times their mean; blocks with
-more outliers are pruned less. The published code maps D linearly onto keep-ratios spanning 2λ and
-centres them on the *plain* mean, which is only right when blocks have equal size. Here the
-sparsities are centred on the **parameter-weighted** mean, so the model as a whole hits the target
-exactly, and the spread is shrunk if needed so every block stays inside [S − λ, S + λ].
+more outliers are pruned less. As in the published code (``luuyin/OWL``, ``lib/prune_all.py``), D is
+mapped linearly onto sparsities spanning exactly 2λ; the code centres them on the plain mean, here
+on the **parameter-weighted** mean (the same when blocks have equal size, as in every dense
+decoder), so a model whose blocks differ in size still hits the target over all its weights.
 
 Sensitivity: each block's relative output error measured at a few probe sparsities, interpolated
 linearly; the per-block sparsities minimise the summed error at the parameter-weighted target
@@ -38,10 +38,13 @@ def outlier_ratio(scores: torch.Tensor, m: float) -> float:
 
 
 def owl_sparsities(ratios: Sequence[float], params: Sequence[int], target: float, lam: float) -> list[float]:
-    """Per-block sparsities from outlier ratios D_l.
+    """Per-block sparsities from outlier ratios D_l (OWL's published mapping).
 
-    Sparsity decreases linearly with D_l, the parameter-weighted mean equals ``target`` exactly,
-    and every value lies in ``[target − lam, target + lam]``. Equal ratios give uniform sparsity.
+    ``s_l = target − 2λ · (t_l − Σ_k w_k t_k)`` with ``t = (D − min D) / (max D − min D)`` and ``w``
+    the blocks' shares of the parameters: sparsity falls linearly with D_l, the values span exactly
+    ``2λ`` (the block with the most outliers ``2λ`` below the one with the fewest) and their
+    parameter-weighted mean is ``target``. Equal ratios give uniform sparsity. A value outside
+    [0, 1) is refused with the fix (a smaller λ).
     """
     if len(ratios) != len(params) or not ratios:
         raise ValueError("need one outlier ratio and one parameter count per block")
@@ -52,18 +55,23 @@ def owl_sparsities(ratios: Sequence[float], params: Sequence[int], target: float
     if float(spread) == 0.0 or lam == 0.0:
         return [target] * len(ratios)
     t = (d - d.min()) / spread  # [0, 1]: 1 = most outliers
-    centred = t - (w * t).sum()  # weighted mean 0
-    # OWL spreads the sparsities over 2λ across the observed range. t spans [0, 1] and its weighted
-    # mean lies inside, so max|centred| ≥ 1/2 and λ / max|centred| ≤ 2λ: the furthest block sits
-    # exactly at ±λ (equal blocks with a symmetric spread get OWL's full 2λ range).
-    scale = lam / float(centred.abs().max())
-    sparsity = target - scale * centred
+    sparsity = target - 2 * lam * (t - (w * t).sum())  # spans 2λ, weighted mean = target
+    low, high = float(sparsity.min()), float(sparsity.max())
+    if low < 0.0 or high >= 1.0:
+        raise ConfigError(
+            f"OWL's block sparsities would span {low:.3f}-{high:.3f} (2λ = {2 * lam:g} around --sparsity {target:g}), "
+            "outside [0, 1): use a smaller --owl-lambda"
+        )
     return [float(s) for s in sparsity]
 
 
+#: The highest sparsity a sensitivity probe measures (a block pruned further is all but empty).
+MAX_PROBE = 0.99
+
+
 def probe_sparsities(target: float, lam: float, count: int = 5) -> list[float]:
-    """``count`` evenly spaced sparsities over ``[target − lam, target + lam]`` (inside [0, 0.99])."""
-    lo, hi = max(0.0, target - lam), min(0.99, target + lam)
+    """``count`` evenly spaced sparsities over ``[target − lam, target + lam]`` (inside [0, MAX_PROBE])."""
+    lo, hi = max(0.0, target - lam), min(MAX_PROBE, target + lam)
     return [lo + (hi - lo) * k / (count - 1) for k in range(count)]
 
 

@@ -228,8 +228,8 @@ def gptq(
             for j in range(s, e):
                 col = i1 + j
                 if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
-                    ahead = torch.cat([wt[j:].t(), w[:, i2:]], dim=1)[:, :size] * keep[:, col : col + size]
-                    scale, zero = grid(ahead, spec)
+                    ahead = _group_columns(wt, w, errt, upper, (i1, i2), col, size)
+                    scale, zero = grid(ahead * keep[:, col : col + size], spec)
                     scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
                 g = groups[col]
                 q = qt[j]  # [out]
@@ -254,6 +254,31 @@ def gptq(
     if latent is not None:
         latent[:, dead] = 0
     return QuantResult(w, scales, zeros, keep, spec, float(losses.sum()), {"damp": damp_used}, latent)
+
+
+def _group_columns(
+    wt: torch.Tensor,
+    w: torch.Tensor,
+    errt: torch.Tensor,
+    upper: torch.Tensor,
+    span: tuple[int, int],
+    col: int,
+    size: int,
+) -> torch.Tensor:
+    """The group starting at column ``col`` as updated so far ``[out, ≤ size]``; only its own columns are copied.
+
+    Its first columns come from the running block (``wt``, transposed, row ``col − i1`` = column
+    ``col``); where the group reaches past the block's end ``i2`` (a group wider than the block, or
+    one straddling two), the rest comes from ``w`` with the block's updates so far applied (they
+    reach ``w`` only when the block ends): ``− errtᵀ[:, :j] · U[i1:col, i2:end]``.
+    """
+    i1, i2 = span
+    j, end = col - i1, col + size
+    inside = wt[j : j + size].t()  # [out, min(size, i2 - col)]
+    if end <= i2:
+        return inside
+    beyond = w[:, i2:end] - errt[:j].t() @ upper[i1:col, i2:end]  # [out, end - i2]
+    return torch.cat([inside, beyond], dim=1)
 
 
 def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOptions, method: str) -> PruneResult:

@@ -24,7 +24,9 @@ from oneshot.distributed import Ranks
 from oneshot.engine import (
     SAMPLE,
     BlockObserver,
+    BlockRefit,
     PhaseTimes,
+    RefitBatches,
     SweepIO,
     layer_stats,
     prunable_layers,
@@ -52,12 +54,13 @@ class LayerRecord:
     block: int
     shape: tuple[int, int]
     target_sparsity: float
-    achieved_sparsity: float
+    achieved_sparsity: float  # the share of weights the mask removed
     relative_error: float | None
     seconds: float
     damp: float | None = None
     dsnot_swaps: int | None = None
     bits: int | None = None  # a quantized layer's bits per weight
+    zero_fraction: float | None = None  # the share of weights equal to zero as written (pruned or rounded to 0)
 
 
 @dataclass
@@ -97,13 +100,24 @@ def _record(
         block=block,
         shape=(int(weight.shape[0]), int(weight.shape[1])),
         target_sparsity=target,
-        achieved_sparsity=float((pruned.weight == 0).sum()) / pruned.weight.numel(),
+        achieved_sparsity=pruned_fraction(pruned.mask),
         relative_error=error,
         seconds=seconds,
         damp=pruned.info.get("damp"),
         dsnot_swaps=int(pruned.info["dsnot_swaps"]) if "dsnot_swaps" in pruned.info else None,
         bits=None if pruned.quant is None else pruned.quant.spec.bits,
+        zero_fraction=zero_fraction(pruned.weight),
     )
+
+
+def pruned_fraction(mask: torch.Tensor) -> float:
+    """The share of weights a keep-mask ``[out, in]`` removes (False = pruned)."""
+    return 1.0 - float(mask.sum()) / mask.numel()
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    """The share of weights equal to zero: the pruned ones, plus any a quantizer rounded to zero."""
+    return float((weight == 0).sum()) / weight.numel()
 
 
 @dataclass
@@ -122,6 +136,7 @@ class _Pruner:
     then: str | None = None  # the quantization stage after the method (--then)
     refine_layers: str = "all"  # DSnoT: attention, mlp or all layers
     grids: dict[nn.Module, tuple[str, QuantResult]] | None = None  # --refine block: quantized layers to tune
+    changed: dict[nn.Module, str] = field(default_factory=dict)  # the layers this run wrote, by module
 
     def options_for(self, module: nn.Module) -> MethodOptions:
         """The method options for one layer: a quantization grid's scales are rounded to the layer's dtype."""
@@ -152,6 +167,7 @@ class _Pruner:
     ) -> None:
         """Put the pruned weight into the layer and record it (a quantized layer's saved form too)."""
         from_matrix(module, pruned.weight, pruned.bias)
+        self.changed[module] = full
         if pruned.quant is not None and self.grids is not None:  # the block refit tunes the grid, then saves it
             self.grids[module] = (full, pruned.quant)
         elif pruned.quant is not None:
@@ -161,6 +177,23 @@ class _Pruner:
         self.result.layers.append(record)
         self.result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
+
+    def refit_changed(self, refit: BlockRefit) -> BlockRefit:
+        """``refit`` on the layers this run changed only (not those a sparsity map skips); their records'
+        zero fractions are then taken again from the refitted weights."""
+
+        def run(i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
+            mine = {name: module for name, module in linears.items() if module in self.changed}
+            if not mine:
+                return
+            refit(i, block, mine, batches)
+            names = {self.changed[module]: module for module in mine.values()}
+            for k, record in enumerate(self.result.layers):
+                if record.name in names:
+                    zeros = zero_fraction(as_matrix(names[record.name]))
+                    self.result.layers[k] = dataclasses.replace(record, zero_fraction=zeros)
+
+        return run
 
     def layer(self, full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
         """Prune one layer from its statistics."""
@@ -291,7 +324,7 @@ def prune_sequential(
         io=io,
         single_pass=single_pass,
         visit_group=pruner.group if stacked else None,
-        refit=refit,
+        refit=None if refit is None else pruner.refit_changed(refit),
         ranks=ranks,
         owned=True,
     )
