@@ -89,8 +89,13 @@ class Report:
 
     @property
     def mean_relative_error(self) -> float | None:
-        """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens (None: no data)."""
+        """Mean over layers of ‖(W − W′)X‖² / ‖WX‖² on the sampled calibration tokens (None: no data).
+
+        For a structured run: over the projections whose input units were removed.
+        """
+        units = self.extra.get("structured", {}).get("blocks", [])
         errors = [r.relative_error for r in self.layers if r.relative_error is not None]
+        errors += [u["relative_error"] for u in units if u.get("relative_error") is not None]
         return sum(errors) / len(errors) if errors else None
 
     def phase_seconds(self) -> dict[str, float]:
@@ -109,20 +114,29 @@ class Report:
         return phases
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, as saved in ``oneshot_report.json``."""
+        """JSON-serialisable form, as saved in ``oneshot_report.json``.
+
+        A structured run prunes no single weights: its sparsity fields are None, its figures (units
+        removed, parameter reduction, each projection's output error) are under ``structured``, and
+        ``layers`` lists the projections whose inputs lost units.
+        """
+        structured = self.extra.get("structured")
+        layers = [dataclasses.asdict(r) for r in self.layers]
+        if structured:
+            layers = [{**u, "name": f"{self.blocks}.{u['block']}.{u['layer']}"} for u in structured["blocks"]]
         return {
             "model": self.model,
             "method": self.config.method,
-            "target_sparsity": self.config.sparsity,
+            "target_sparsity": None if structured else self.config.sparsity,
             "nm": None if self.config.nm is None else f"{self.config.nm[0]}:{self.config.nm[1]}",
-            "achieved_sparsity": self.achieved_sparsity,
-            "zero_fraction": self.zero_fraction,
+            "achieved_sparsity": None if structured else self.achieved_sparsity,
+            "zero_fraction": None if structured else self.zero_fraction,
             "mean_relative_error": self.mean_relative_error,
             "seconds": self.seconds,
             "phase_seconds": self.phase_seconds(),
             "blocks": self.blocks,
             "out_dir": self.out_dir,
-            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "layers": layers,
             **self.extra,
         }
 
@@ -137,7 +151,9 @@ class Report:
                 f"{structured['target']}, bias compensation {'on' if structured['bias_compensation'] else 'off'})",
                 f"per block: {', '.join(sizes)}; parameters {structured['params_before']:,} -> "
                 f"{structured['params_after']:,} ({structured['params_after'] / structured['params_before']:.1%})",
-                f"time {self.seconds:.1f}s",
+                "mean relative output error of the sliced projections "
+                + ("n/a" if self.mean_relative_error is None else f"{self.mean_relative_error:.4g}"),
+                f"time {self.seconds:.1f}s ({phase_line(self.phase_seconds())})",
             ]
             if self.out_dir:
                 lines.append(f"saved to {self.out_dir}")
@@ -530,6 +546,10 @@ def _prune_structured(job: _Job) -> Report:
         "bias_compensation": config.bias_compensation,
         "params_before": structured.params_before,
         "params_after": structured.params_after,
+        "parameter_reduction": 1.0 - structured.params_after / max(structured.params_before, 1),
+        "removed_units": {
+            kind: sum(len(u.removed) for u in structured.units if u.target == kind) for kind in ("mlp", "attention")
+        },
         "blocks": [dataclasses.asdict(u) for u in structured.units],
     }
     return Report(config, [], structured.times, 0.0, structured.blocks_name, extra=extra)
@@ -541,6 +561,7 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
     layers = uniform(list(prunable_layers(model, config)), float(config.sparsity or 0.0)) if config.sparsity_map else {}
     if config.sparsity_map:  # validate the map before any expensive work
         apply_sparsity_map(layers, config.sparsity_map)
+    _check_names(sparsities or {}, model, config)
     allocation: dict[str, float | None] | None = None
     if config.owl:
         allocation = _allocation_pass(job, "owl", _owl_pass)
@@ -551,6 +572,17 @@ def _allocation(job: _Job, sparsities: dict[str, float | None] | None) -> dict[s
     if sparsities:
         allocation = {**(allocation or {}), **sparsities}
     return allocation
+
+
+def _check_names(sparsities: dict[str, float | None], model: nn.Module, config: PruneConfig) -> None:
+    """Refuse, before any work, a name in ``sparsities=`` that is not a layer the run prunes."""
+    known = prunable_layers(model, config)
+    unknown = [name for name in sparsities if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"sparsities= names {unknown[0]!r}, which is not a layer this run prunes ({len(unknown)} unknown); "
+            f"names are qualified, e.g. {next(iter(known), 'model.layers.0.mlp.down_proj')!r}"
+        )
 
 
 def _owl_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
@@ -605,7 +637,10 @@ def _single_pass(job: _Job) -> bool:
         budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
     else:
         budget = config.max_memory or default_budget()
-    single = config.passes == "single" or (config.passes == "auto" and need <= budget and config.refine != "block")
+    batched = config.batch_size != PruneConfig.batch_size  # asked for batches of its own size: two passes
+    single = config.passes == "single" or (
+        config.passes == "auto" and need <= budget and config.refine != "block" and not batched
+    )
     if job.ranks is not None:  # one forward of all samples only if every rank's share fits
         single = job.ranks.all_true(single)
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
@@ -613,6 +648,8 @@ def _single_pass(job: _Job) -> bool:
     job.extra["passes"] = "single" if single else "two"
     if config.passes == "auto" and config.refine == "block":
         job.extra["passes_reason"] = "--refine block fits each block to the dense block's outputs: two passes"
+    elif config.passes == "auto" and batched:
+        job.extra["passes_reason"] = f"--batch-size {config.batch_size}: two passes (one forward per batch)"
     elif config.passes == "auto" and not single:
         job.extra["passes_reason"] = (
             f"one forward of all {calib.nsamples} samples needs about {need / 1e9:.1f} GB, more than the "

@@ -79,6 +79,7 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 #: every run that quantizes (``--method gptq`` / ``rtn``, or ``--then``).
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
+SWEEPS_DATA = "prunes single weights from data"
 QUANTIZES = "quantizes"
 
 #: Mask refinements (``--refine``).
@@ -201,7 +202,7 @@ class PruneConfig:
         "no second pass; the calibration set is one batch); two: a statistics forward, then a propagation "
         "forward per block; auto: single when that batch fits the memory budget.",
         choices=PASSES,
-        uses=UNSTRUCTURED,
+        uses=SWEEPS_DATA,
     )
     stack: bool = option(
         True,
@@ -209,7 +210,12 @@ class PruneConfig:
         "one column loop, the same result as one by one.",
         uses=("sparsegpt", "obs", "gptq"),
     )
-    batch_size: int = option(8, "Calibration sequences per forward.", uses=USES_DATA)
+    batch_size: int = option(
+        8,
+        "Calibration sequences per forward (a run that sweeps in two passes; the single pass forwards all "
+        "samples as one batch, so --batch-size makes --passes auto choose two).",
+        uses=USES_DATA,
+    )
     block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))
     damp: float = option(0.01, "Relative Hessian damping.", uses=("sparsegpt", "obs"))
     max_damp_retries: int = option(
@@ -403,6 +409,10 @@ class PruneConfig:
         object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
+        if self.passes == "single" and not _is_default(self.batch_size, _default("batch_size")):
+            raise ConfigError(
+                "--passes single forwards all calibration samples as one batch, so --batch-size does nothing; drop one"
+            )
         if self.resume and self.stream is False:
             raise ConfigError("--resume continues a streaming run; drop --no-stream")
 
@@ -530,6 +540,7 @@ class PruneConfig:
                 uses is None
                 or (uses == UNSTRUCTURED and not spec.structured)
                 or (uses == USES_DATA and uses_data)
+                or (uses == SWEEPS_DATA and uses_data and not spec.structured)
                 or (uses == QUANTIZES and self.quantizes)
                 or (isinstance(uses, tuple) and self.method in uses)
             )
@@ -648,6 +659,7 @@ class PruneConfig:
 _KINDS = {
     UNSTRUCTURED: "the methods that prune single weights",
     USES_DATA: "the methods that read calibration data",
+    SWEEPS_DATA: "the methods that prune single weights from calibration data",
     QUANTIZES: "the quantizers: --method gptq / rtn, or --then",
 }
 
@@ -655,6 +667,11 @@ _KINDS = {
 def _is_default(value: object, default: object) -> bool:
     """Whether an option still has its default (an empty list or dict counts as the empty tuple)."""
     return value == default or (default == () and isinstance(value, (list, tuple, dict)) and not value)
+
+
+def _default(name: str) -> Any:
+    """The declared default of a :class:`PruneConfig` option."""
+    return next(f.default for f in dataclasses.fields(PruneConfig) if f.name == name)
 
 
 def _satisfied(config: PruneConfig, requires: str) -> bool:

@@ -77,6 +77,24 @@ def gradients_only_for(module: nn.Module, tensors: Sequence[torch.Tensor], *, cl
             p.requires_grad_(flags.get(id(p), False))
 
 
+@contextmanager
+def computed_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """The whole model on ``device`` (``--device``) for a backward through it; back where it was afterwards.
+
+    Yields where it was (the home of the results). A backward needs the whole model at once, so it
+    must fit there; the sweeps move one block at a time.
+    """
+    home = next(model.parameters()).device
+    if home == device:
+        yield home
+        return
+    model.to(device)
+    try:
+        yield home
+    finally:
+        model.to(home)
+
+
 def _samples(
     calib: CalibrationSet, device: torch.device, desc: str, quiet: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -93,19 +111,24 @@ def empirical_fisher(
     *,
     quiet: bool = True,
     ranks: Ranks | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """``E[g²]`` of each layer's weight as float32 ``[out, in]``: the mean over samples of the squared gradient.
 
     With ``ranks``, ``calib`` is this rank's share: the sums and sample counts are all-reduced.
+    ``device`` (default: where the model sits) is where the backward runs; the results come back
+    to where the model sits.
     """
-    device = next(model.parameters()).device
-    weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
-    sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-    with gradients_only_for(model, weights):
-        for ids, mask in _samples(calib, device, "fisher", quiet):
-            grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
-            for acc, grad in zip(sums, grads, strict=True):
-                acc.add_(grad.float().square())
+    device = device or next(model.parameters()).device
+    with computed_on(model, device) as home:
+        weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
+        sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        with gradients_only_for(model, weights):
+            for ids, mask in _samples(calib, device, "fisher", quiet):
+                grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
+                for acc, grad in zip(sums, grads, strict=True):
+                    acc.add_(grad.float().square())
+        sums = [acc.to(home) for acc in sums]
     nsamples = calib.nsamples
     if ranks is not None:
         for acc in sums:
@@ -118,15 +141,27 @@ def empirical_fisher(
 
 
 def block_output_gradients(
-    model: nn.Module, calib: CalibrationSet, blocks: nn.ModuleList, *, quiet: bool = True
+    model: nn.Module,
+    calib: CalibrationSet,
+    blocks: nn.ModuleList,
+    *,
+    quiet: bool = True,
+    device: torch.device | None = None,
 ) -> list[float]:
     """Per block, the mean over real tokens of ``‖∂L/∂y‖²``, ``y`` the block's output hidden state.
 
     ``L`` is :func:`own_loss` on one calibration sample at a time (the same loss as the empirical
     Fisher); the samples' sums are pooled. No weight gets a gradient: the graph starts at the input
-    embeddings' output. Needs the whole model in memory.
+    embeddings' output. Needs the whole model in memory; runs on ``device`` (default: where it sits).
     """
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
+    with computed_on(model, device):
+        return _block_output_gradients(model, calib, blocks, quiet, device)
+
+
+def _block_output_gradients(
+    model: nn.Module, calib: CalibrationSet, blocks: nn.ModuleList, quiet: bool, device: torch.device
+) -> list[float]:
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
     if embeddings is None:
         raise ModelError(f"{type(model).__name__} has no input embeddings to start a gradient from")

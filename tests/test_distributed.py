@@ -84,9 +84,9 @@ def assert_identical(tmp: Path, run: str) -> None:
         for key, value in ref["state"].items():
             assert torch.equal(got["state"][key], value), (run, rank, key)
         assert [r["name"] for r in got["report"]["layers"]] == [r["name"] for r in ref["report"]["layers"]]
-        assert [r["achieved_sparsity"] for r in got["report"]["layers"]] == [
-            r["achieved_sparsity"] for r in ref["report"]["layers"]
-        ]
+        assert [r.get("achieved_sparsity", r.get("removed")) for r in got["report"]["layers"]] == [
+            r.get("achieved_sparsity", r.get("removed")) for r in ref["report"]["layers"]
+        ]  # a structured run's layers: the units removed from their inputs
 
 
 def assert_close(tmp: Path, run: str) -> None:
@@ -150,9 +150,12 @@ def test_two_ranks_solve_like_one(llama_runs: Path, run: str) -> None:
 
 
 def test_two_ranks_remove_the_same_units(llama_runs: Path) -> None:
-    ref = load(llama_runs, "structured", one=True)["report"]["structured"]["blocks"]
+    def units(report: dict[str, Any]) -> list[dict[str, Any]]:  # the error estimate is over rank 0's own tokens
+        return [{k: v for k, v in u.items() if k != "relative_error"} for u in report["structured"]["blocks"]]
+
+    ref = units(load(llama_runs, "structured", one=True)["report"])
     for rank in range(2):
-        assert load(llama_runs, "structured", rank)["report"]["structured"]["blocks"] == ref
+        assert units(load(llama_runs, "structured", rank)["report"]) == ref
     assert_identical(llama_runs, "structured")
 
 
@@ -240,7 +243,9 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(
     tmp_path: Path, tiny_checkpoint: Any, how: str, stream: bool, passes: str
 ) -> None:
     out = tmp_path / "ranks" / "o"
-    run: dict[str, Any] = {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": passes, "out": "o"}
+    run: dict[str, Any] = {"method": "sparsegpt", "sparsity": 0.5, "passes": passes, "out": "o"}
+    if passes == "two":
+        run["batch_size"] = 2
     spec: dict[str, Any] = {"family": "llama", "runs": {"f": run}, "fail": {"rank": 1, "block": 1, "how": how}}
     if stream:
         spec["checkpoint"] = str(tiny_checkpoint("llama"))

@@ -121,3 +121,46 @@ def test_a_saved_recipe_re_makes_the_run(
     other.write_text(text_file.read_text()[::-1])
     with pytest.raises(ConfigError, match="digest mismatch"):
         oneshot.prune(src, recipe=first / "recipe.yaml", calibration=str(other), out=tmp_path / "x", quiet=True)
+
+
+def test_options_a_run_would_ignore_are_refused_or_honoured(tiny_model: Callable[[str], nn.Module]) -> None:
+    with pytest.raises(ConfigError, match="--passes does not apply to --method magnitude"):
+        oneshot.PruneConfig(method="magnitude", sparsity=0.5, passes="two")
+    with pytest.raises(ConfigError, match="--passes does not apply to --method structured"):
+        oneshot.PruneConfig(method="structured", ratio=0.2, passes="two")
+    oneshot.PruneConfig(method="magnitude", sparsity=0.5, owl=True, passes="two")  # OWL sweeps data: it applies
+    with pytest.raises(ConfigError, match="--passes single forwards all calibration samples as one batch"):
+        oneshot.PruneConfig(method="wanda", sparsity=0.5, passes="single", batch_size=2)
+    batched = oneshot.prune(
+        tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, batch_size=2, quiet=True
+    )
+    assert batched.extra["passes"] == "two" and "--batch-size 2" in batched.extra["passes_reason"]
+    plain = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True)
+    assert plain.extra["passes"] == "single"  # everything fits: the one forward
+    with pytest.raises(ConfigError, match="sparsities= names 'model.layers.0.no_such'"):
+        oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
+                      sparsities={"model.layers.0.mlp.up_proj": 0.3, "model.layers.0.no_such": 0.2})  # fmt: skip
+    report = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
+                           sparsities={"model.layers.0.mlp.up_proj": 0.25})  # fmt: skip
+    assert {r.name: r.achieved_sparsity for r in report.layers}["model.layers.0.mlp.up_proj"] == 0.25
+
+
+@pytest.mark.parametrize("options", [{"method": "fisher", "sparsity": 0.5},
+                                     {"method": "wanda", "sparsity": 0.5, "allocate": "sensitivity",
+                                      "allocate_error": "fisher", "allocate_lambda": 0.1}])  # fmt: skip
+def test_the_gradient_passes_run_on_the_chosen_device(
+    tiny_model: Callable[[str], nn.Module], monkeypatch: pytest.MonkeyPatch, options: dict[str, object]
+) -> None:
+    """``--device`` reaches the backward through the whole model (it ran where the model sat)."""
+    import oneshot.gradients as gradients
+
+    asked: list[torch.device] = []
+    real = gradients.computed_on
+
+    def spy(model: nn.Module, device: torch.device):  # type: ignore[no-untyped-def]
+        asked.append(device)
+        return real(model, device)
+
+    monkeypatch.setattr(gradients, "computed_on", spy)
+    oneshot.prune(tiny_model("llama"), calibration=IDS, device="cpu", quiet=True, **options)  # type: ignore[arg-type]
+    assert asked and all(d == torch.device("cpu") for d in asked)

@@ -297,3 +297,58 @@ def test_plan_counts_heads_and_biases(tiny_model: Callable[[str], nn.Module]) ->
     assert not mlp.new_bias and mlp.compensate
     llama_plan = MlpPlan.of(model, find_blocks(model)[1][0], PruneConfig(method="structured", ratio=0.25))
     assert llama_plan.new_bias
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_removal_error_is_the_sliced_projections_output_error(compensate: bool) -> None:
+    """Oracle: the projection's output with the channels gone (and their mean in the bias) against the dense one."""
+    from oneshot.calibration.stats import TokenSample
+    from oneshot.engine import SAMPLE
+    from oneshot.passes.structured import removal_error
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 10, generator=gen)
+    x = torch.randn(40, 10, generator=gen) + torch.linspace(-2, 3, 10)  # channels with a mean of their own
+    sample = TokenSample(10, stride=1, max_rows=40)
+    sample.update(x)
+    removed = torch.tensor([1, 4, 7])
+    keep = torch.tensor([j for j in range(10) if j not in (1, 4, 7)])
+    mu = x.mean(dim=0)
+    sliced = x[:, keep] @ w[:, keep].T + (w[:, removed] @ mu[removed] if compensate else 0.0)
+    want = float((x @ w.T - sliced).square().sum() / (x @ w.T).square().sum())
+    got = removal_error(w, removed, {SAMPLE: sample}, mu if compensate else None)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert removal_error(w, removed, {}, mu) is None
+
+
+def test_a_structured_report_says_what_was_removed(tiny_model: Callable[[str], nn.Module], tmp_path: Path) -> None:
+    """No sparsity figures for a run that removes units: the units, the parameter reduction, each sliced
+    projection's output error (lower with the bias compensation than without)."""
+    ids = torch.randint(4, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    reports = {
+        on: oneshot.prune(
+            tiny_model("llama"),
+            method="structured",
+            ratio=0.5,
+            target="both",
+            bias_compensation=on,
+            calibration=ids,
+            quiet=True,
+        )  # fmt: skip
+        for on in (True, False)
+    }
+    report = reports[True].to_dict()
+    assert report["target_sparsity"] is None and report["achieved_sparsity"] is None
+    structured = report["structured"]
+    assert structured["parameter_reduction"] == pytest.approx(
+        1 - structured["params_after"] / structured["params_before"]
+    )
+    assert structured["parameter_reduction"] > 0.05
+    assert structured["removed_units"] == {"mlp": 3 * 48, "attention": 3 * 2}  # of 96 neurons, 4 heads, 3 blocks
+    names = [r["name"] for r in report["layers"]]
+    assert names == [f"model.layers.{i}.{p}" for i in range(3) for p in ("mlp.down_proj", "self_attn.o_proj")]
+    assert all(0 < r["relative_error"] < 1 for r in report["layers"])
+    assert report["mean_relative_error"] == pytest.approx(sum(r["relative_error"] for r in report["layers"]) / 6)
+    off = reports[False].to_dict()["layers"]
+    assert sum(r["relative_error"] for r in report["layers"]) < sum(r["relative_error"] for r in off)
+    assert "mean relative output error" in reports[True].summary()

@@ -29,7 +29,7 @@ from torch import nn
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
-from oneshot.engine import PhaseTimes, RefitBatches, SweepIO, layer_stats, sweep
+from oneshot.engine import PhaseTimes, RefitBatches, SweepIO, layer_stats, resolve_device, sweep
 from oneshot.errors import ConfigError
 from oneshot.gradients import block_output_gradients
 from oneshot.layers import as_matrix, find_blocks, from_matrix
@@ -123,5 +123,5 @@ def _error_weights(model: nn.Module, calib: CalibrationSet, config: PruneConfig)
         )
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
-    weights = block_output_gradients(model, calib, blocks, quiet=config.quiet)
+    weights = block_output_gradients(model, calib, blocks, quiet=config.quiet, device=resolve_device(config.device))
     return weights, time.perf_counter() - t0

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
-from oneshot.calibration.stats import Accumulator, MeanVar
+from oneshot.calibration.stats import Accumulator, MeanVar, TokenSample
 from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
-from oneshot.engine import BlockObserver, PhaseTimes, SweepIO, sweep
+from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, sweep
 from oneshot.errors import ConfigError
 from oneshot.layers import as_matrix, find_blocks
 from oneshot.methods.base import STAT_MEANVAR
@@ -47,6 +47,8 @@ class UnitRecord:
     after: int
     removed: list[int]
     compensated: bool
+    layer: str = ""  # the projection whose input channels went (down_proj, o_proj), block-relative
+    relative_error: float | None = None  # its output error over the sampled calibration tokens
 
 
 @dataclass
@@ -70,6 +72,25 @@ def _needs_new_bias(model: nn.Module, block: nn.Module, layer: str, flag: str | 
         f"{type(model).__name__}'s {what} has no bias and its config offers none, so the removed units' mean "
         "cannot be folded in; pass --no-bias-compensation"
     )
+
+
+def removal_error(
+    weight: torch.Tensor, removed: torch.Tensor, accs: dict[str, Accumulator], mean: torch.Tensor | None
+) -> float | None:
+    """``‖W_C (X_C − μ_C)ᵀ‖² / ‖W Xᵀ‖²`` over the sampled tokens: the output error of a projection ``W``
+    ``[out, in]`` whose input channels ``C`` are removed, their mean ``μ`` folded into its bias (without
+    ``mean``: ``‖W_C X_Cᵀ‖²``). None without a token sample."""
+    sample = accs.get(SAMPLE)
+    if not isinstance(sample, TokenSample):
+        return None
+    x = sample.finalize().to(weight.device, torch.float32)  # [tokens, in]
+    if x.numel() == 0:
+        return 0.0
+    gone = x[:, removed] - (0.0 if mean is None else mean[removed].to(x.device))  # [tokens, |C|]
+    shift = gone @ weight[:, removed].T  # [tokens, out]
+    dense = x @ weight.T  # [tokens, out]
+    denominator = float(dense.square().sum())
+    return float(shift.square().sum()) / denominator if denominator > 0 else 0.0
 
 
 def _meanvar(accs: dict[str, Accumulator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +129,14 @@ class MlpPlan:
         mean, var = _meanvar(stats(self.role.down))
         w_down = as_matrix(block.get_submodule(self.role.down))  # [hidden, inter]
         removed = lowest(channel_scores(var, w_down, self.score), self.remove)
+        error = removal_error(w_down, removed, stats(self.role.down), mean if self.compensate else None)
         delta = compensation(w_down, mean, removed) if self.compensate else None
         keep = keep_index(w_down.shape[1], removed)
         for up in self.role.ups:
             slice_linear(block, up, keep, "out", add_bias=self.new_bias)
         slice_linear(block, self.role.down, keep, "in", bias_delta=delta, add_bias=self.new_bias)
-        return UnitRecord(i, "mlp", self.width, self.width - self.remove, removed.tolist(), self.compensate)
+        after = self.width - self.remove
+        return UnitRecord(i, "mlp", self.width, after, removed.tolist(), self.compensate, self.role.down, error)
 
     def update_config(self, model_config: Any) -> None:
         """The smaller width (and the bias flag) in the model config, so the output reloads."""
@@ -174,6 +197,7 @@ class AttentionPlan:
         scores = unit_scores(channel_scores(var, w_out, self.score), self.head_dim)  # [heads]
         removed = lowest_per_group(scores, self.kv, self.remove_per_group)
         channels = channels_of(removed, self.head_dim)
+        error = removal_error(w_out, channels, stats(role.out), mean if self.compensate else None)
         delta = compensation(w_out, mean, channels) if self.compensate else None
         keep = keep_index(w_out.shape[1], channels)
         slice_linear(block, role.query, keep, "out", add_bias=self.new_bias)
@@ -185,7 +209,9 @@ class AttentionPlan:
         module: Any = block.get_submodule(role.module)
         if hasattr(module, "num_key_value_groups"):
             module.num_key_value_groups = self.heads // self.kv - self.remove_per_group
-        return UnitRecord(i, "attention", self.heads, self.heads_after, removed.tolist(), self.compensate)
+        return UnitRecord(
+            i, "attention", self.heads, self.heads_after, removed.tolist(), self.compensate, role.out, error
+        )
 
     def update_config(self, model_config: Any) -> None:
         """The smaller head count (head_dim made explicit, the bias flag) in the model config."""

@@ -260,7 +260,7 @@ def _grad_sq(
         )
     if calib is None:
         raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
-    return empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks)
+    return empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=resolve_device(config.device))
 
 
 def prune_sequential(
