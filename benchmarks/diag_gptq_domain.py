@@ -13,7 +13,8 @@ from torch import nn
 
 import oneshot
 from benchmarks.common import eval_text, shared_file, smollm2_gguf
-from oneshot.methods.gptq import QuantSpec, gptq, rtn
+from oneshot.methods.gptq import gptq, rtn
+from oneshot.methods.quantspec import QuantSpec
 
 LAYERS = ((0, "self_attn.q_proj"), (10, "mlp.down_proj"), (20, "self_attn.o_proj"))
 

@@ -33,7 +33,8 @@ from benchmarks.common import (
     smollm2_gguf,
     write_results,
 )
-from oneshot.methods.gptq import QuantSpec, grid, quantize
+from oneshot.methods.gptq import grid, quantize
+from oneshot.methods.quantspec import QuantSpec
 
 Q4_1_GROUP = 32
 

@@ -32,7 +32,8 @@ import oneshot
 from benchmarks.common import calibration_tokens, command_line, machine, machine_line, smollm2_gguf, write_results
 from oneshot.capture import model_call_kwargs
 from oneshot.layers import find_blocks, find_linears
-from oneshot.methods.gptq import QuantResult, QuantSpec, gptq, grid, quantize
+from oneshot.methods.gptq import gptq, grid, quantize
+from oneshot.methods.quantspec import QuantResult, QuantSpec
 from oneshot.methods.sparsegpt import sparsegpt
 
 GRIDS = {

@@ -203,12 +203,21 @@ def _tied_keys(model: nn.Module) -> list[str]:
     return list(tied)
 
 
+def model_class(config: Any) -> Any:
+    """The transformers class of a config's first known architecture (else ``AutoModelForCausalLM``)."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     """The model of a checkpoint folder with every parameter on the meta device (buffers are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
-
-    from oneshot.loading import model_class
 
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():

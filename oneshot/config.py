@@ -19,7 +19,7 @@ from typing import Any
 from oneshot.errors import ConfigError
 from oneshot.methods.allocation import MAX_PROBE, parse_sparsity_map
 from oneshot.methods.base import MethodOptions
-from oneshot.methods.gptq import OBSERVERS, QuantSpec
+from oneshot.methods.quantspec import OBSERVERS, QuantSpec
 from oneshot.methods.registry import METHODS, QUANTIZERS
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the

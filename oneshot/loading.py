@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oneshot.checkpoint import Checkpoint, has_safetensors, model_class
 from oneshot.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,6 @@ def cache_dir() -> Path:
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
-
-
-def model_class(config: Any) -> Any:
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
 
 
 #: Bytes of a file that :func:`file_fingerprint` reads: the head, the tail and evenly spaced samples.
@@ -146,8 +137,6 @@ def local_folder(name_or_path: str | os.PathLike[str]) -> Path:
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
     """The dtype a checkpoint folder stores its weights in: config.json's, else the shards' majority."""
-    from oneshot.checkpoint import Checkpoint
-
     raw = json.loads((folder / "config.json").read_text())
     text_config = raw.get("text_config") or {}
     for value in (raw.get("dtype"), raw.get("torch_dtype"), text_config.get("dtype"), text_config.get("torch_dtype")):
@@ -171,8 +160,6 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> tup
     :class:`ModelError` with a hint when the path does not exist or loading fails.
     """
     from transformers import AutoConfig
-
-    from oneshot.checkpoint import Checkpoint, has_safetensors
 
     folder = local_folder(name_or_path)
     config = AutoConfig.from_pretrained(folder)

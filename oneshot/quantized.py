@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from oneshot.errors import ConfigError
-from oneshot.methods.gptq import QuantResult, QuantSpec
+from oneshot.methods.quantspec import QuantResult, QuantSpec
 
 #: The package that reads the format (an optional extra: ``pip install oneshot[quant]``).
 LOADER = "compressed-tensors"

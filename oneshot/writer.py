@@ -23,7 +23,7 @@ from torch import nn
 
 from oneshot.checkpoint import check_loadable
 from oneshot.errors import ModelError, OutputError
-from oneshot.methods.gptq import QuantSpec
+from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
 from oneshot.shards import SavedTensor, iter_saved, tensor_bytes
 

@@ -1,6 +1,6 @@
 """Faults and bad input, as the user meets them: a one-line error, and nothing half-written on disk.
 
-Each test is one row of the README's "Bad input and faults" table.
+Each test is one row of the "Bad input and faults" table in docs/errors.md.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from oneshot.errors import ConfigError
-from oneshot.methods.gptq import QuantSpec, gptq, grid, quantize, rtn
+from oneshot.methods.gptq import gptq, grid, quantize, rtn
 from oneshot.methods.linalg import inverse_cholesky_upper
+from oneshot.methods.quantspec import QuantSpec
 
 
 def test_grid_hand_computed() -> None:

@@ -14,7 +14,8 @@ import oneshot
 from oneshot.config import QUANT_REFIT_LR, REFIT_LR, CalibrationConfig, PruneConfig
 from oneshot.engine import RefitBatches
 from oneshot.errors import ConfigError
-from oneshot.methods.gptq import QuantResult, QuantSpec, gptq, quantize, rtn
+from oneshot.methods.gptq import gptq, quantize, rtn
+from oneshot.methods.quantspec import QuantResult, QuantSpec
 from oneshot.passes.reconstruct import FakeQuant, output_error, refit_quantized_block
 from oneshot.quantized import compress, decompress, weights_args
 from tests.conftest import saved_tensors

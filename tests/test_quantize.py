@@ -16,7 +16,8 @@ import oneshot
 from oneshot.cli import main
 from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
 from oneshot.errors import ConfigError, OutputError
-from oneshot.methods.gptq import QuantSpec, rtn
+from oneshot.methods.gptq import rtn
+from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import compress, pack, unpack
 from tests.conftest import char_tokenizer, saved_tensors
 

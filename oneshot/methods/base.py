@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import torch
 
-if TYPE_CHECKING:
-    from oneshot.methods.gptq import QuantResult, QuantSpec
+from oneshot.methods.quantspec import QuantResult, QuantSpec
 
 
 @dataclass(frozen=True)

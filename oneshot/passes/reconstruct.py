@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from oneshot.engine import RefitBatches
 from oneshot.gradients import gradients_only_for
 from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
-from oneshot.methods.gptq import QuantResult
+from oneshot.methods.quantspec import QuantResult
 from oneshot.quantized import QuantizedLayer, compress
 
 

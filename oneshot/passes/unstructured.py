@@ -38,7 +38,8 @@ from oneshot.errors import ConfigError
 from oneshot.gradients import empirical_fisher, layer_grad_sq, load_optimizer_state
 from oneshot.layers import as_matrix, find_blocks, from_matrix, is_attention, is_conv1d, weight_dtype
 from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
-from oneshot.methods.gptq import QuantResult, quantize_stacked, quantize_stage
+from oneshot.methods.gptq import quantize_stacked, quantize_stage
+from oneshot.methods.quantspec import QuantResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 from oneshot.quantized import QuantizedLayer, compress
