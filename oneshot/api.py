@@ -227,9 +227,8 @@ def prune(
 
     ``calibration`` is a source (``"bundled"``, a file, a hub dataset name), a
     :class:`CalibrationConfig`, a ready :class:`CalibrationSet`, or a ``[N, T]`` tensor of token
-    ids. Other keyword ``options`` are :class:`PruneConfig` fields (``block_size``, ``damp``,
-    ``batch_size``, ``device``, ``skip_layers``, ``stream``, ``max_memory``, ``resume``, ``quiet``...).
-    ``config`` replaces all of them. With ``out`` the pruned model is saved there (see
+    ids. Other keyword ``options`` are :class:`PruneConfig` fields (``damp``, ``device``, ``stream``,
+    ``quiet``, ...); ``config`` replaces all of them. With ``out`` the pruned model is saved there (see
     :func:`oneshot.writer.save_pruned`). A checkpoint larger than ``max_memory`` (or any with
     ``stream=True``) is pruned block by block from its shards straight into ``out``
     (:mod:`oneshot.streaming`). ``owl=True`` (with ``owl_m``, ``owl_lambda``) allocates per-block
@@ -241,51 +240,19 @@ def prune(
     """
     start = time.perf_counter()
     if recipe is not None:
-        if config is not None:
-            raise ConfigError("pass either config=PruneConfig(...) or recipe=FILE, not both")
-        options = {**read_recipe(recipe), **options}
-        method = options.pop("method", None) if method is None else method
-        sparsity = options.pop("sparsity", None) if sparsity is None else sparsity
-        nm = options.pop("nm", None) if nm is None else nm
+        method, sparsity, nm, options = _with_recipe(recipe, config, method, sparsity, nm, options)
     config = _make_config(config, method, sparsity, nm, calibration, options)
     ranks = Ranks.current()
     if ranks is not None:
         _check_distributed(config)
     out_path = _output_path(out, config, overwrite)
-
-    name, run = "", None
-    if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite, ranks)
-    elif config.stream or config.resume:
-        raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
-    if run is None:
-        tune_allocator()  # in memory: speed first (a streaming run keeps glibc's defaults: footprint first)
-    name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    model, tokenizer, run, name = _model_of(model, tokenizer, config, out_path, overwrite, ranks)
     auto_group = config.quantizes and config.group_size is None
-    config = check_layers(model, config)
-    if run is not None:
-        run.config = config
-    calib = _calibration(model, tokenizer, calibration, config)
-    recorded = None if calib is None else _recorded_calibration(calibration, config, calib)
-    if run is not None:
-        run.begin(calib)
-
+    config, calib, recorded = _prepare(model, tokenizer, calibration, config, run)
     was_training = model.training
     model.eval()
     try:
-        facts = _run_facts(model, calib, run)
-        facts["host_allocator"] = allocator_state()
-        if auto_group:
-            facts["group_size_chosen"] = "the largest of 128, 64, 32 that divides every quantized layer's input"
-        if ranks is not None:
-            facts["distributed"] = {"world_size": ranks.world}
-            if calib is not None:
-                facts["distributed"]["samples"] = list(ranks.bounds(calib.nsamples))
-                calib = ranks.share(calib)
-                facts["distributed"]["nsamples_here"] = calib.nsamples
+        facts, calib = _facts(model, calib, run, ranks, auto_group)
         job = _Job(model, calib, config, facts, run, ranks)
         report = _prune_structured(job) if METHODS[config.method].structured else _prune_unstructured(job, sparsities)
         report.model = name
@@ -301,6 +268,81 @@ def prune(
         model.train(was_training)
         if run is not None:
             run.close()
+
+
+def _with_recipe(
+    recipe: str | os.PathLike[str],
+    config: PruneConfig | None,
+    method: str | None,
+    sparsity: float | None,
+    nm: str | tuple[int, int] | None,
+    options: dict[str, Any],
+) -> tuple[str | None, float | None, str | tuple[int, int] | None, dict[str, Any]]:
+    """The recipe's options under the ones given as arguments (which win)."""
+    if config is not None:
+        raise ConfigError("pass either config=PruneConfig(...) or recipe=FILE, not both")
+    options = {**read_recipe(recipe), **options}
+    method = options.pop("method", None) if method is None else method
+    sparsity = options.pop("sparsity", None) if sparsity is None else sparsity
+    nm = options.pop("nm", None) if nm is None else nm
+    return method, sparsity, nm, options
+
+
+def _prepare(
+    model: nn.Module, tokenizer: Any, calibration: object, config: PruneConfig, run: StreamingRun | None
+) -> tuple[PruneConfig, CalibrationSet | None, CalibrationConfig | None]:
+    """Check the layers (settling what depends on them), build the calibration, open the streaming run.
+
+    Returns the settled config, the calibration tokens and the calibration as the run records it.
+    """
+    config = check_layers(model, config)
+    if run is not None:
+        run.config = config
+    calib = _calibration(model, tokenizer, calibration, config)
+    recorded = None if calib is None else _recorded_calibration(calibration, config, calib)
+    if run is not None:
+        run.begin(calib)
+    return config, calib, recorded
+
+
+def _model_of(
+    model: nn.Module | str | os.PathLike[str],
+    tokenizer: Any,
+    config: PruneConfig,
+    out_path: Path | None,
+    overwrite: bool,
+    ranks: Ranks | None,
+) -> tuple[nn.Module, Any, StreamingRun | None, str]:
+    """The model to prune, its tokenizer, the streaming run (None in memory) and the model's name."""
+    name, run = "", None
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite, ranks)
+    elif config.stream or config.resume:
+        raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
+    if run is None:
+        tune_allocator()  # in memory: speed first (a streaming run keeps glibc's defaults: footprint first)
+    name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    return model, tokenizer, run, name
+
+
+def _facts(
+    model: nn.Module, calib: CalibrationSet | None, run: StreamingRun | None, ranks: Ranks | None, auto_group: bool
+) -> tuple[dict[str, Any], CalibrationSet | None]:
+    """The report's first entries, and the calibration this process sweeps (its share under torchrun)."""
+    facts = _run_facts(model, calib, run)
+    facts["host_allocator"] = allocator_state()
+    if auto_group:
+        facts["group_size_chosen"] = "the largest of 128, 64, 32 that divides every quantized layer's input"
+    if ranks is not None:
+        facts["distributed"] = {"world_size": ranks.world}
+        if calib is not None:
+            facts["distributed"]["samples"] = list(ranks.bounds(calib.nsamples))
+            calib = ranks.share(calib)
+            facts["distributed"]["nsamples_here"] = calib.nsamples
+    return facts, calib
 
 
 def _check_distributed(config: PruneConfig) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from oneshot.config import CalibrationConfig, PruneConfig, read_recipe
+from oneshot.config import CalibrationConfig, PruneConfig, knob_users, read_recipe
 from oneshot.errors import OneshotError
 from oneshot.methods.registry import list_methods
 
@@ -54,8 +54,8 @@ def config_option(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
     flag = str(meta.get("flag") or "--" + f.name.replace("_", "-"))
     kind = meta.get("type") or type(f.default)
     help_text = str(meta["help"])
-    if meta.get("uses") is not None and not isinstance(meta["uses"], str):
-        help_text += f" [{', '.join(meta['uses'])} only]"
+    if meta.get("knob") is not None and meta.get("requires") is None:
+        help_text += f" [{knob_users(meta['knob'], meta.get('stage', 'method'))} only]"
     if kind is bool:
         if f.default is True or f.default is None:
             show = f.default is not None

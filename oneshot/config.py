@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.errors import ConfigError
+from oneshot.methods import dsnot, fisher, movement, obs, ria, structured
 from oneshot.methods.allocation import MAX_PROBE, parse_sparsity_map
-from oneshot.methods.base import MethodOptions
-from oneshot.methods.quantspec import OBSERVERS, QuantSpec
+from oneshot.methods.base import MethodOptions, MethodSpec
+from oneshot.methods.linalg import BLOCK_SIZE, DAMP, MAX_DAMP_RETRIES
+from oneshot.methods.masks import COMPARE
+from oneshot.methods.quantspec import ACT_ORDER, BITS, GROUP_SIZE, OBSERVER, SYMMETRIC, QuantSpec
 from oneshot.methods.registry import METHODS, QUANTIZERS
+from oneshot.options import Knob
 
 #: dtypes a model may be loaded and pruned in (the solvers always work in float32); ``auto`` is the
 #: checkpoint's own dtype.
@@ -80,6 +84,7 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
 SWEEPS_DATA = "prunes single weights from data"
+STACKS = "solves layers sharing an input as one"
 QUANTIZES = "quantizes"
 
 #: Mask refinements (``--refine``).
@@ -118,6 +123,45 @@ def option(
         "cli": cli,
     }
     return field(default=default, metadata=meta)
+
+
+def knob(declared: Knob[Any], *, stage: str = "method", requires: str | None = None) -> Any:
+    """A run option that is a method's :class:`~oneshot.options.Knob`: default, help and range from it.
+
+    It applies to the stages whose method lists the knob (``MethodSpec.knobs``): ``stage="method"``
+    (flag ``--name``) to the pruning method, or to the quantizer when only that reads it;
+    ``stage="then"`` (flag ``--then-name``, default None: the knob's own) to the ``--then`` quantizer.
+    """
+    then = stage == "then"
+    meta = {
+        "help": ("The --then quantizer's " + declared.help[0].lower() + declared.help[1:]) if then else declared.help,
+        "flag": "--then-" + declared.flag[2:] if then else None,
+        "type": declared.type or (type(declared.default) if then else None),
+        "choices": declared.choices,
+        "uses": None,
+        "requires": requires,
+        "cli": True,
+        "knob": declared,
+        "stage": stage,
+    }
+    return field(default=None if then else declared.default, metadata=meta)
+
+
+def stage_values(config: PruneConfig, spec: MethodSpec, stage: str) -> dict[str, Any]:
+    """The values of the knobs ``spec`` reads, for ``stage`` (``method`` or ``then``) of ``config``.
+
+    The quantizer after a pruning method takes ``--then-X`` where given; a knob its pruning method
+    does not read takes the plain ``--X``; otherwise the knob's own default.
+    """
+    first = METHODS[config.method]
+    values: dict[str, Any] = {}
+    for declared in spec.knobs:
+        value = getattr(config, declared.name, declared.default)
+        if stage == "then":
+            own = getattr(config, "then_" + declared.name, None)
+            value = own if own is not None else (value if declared not in first.knobs else declared.default)
+        values[declared.name] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -208,7 +252,7 @@ class PruneConfig:
         True,
         "Solve layers that read the same input (q/k/v, gate/up) as one stacked matrix: one factorisation and "
         "one column loop, the same result as one by one.",
-        uses=("sparsegpt", "obs", "gptq"),
+        uses=STACKS,
     )
     batch_size: int = option(
         8,
@@ -216,34 +260,14 @@ class PruneConfig:
         "samples as one batch, so --batch-size makes --passes auto choose two).",
         uses=USES_DATA,
     )
-    block_size: int = option(128, "SparseGPT lazy-update block width.", uses=("sparsegpt",))
-    damp: float = option(0.01, "Relative Hessian damping.", uses=("sparsegpt", "obs"))
-    max_damp_retries: int = option(
-        4, "Times the damping is raised ×10 when a Cholesky fails.", uses=("sparsegpt", "obs")
-    )
-    obs_memory_mb: int = option(1024, "OBS working memory per batch of rows, in MiB.", uses=("obs",))
-    base: str | None = option(
-        None,
-        "Movement: the base checkpoint folder the model was fine-tuned from (safetensors); score |W| − |W_base|.",
-        type=str,
-        uses=("movement",),
-    )
-    ria_alpha: float = option(
-        0.5, "RIA's exponent a of the input norm: score = relative importance · ‖X_j‖^a.", uses=("ria",)
-    )
-    compare: str = option(
-        "layer",
-        "RIA / Fisher: compare scores over the whole layer (RIA's code) or within each output row.",
-        choices=("layer", "row"),
-        uses=("ria", "fisher"),
-    )
-    optimizer_state: str | None = option(
-        None,
-        "Fisher: E[g²] from a saved optimizer state (safetensors or torch.save'd {name: exp_avg_sq}, or a "
-        "one-group optimizer state_dict) instead of the empirical Fisher over the calibration samples.",
-        type=str,
-        uses=("fisher",),
-    )
+    block_size: int = knob(BLOCK_SIZE)
+    damp: float = knob(DAMP)
+    max_damp_retries: int = knob(MAX_DAMP_RETRIES)
+    obs_memory_mb: int = knob(obs.MEMORY_MB)
+    base: str | None = knob(movement.BASE)
+    ria_alpha: float = knob(ria.ALPHA)
+    compare: str = knob(COMPARE)
+    optimizer_state: str | None = knob(fisher.OPTIMIZER_STATE)
     refine: str | None = option(
         None,
         "Refine after the method. dsnot: swap pruned and kept weights in each row to cancel its expected "
@@ -254,17 +278,9 @@ class PruneConfig:
         choices=REFINES,
         uses=UNSTRUCTURED,
     )
-    dsnot_layers: str = option(
-        "attention",
-        "DSnoT: the layers it refines: attention (the reference code's default; the MLP layers keep the method's "
-        "mask), mlp, or all.",
-        choices=("attention", "mlp", "all"),
-        requires="refine=dsnot",
-    )
-    dsnot_cycles: int = option(50, "DSnoT: most swaps per row.", requires="refine=dsnot")
-    dsnot_threshold: float = option(
-        5e-5, "DSnoT: a row stops once its expected output shift is at most this.", requires="refine=dsnot"
-    )
+    dsnot_layers: str = knob(dsnot.LAYERS, requires="refine=dsnot")
+    dsnot_cycles: int = knob(dsnot.CYCLES, requires="refine=dsnot")
+    dsnot_threshold: float = knob(dsnot.THRESHOLD, requires="refine=dsnot")
     recon_epochs: int = option(
         4, "Block reconstruction: Adam passes over the calibration set per block.", requires="refine=block"
     )
@@ -283,33 +299,14 @@ class PruneConfig:
         choices=QUANTIZERS,
         uses=UNSTRUCTURED,
     )
-    bits: int = option(4, "Quantization: bits per weight (2, 3, 4 or 8).", uses=QUANTIZES)
-    group_size: int | None = option(
-        None,
-        "Quantization: input columns sharing a scale; -1 = one scale per output row [default: the largest of "
-        "128, 64, 32 that divides every quantized layer's input width, named in the output and the report].",
-        type=int,
-        uses=QUANTIZES,
-    )
-    symmetric: bool = option(
-        True,
-        "Quantization: symmetric grid (zero point in the middle); --no-symmetric fits min and max with a zero point "
-        "(saved packed, as vLLM loads it; stock transformers 5.23 + compressed-tensors 0.20 cannot load that).",
-        uses=QUANTIZES,
-    )
-    act_order: bool = option(
-        False,
-        "GPTQ: round columns in decreasing order of their input's energy (diag H), groups kept in place.",
-        uses=QUANTIZES,
-    )
-    observer: str = option(
-        "minmax",
-        "Quantization: how each group's scale is chosen: minmax (the group's range) or mse (that range shrunk "
-        "by the factor in 1.00, 0.99, ... 0.21 that minimises sum |w - q(w)|^2.4, the GPTQ reference's search).",
-        type=str,
-        choices=OBSERVERS,
-        uses=QUANTIZES,
-    )
+    bits: int = knob(BITS)
+    group_size: int | None = knob(GROUP_SIZE)
+    symmetric: bool = knob(SYMMETRIC)
+    act_order: bool = knob(ACT_ORDER)
+    observer: str = knob(OBSERVER)
+    then_block_size: int | None = knob(BLOCK_SIZE, stage="then")
+    then_damp: float | None = knob(DAMP, stage="then")
+    then_max_damp_retries: int | None = knob(MAX_DAMP_RETRIES, stage="then")
     skip_layers: tuple[str, ...] = option(
         (), "Glob of layer names to leave dense (repeatable).", flag="--skip", uses=UNSTRUCTURED
     )
@@ -348,20 +345,10 @@ class PruneConfig:
         type=Path,
         uses=UNSTRUCTURED,
     )
-    ratio: float | None = option(None, "Share of units to remove in every block.", type=float, uses=("structured",))
-    score: str = option(
-        "fluctuation",
-        "Unit score (fluctuation = Var(x_j)·‖W_:,j‖², FLAP).",
-        choices=("fluctuation", "variance", "magnitude"),
-        uses=("structured",),
-    )
-    bias_compensation: bool = option(True, "Fold the removed units' mean into the next bias.", uses=("structured",))
-    target: str = option(
-        "mlp",
-        "Remove MLP neurons, attention heads (LLaMA-style configs), or both.",
-        choices=("mlp", "attention", "both"),
-        uses=("structured",),
-    )
+    ratio: float | None = knob(structured.RATIO)
+    score: str = knob(structured.SCORE)
+    bias_compensation: bool = knob(structured.BIAS_COMPENSATION)
+    target: str = knob(structured.TARGET)
     quiet: bool = option(False, "No progress bars or info messages.")
 
     def __post_init__(self) -> None:
@@ -418,18 +405,14 @@ class PruneConfig:
 
     def _check_knobs(self) -> None:
         """Numeric and named knobs within their ranges."""
-        if self.block_size < 1:
-            raise ConfigError(f"block size must be at least 1 (got {self.block_size})")
-        if not self.damp > 0:
-            raise ConfigError(f"damping must be positive (got {self.damp}); the usual value is 0.01")
-        if self.max_damp_retries < 0:
-            raise ConfigError(f"max_damp_retries must be >= 0 (got {self.max_damp_retries})")
+        for f in dataclasses.fields(self):  # each method knob within its declared range
+            declared, value = f.metadata.get("knob"), getattr(self, f.name)
+            if declared is not None and value is not None:
+                declared.check(value, _flag(f))
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
-        if self.obs_memory_mb < 1:
-            raise ConfigError(f"--obs-memory-mb must be at least 1 (got {self.obs_memory_mb})")
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
@@ -454,12 +437,6 @@ class PruneConfig:
             raise ConfigError(
                 f"--recon-epochs must be at least 1 and --recon-lr positive (got {self.recon_epochs}, {self.recon_lr})"
             )
-        if self.quantizes:
-            self._check_quantization()
-        if self.dsnot_cycles < 1:
-            raise ConfigError(f"--dsnot-cycles must be at least 1 (got {self.dsnot_cycles})")
-        if self.dsnot_threshold < 0:
-            raise ConfigError(f"--dsnot-threshold must be >= 0 (got {self.dsnot_threshold})")
 
     def _check_quantize_only(self) -> None:
         """``--method gptq`` / ``rtn`` quantize without pruning: no sparsity, no second quantizer."""
@@ -476,14 +453,6 @@ class PruneConfig:
                 "act on pruning masks) do nothing; drop them (--refine block tunes the rounding and scales)"
             )
         object.__setattr__(self, "sparsity", 0.0)
-
-    def _check_quantization(self) -> None:
-        """The grid's knobs, and the options a quantized run cannot be combined with."""
-        if self.group_size is not None and (self.group_size == 0 or self.group_size < -1):
-            raise ConfigError(f"--group-size must be positive, or -1 for one scale per row (got {self.group_size})")
-        QuantSpec(self.bits, observer=self.observer)  # checks --bits
-        if self.act_order and self.quantizer != "gptq":
-            raise ConfigError("--act-order changes GPTQ's column order; round-to-nearest has none: drop it")
 
     def _check_owl(self) -> None:
         """OWL's M and λ, and its incompatibility with N:M."""
@@ -527,45 +496,49 @@ class PruneConfig:
 
     def _refuse_unused(self) -> None:
         """Refuse an option set away from its default that the chosen method (or setting) ignores."""
-        spec = METHODS[self.method]
-        uses_data = self.uses_data
         for f in dataclasses.fields(self):
-            uses, requires = f.metadata.get("uses"), f.metadata.get("requires")
-            if _is_default(getattr(self, f.name), f.default) or (uses is None and requires is None):
+            uses, requires, declared = f.metadata.get("uses"), f.metadata.get("requires"), f.metadata.get("knob")
+            if _is_default(getattr(self, f.name), f.default) or (uses is None and requires is None and not declared):
                 continue
             if requires is not None and not _satisfied(self, requires):
                 needed = "--" + requires.replace("_", "-").replace("=", " ")
                 raise ConfigError(f"{_flag(f)} only matters with {needed}; add it or drop {_flag(f)}")
-            applies = (
-                uses is None
-                or (uses == UNSTRUCTURED and not spec.structured)
-                or (uses == USES_DATA and uses_data)
-                or (uses == SWEEPS_DATA and uses_data and not spec.structured)
-                or (uses == QUANTIZES and self.quantizes)
-                or (isinstance(uses, tuple) and self.method in uses)
-            )
-            if not applies:
-                users = ", ".join(uses) if isinstance(uses, tuple) else _KINDS[str(uses)]
-                raise ConfigError(
-                    f"{_flag(f)} does not apply to --method {self.method} (it is used by {users}); drop it"
+            if requires is None and not self._applies(f):
+                users = (
+                    knob_users(declared, f.metadata.get("stage", "method"))
+                    if declared is not None
+                    else _KINDS.get(str(uses), "")
                 )
-        if not uses_data and self.calibration != CalibrationConfig():
+                stages = f"--method {self.method}" + (f" --then {self.then}" if self.then else "")
+                raise ConfigError(f"{_flag(f)} does not apply to {stages} (it is used by {users}); drop it")
+        if not self.uses_data and self.calibration != CalibrationConfig():
             raise ConfigError(
                 f"--method {self.method} needs no calibration data, so the calibration options do nothing; drop them"
             )
 
-    def _check_structured(self) -> None:
-        from oneshot.methods.structured import SCORES
+    def _applies(self, f: dataclasses.Field[Any]) -> bool:
+        """Whether option ``f`` (set away from its default) is read by this run: by a stage or a setting."""
+        spec, uses, declared = METHODS[self.method], f.metadata.get("uses"), f.metadata.get("knob")
+        then = METHODS.get(self.then or "")
+        if declared is not None:  # a method's knob: read by the stage whose method lists it
+            if f.metadata.get("stage") == "then":
+                return then is not None and declared in then.knobs
+            return declared in spec.knobs or (then is not None and declared in then.knobs)
+        return (
+            uses is None
+            or (uses == UNSTRUCTURED and not spec.structured)
+            or (uses == USES_DATA and self.uses_data)
+            or (uses == SWEEPS_DATA and self.uses_data and not spec.structured)
+            or (uses == STACKS and spec.run_stacked is not None)
+            or (uses == QUANTIZES and self.quantizes)
+        )
 
+    def _check_structured(self) -> None:
         if self.ratio is None or not 0.0 < float(self.ratio) < 1.0:
             raise ConfigError(
                 f"--method structured needs --ratio in (0, 1), the share of units to remove (got {self.ratio}); "
                 "e.g. --ratio 0.2"
             )
-        if self.score not in SCORES:
-            raise ConfigError(f"--score must be one of {', '.join(SCORES)} (got {self.score!r})")
-        if self.target not in ("mlp", "attention", "both"):
-            raise ConfigError(f"--target must be mlp, attention or both (got {self.target!r})")
 
     @property
     def quantizer(self) -> str | None:
@@ -611,37 +584,49 @@ class PruneConfig:
         needs += METHODS[self.then].needs if self.then else ()
         return tuple(dict.fromkeys(needs))
 
-    def method_options(self) -> MethodOptions:
-        """The knobs a method function takes, from this run's options."""
+    def method_options(self, stage: str = "method") -> MethodOptions:
+        """What the method function of ``stage`` (``method``, or ``then``: the quantizer) is given.
+
+        The method stage also carries the refinement's knobs (``--refine dsnot`` runs inside it).
+        """
+        spec = METHODS[self.then if stage == "then" and self.then else self.method]
+        values = stage_values(self, spec, stage)
+        if stage == "method" and self.refine == "dsnot":
+            values.update({declared.name: getattr(self, declared.name) for declared in dsnot.KNOBS})
         return MethodOptions(
             nm=self.nm,
-            block_size=self.block_size,
-            damp=self.damp,
-            max_damp_retries=self.max_damp_retries,
-            memory_budget=self.obs_memory_mb << 20,
-            ria_alpha=self.ria_alpha,
-            compare=self.compare,
-            dsnot_cycles=self.dsnot_cycles,
-            dsnot_threshold=self.dsnot_threshold,
             quant=self.quant_spec() if self.quantizes else None,
             keep_latent=self.quantizes and self.refine == "block",
+            values=values,
         )
 
     def to_recipe(self) -> dict[str, Any]:
-        """This run as a recipe (see :func:`read_recipe`): its stages and the options that differ from the defaults."""
+        """This run as a recipe (see :func:`read_recipe`): its stages, each with its knobs, and the other
+        options that differ from the defaults. A quantizer's stage lists its whole grid."""
         data = self.to_dict()
-        quantize = {f.name for f in dataclasses.fields(self) if f.metadata.get("uses") == QUANTIZES}
+        spec = METHODS[self.method]
         first: dict[str, Any] = {"method": self.method}
-        if not METHODS[self.method].quantizes and not METHODS[self.method].structured:
+        if not spec.quantizes and not spec.structured:
             first["sparsity" if self.nm is None else "nm"] = data["sparsity" if self.nm is None else "nm"]
-        grid = {name: data[name] for name in sorted(quantize)} if self.quantizes else {}
-        stages = [first, {"method": self.then, **grid}] if self.then else [{**first, **grid}]
+        stages = [first]
+        for stage, stage_spec in (("method", spec), ("then", METHODS[self.then] if self.then else None)):
+            if stage_spec is None:
+                continue
+            values = stage_values(self, stage_spec, stage)
+            grid = {k.name for k in stage_spec.knobs} & _GRID if stage_spec.quantizes else set()
+            own = {k: v for k, v in values.items() if k in grid or not _is_default(v, _knob(k).default)}
+            if stage == "then":
+                stages.append({"method": self.then, **own})
+            else:
+                first.update(own)
+        knobs = {f.name for f in dataclasses.fields(self) if f.metadata.get("knob") is not None}
         rest: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name in {"method", "then", "sparsity", "nm", "calibration", *quantize, *RUN_ONLY}:
+            if f.name in {"method", "then", "sparsity", "nm", "calibration", *knobs, *RUN_ONLY}:
                 continue
             if not _is_default(getattr(self, f.name), f.default):
                 rest[f.name] = data[f.name]
+        rest.update({name: data[name] for name in _REFINE_KNOBS if not _is_default(data[name], _knob(name).default)})
         if self.uses_data:
             rest["calibration"] = data["calibration"]
         recipe: dict[str, Any] = json.loads(json.dumps({"stages": stages, **rest}))  # tuples as lists
@@ -656,7 +641,28 @@ class PruneConfig:
         return data
 
 
+#: A quantizer's grid: a recipe's quantizer stage lists all of it, default or not.
+_GRID = {declared.name for declared in (BITS, GROUP_SIZE, SYMMETRIC, ACT_ORDER, OBSERVER)}
+#: Knobs of the refinements (not of a stage's method): a recipe keeps them next to the stages.
+_REFINE_KNOBS = tuple(declared.name for declared in dsnot.KNOBS)
+
+
+def _knob(name: str) -> Knob[Any]:
+    """The knob a :class:`PruneConfig` field of that name declares."""
+    found: Knob[Any] = next(f.metadata["knob"] for f in dataclasses.fields(PruneConfig) if f.name == name)
+    return found
+
+
+def knob_users(declared: Knob[Any], stage: str = "method") -> str:
+    """The methods that read a knob (``stage="then"``: the quantizers, as ``--then X``), for messages and help."""
+    if stage == "then":
+        return ", ".join(f"--then {name}" for name in QUANTIZERS if declared in METHODS[name].knobs)
+    return ", ".join(name for name, spec in METHODS.items() if declared in spec.knobs)
+
+
 _KINDS = {
+    STACKS: "the methods that solve layers sharing an input as one: "
+    + ", ".join(name for name, spec in METHODS.items() if spec.run_stacked is not None),
     UNSTRUCTURED: "the methods that prune single weights",
     USES_DATA: "the methods that read calibration data",
     SWEEPS_DATA: "the methods that prune single weights from calibration data",
@@ -743,6 +749,9 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         method = stage.pop("method", None)
         if index == 1 and method not in QUANTIZERS:
             raise ConfigError(f"{where}: the second stage must quantize (gptq or rtn), not {method!r}")
+        if index == 1 and fields.get("method") in METHODS:  # a knob both stages read is the quantizer's own
+            first = {declared.name for declared in METHODS[fields["method"]].knobs}
+            stage = {("then_" + k if k in first else k): v for k, v in stage.items()}
         stage["then" if index else "method"] = method
         clash = sorted(set(stage) & set(fields))
         if clash:

@@ -230,35 +230,57 @@ def sweep(
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
         step = kind(config, needs, visit, block_visit, times, device, captured, store, shared, visit_group, refit)
+    loop = _Loop(blocks, blocks_name, step, io, config, times, device, ranks, observer, home, calib is not None)
     try:
-        bar = tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None)
-        for i in bar:
-            start = time.perf_counter()
-            block = blocks[i]
-            if i != 0 or calib is None:  # block 0 was loaded for the capture (a resumed sweep starts later)
-                io.source.load(i, block)
-            block.to(device)
-            times.load += time.perf_counter() - start
-            if ranks is not None:
-                ranks.begin_block()
-            step.run(i, block, block_linears(blocks_name, i, block, config), blocks_name)
-            if observer is not None and not isinstance(step, _DataFreeStep):
-                observer(i, [step.store.get(b) for b in range(len(step.store))])
-            t0 = time.perf_counter()
-            block.to(home)
-            with guarded(ranks, f"handing {blocks_name}.{i} to the writer"):  # every rank agrees, writer or not
-                if io.after_block is not None:
-                    io.after_block(i, block)
-            times.write += time.perf_counter() - t0
-            if ranks is not None:
-                ranks.end_block()
-                times.communicate += ranks.block_seconds[-1]
-            io.source.unload(i, block)
-            release_scratch()
-            times.per_block.append(time.perf_counter() - start)
+        for i in tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None):
+            loop.block(i)
     finally:
         _move_outside(model, blocks, home)
     return blocks_name
+
+
+@dataclass
+class _Loop:
+    """What every block of one sweep shares."""
+
+    blocks: nn.ModuleList
+    blocks_name: str
+    step: _BlockStep | _DataFreeStep
+    io: SweepIO
+    config: PruneConfig
+    times: PhaseTimes
+    device: torch.device
+    ranks: Ranks | None
+    observer: BlockObserver | None
+    home: torch.device  # where blocks live between their turns
+    has_data: bool
+
+    def block(self, i: int) -> None:
+        """Block ``i``: loaded onto the device, its step run, moved back home, handed to the writer, freed."""
+        start = time.perf_counter()
+        block = self.blocks[i]
+        if i != 0 or not self.has_data:  # block 0 was loaded for the capture (a resumed sweep starts later)
+            self.io.source.load(i, block)
+        block.to(self.device)
+        self.times.load += time.perf_counter() - start
+        if self.ranks is not None:
+            self.ranks.begin_block()
+        self.step.run(i, block, block_linears(self.blocks_name, i, block, self.config), self.blocks_name)
+        if self.observer is not None and not isinstance(self.step, _DataFreeStep):
+            self.observer(i, [self.step.store.get(b) for b in range(len(self.step.store))])
+        t0 = time.perf_counter()
+        block.to(self.home)
+        handing = f"handing {self.blocks_name}.{i} to the writer"
+        with guarded(self.ranks, handing):  # every rank agrees, writer or not
+            if self.io.after_block is not None:
+                self.io.after_block(i, block)
+        self.times.write += time.perf_counter() - t0
+        if self.ranks is not None:
+            self.ranks.end_block()
+            self.times.communicate += self.ranks.block_seconds[-1]
+        self.io.source.unload(i, block)
+        release_scratch()
+        self.times.per_block.append(time.perf_counter() - start)
 
 
 def _home(blocks: nn.ModuleList) -> torch.device:

@@ -66,6 +66,7 @@ def test_owl_refuses_a_span_outside_the_unit_interval() -> None:
     with pytest.raises(ConfigError, match="smaller --owl-lambda"):
         owl_sparsities([0.05, 0.0, 0.0, 0.0], [1, 1, 1, 1], 0.1, 0.09)  # block 0 at 0.1 − 1.5λ < 0
     assert min(owl_sparsities([0.05, 0.0, 0.0, 0.0], [1, 1, 1, 1], 0.1, 0.06)) == pytest.approx(0.01)
+    assert owl_sparsities([0.0, 0.1], [1, 1], 0.25, 0.25) == [0.5, 0.0]  # exactly 0 is a sparsity: allowed
 
 
 def test_owl_uniform_when_no_spread() -> None:

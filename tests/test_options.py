@@ -164,3 +164,75 @@ def test_padding_never_enters_flattened_inputs(tiny_model: Callable[[str], nn.Mo
     for name in ("fc1", "fc2", "self_attn.q_proj"):
         acc = col.stats(name)["n"]
         assert isinstance(acc, ColumnSqNorm) and acc.count == int(mask.sum()), name
+
+
+def test_each_stage_reads_its_own_knobs(tiny_model: Callable[[str], nn.Module]) -> None:
+    """GPTQ's damping, block width and retries are its own: --damp for the method that reads it, --then-damp for
+    the quantizer after a pruning method (the one --damp went to both stages silently before)."""
+    from oneshot.methods.linalg import BLOCK_SIZE, DAMP
+
+    gptq_only = PruneConfig(method="gptq", damp=0.05, block_size=64, group_size=32)
+    assert gptq_only.method_options().get(DAMP) == 0.05 and gptq_only.method_options().get(BLOCK_SIZE) == 64
+    both = PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", damp=0.05, group_size=32)
+    assert both.method_options().get(DAMP) == 0.05 and both.method_options("then").get(DAMP) == DAMP.default
+    own = PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", then_damp=0.1, group_size=32)
+    assert own.method_options().get(DAMP) == DAMP.default and own.method_options("then").get(DAMP) == 0.1
+    after_wanda = PruneConfig(method="wanda", sparsity=0.5, then="gptq", damp=0.05, group_size=32)
+    assert after_wanda.method_options("then").get(DAMP) == 0.05  # the only stage that reads it
+    with pytest.raises(
+        ConfigError, match=r"--then-damp does not apply to --method sparsegpt \(it is used by --then gptq\)"
+    ):
+        PruneConfig(method="sparsegpt", sparsity=0.5, then_damp=0.1)
+    with pytest.raises(ConfigError, match="--then-damp does not apply to --method sparsegpt --then rtn"):
+        PruneConfig(method="sparsegpt", sparsity=0.5, then="rtn", then_damp=0.1, group_size=32)
+    with pytest.raises(ConfigError, match="--damp does not apply to --method wanda --then rtn"):
+        PruneConfig(method="wanda", sparsity=0.5, then="rtn", damp=0.1, group_size=32)
+    with pytest.raises(ConfigError, match=r"--then-damp must be positive \(got -1"):
+        PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", then_damp=-1.0, group_size=32)
+    # through a run: the layer records show the damping the last stage (GPTQ) used
+    ids = torch.randint(4, 100, (4, 24), generator=torch.Generator().manual_seed(0))
+    for options, want in (({"damp": 0.05}, DAMP.default), ({"then_damp": 0.05}, 0.05)):
+        report = oneshot.prune(tiny_model("llama"), method="sparsegpt", sparsity=0.5, then="gptq", group_size=32,
+                               calibration=ids, quiet=True, **options)  # type: ignore[arg-type]  # fmt: skip
+        assert {r.damp for r in report.layers} == {want}, options
+
+
+def test_a_recipe_keeps_each_stage_s_knobs(tmp_path: Path) -> None:
+    from oneshot.config import read_recipe
+
+    config = PruneConfig(
+        method="sparsegpt", sparsity=0.5, damp=0.02, then="gptq", then_damp=0.1, then_block_size=64, group_size=32
+    )
+    recipe = config.to_recipe()
+    assert recipe["stages"][0] == {"method": "sparsegpt", "sparsity": 0.5, "damp": 0.02}
+    second = recipe["stages"][1]
+    assert second["method"] == "gptq" and second["damp"] == 0.1 and second["block_size"] == 64
+    assert second["bits"] == 4 and second["group_size"] == 32 and "max_damp_retries" not in second
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    assert PruneConfig(**read_recipe(path)) == config
+
+
+def test_every_knob_is_declared_once_and_reaches_the_config_and_the_cli() -> None:
+    """Each knob a method lists is a run option with the knob's own default, range and help, and a CLI flag;
+    the solvers' keyword defaults are the knobs' (no second literal anywhere)."""
+    import dataclasses
+    import inspect
+
+    from oneshot.cli import prune as prune_command
+    from oneshot.methods import gptq, linalg, obs, sparsegpt
+    from oneshot.methods.registry import METHODS
+
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    flags = {opt for param in prune_command.params for opt in param.opts}
+    for spec in METHODS.values():
+        for declared in spec.knobs:
+            f = fields[declared.name]
+            assert f.metadata["knob"] is declared and f.default == declared.default, declared.name
+            assert declared.flag in flags and f.metadata["help"] == declared.help
+    for solver in (sparsegpt.sparsegpt, gptq.gptq, obs.obs):
+        params = inspect.signature(solver).parameters
+        for declared in (linalg.BLOCK_SIZE, linalg.DAMP, linalg.MAX_DAMP_RETRIES):
+            if declared.name in params:
+                assert params[declared.name].default == declared.default, (solver.__name__, declared.name)
+    assert {"--then-damp", "--then-block-size", "--then-max-damp-retries"} <= flags

@@ -179,7 +179,7 @@ def test_quantize_only_methods_and_their_options(
         ({"method": "gptq", "sparsity": 0.5}, "quantizes without pruning"),
         ({"method": "gptq", "then": "rtn"}, "already quantizes"),
         ({"method": "wanda", "sparsity": 0.5, "bits": 3}, "--bits does not apply"),
-        ({"method": "rtn", "act_order": True}, "round-to-nearest has none"),
+        ({"method": "rtn", "act_order": True}, "--act-order does not apply to --method rtn .it is used by gptq."),
         ({"method": "gptq", "group_size": 0}, "--group-size must be positive, or -1"),
         ({"method": "gptq", "bits": 5}, "--bits must be 2, 3, 4 or 8"),
         ({"method": "structured", "ratio": 0.2, "then": "gptq"}, "--then does not apply"),

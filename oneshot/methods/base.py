@@ -7,13 +7,15 @@ its inputs, so each one can be checked on random matrices against an exact oracl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
+from oneshot.methods.linalg import DAMP, MAX_DAMP_RETRIES
 from oneshot.methods.quantspec import QuantResult, QuantSpec
+from oneshot.options import Knob, T
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,22 @@ class Damping(TypedDict):
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Method-independent knobs forwarded from the run config."""
+    """What a method function is given besides the weight and statistics: the run's N:M pattern and
+    quantization grid, and the values of the knobs its stage reads (``get(KNOB)``; unset: the default)."""
 
     nm: tuple[int, int] | None = None
-    block_size: int = 128
-    damp: float = 0.01
-    max_damp_retries: int = 4
-    memory_budget: int = 1 << 30  # bytes of per-row inverse Hessians (OBS)
-    ria_alpha: float = 0.5  # RIA's exponent of ‖X_j‖
-    compare: str = "layer"  # RIA: scores compared over the whole layer or within each row
-    dsnot_cycles: int = 50
-    dsnot_threshold: float = 5e-5
     quant: QuantSpec | None = None  # the grid of a quantization stage (--method gptq / rtn, --then)
     keep_latent: bool = False  # quantizers also return the weights before rounding (--refine block tunes them)
+    values: Mapping[str, Any] = field(default_factory=dict)  # knob name -> value, for this stage
+
+    def get(self, knob: Knob[T]) -> T:
+        """The value of ``knob`` for this stage (its declared default when the run did not set it)."""
+        value: T = self.values.get(knob.name, knob.default)
+        return value
 
     def damping(self) -> Damping:
         """The Hessian damping keywords the OBS-family solvers take (``damp``, ``max_damp_retries``)."""
-        return {"damp": self.damp, "max_damp_retries": self.max_damp_retries}
+        return {"damp": self.get(DAMP), "max_damp_retries": self.get(MAX_DAMP_RETRIES)}
 
 
 #: Statistics a method may ask for; the engine maps each to an accumulator.
@@ -130,6 +131,7 @@ class MethodSpec:
     reference: bool = False
     gradients: bool = False
     quantizes: bool = False
+    knobs: tuple[Knob, ...] = ()  # the options it reads, declared in its module
 
     @property
     def data_free(self) -> bool:

@@ -27,9 +27,27 @@ from __future__ import annotations
 import torch
 
 from oneshot.methods.base import STAT_COL_NORM, STAT_MEANVAR, LayerStats, MethodOptions, PruneResult, require
+from oneshot.options import Knob, at_least
 
 #: The statistics DSnoT reads besides the method's own.
 NEEDS = (STAT_MEANVAR, STAT_COL_NORM)
+CYCLES = Knob("dsnot_cycles", 50, "DSnoT: most swaps per row.", at_least(1), "at least 1")
+THRESHOLD = Knob(
+    "dsnot_threshold",
+    5e-5,
+    "DSnoT: a row stops once its expected output shift is at most this.",
+    lambda v: isinstance(v, (int, float)) and v >= 0,
+    ">= 0",
+)
+LAYERS = Knob(
+    "dsnot_layers",
+    "attention",
+    "DSnoT: the layers it refines: attention (the reference code's default; the MLP layers keep the method's "
+    "mask), mlp, or all.",
+    choices=("attention", "mlp", "all"),
+)
+#: The knobs of the refinement (``--refine dsnot``).
+KNOBS = (CYCLES, THRESHOLD, LAYERS)
 
 
 def expected_shift(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -45,8 +63,8 @@ def dsnot(
     col_sq_norm: torch.Tensor,
     *,
     nm: tuple[int, int] | None = None,
-    max_cycles: int = 50,
-    threshold: float = 5e-5,
+    max_cycles: int = CYCLES.default,
+    threshold: float = THRESHOLD.default,
 ) -> PruneResult:
     """Refine the keep-mask ``keep`` ``[out, in]`` of dense ``weight`` ``[out, in]`` (see the module docstring).
 
@@ -101,6 +119,6 @@ def refine(weight: torch.Tensor, pruned: PruneResult, stats: LayerStats, opt: Me
     var = require(stats.var, STAT_MEANVAR, "dsnot")
     col = require(stats.col_sq_norm, STAT_COL_NORM, "dsnot")
     refined = dsnot(
-        weight, pruned.mask, mean, var, col, nm=opt.nm, max_cycles=opt.dsnot_cycles, threshold=opt.dsnot_threshold
+        weight, pruned.mask, mean, var, col, nm=opt.nm, max_cycles=opt.get(CYCLES), threshold=opt.get(THRESHOLD)
     )
     return PruneResult(refined.weight, refined.mask, pruned.bias, pruned.loss, {**pruned.info, **refined.info})

@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 
 from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
-from oneshot.methods.masks import select_mask
+from oneshot.methods.masks import COMPARE, select_mask
+from oneshot.options import Knob
+
+OPTIMIZER_STATE = Knob(
+    "optimizer_state",
+    None,
+    "Fisher: E[g²] from a saved optimizer state (safetensors or torch.save'd {name: exp_avg_sq}, or a "
+    "one-group optimizer state_dict) instead of the empirical Fisher over the calibration samples.",
+    type=str,
+)
 
 #: Added to ``E[g²]`` before the fourth root: a weight with no gradient keeps 1e-4 of its magnitude.
 EPS = 1e-16
@@ -39,7 +48,7 @@ def fisher(
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
     if stats.grad_sq is None:
         raise RuntimeError("fisher needs the layer's squared gradients but was not given them")
-    return fisher(w, stats.grad_sq, sparsity, nm=opt.nm, per_row=opt.compare == "row")
+    return fisher(w, stats.grad_sq, sparsity, nm=opt.nm, per_row=opt.get(COMPARE) == "row")
 
 
 SPEC = MethodSpec(
@@ -48,4 +57,5 @@ SPEC = MethodSpec(
     (),
     "|W|·(E[g²]+ε)^¼ per layer, E[g²] from the empirical Fisher or --optimizer-state",
     gradients=True,
+    knobs=(OPTIMIZER_STATE, COMPARE),
 )

@@ -23,13 +23,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from oneshot.methods import linalg
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require
-from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
-from oneshot.methods.quantspec import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, QuantResult, QuantSpec
+from oneshot.methods.linalg import BLOCK_SIZE, DAMP, MAX_DAMP_RETRIES, inverse_cholesky_upper, prepare_hessian
+from oneshot.methods.quantspec import (
+    ACT_ORDER,
+    BITS,
+    GROUP_SIZE,
+    MSE_GRID,
+    MSE_MAX_SHRINK,
+    MSE_NORM,
+    OBSERVER,
+    SYMMETRIC,
+    QuantResult,
+    QuantSpec,
+)
 
 
 def grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +128,9 @@ def gptq(
     spec: QuantSpec,
     *,
     mask: torch.Tensor | None = None,
-    block_size: int = 128,
-    damp: float = 0.01,
-    max_damp_retries: int = 4,
+    block_size: int = BLOCK_SIZE.default,
+    damp: float = DAMP.default,
+    max_damp_retries: int = MAX_DAMP_RETRIES.default,
     keep_latent: bool = False,
 ) -> QuantResult:
     """Quantize ``weight`` ``[out, in]`` with ``hessian`` ``[in, in]`` (see the module docstring).
@@ -148,31 +160,10 @@ def gptq(
     # Sub-blocks start on every group's first column, so a group's grid sees all earlier updates.
     # The loop runs on the transposed block (column j = contiguous row j), as SparseGPT's loop_block.
     inner = math.gcd(linalg.INNER_COLUMNS, block_size, size) if order is None else linalg.INNER_COLUMNS
+    loop = _Grids(spec, scales, zeros, groups, size, static=order is not None)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        wt = w[:, i1:i2].t().clone(memory_format=torch.contiguous_format)  # [b, out]
-        kept = keep[:, i1:i2].t().to(w.dtype)  # [b, out]
-        qt = torch.zeros_like(wt)
-        errt = torch.zeros_like(wt)
-        d1 = torch.diagonal(upper)[i1:i2]
-        u1 = upper[i1:i2, i1:i2]
-        for s in range(0, i2 - i1, inner):
-            e = min(s + inner, i2 - i1)
-            for j in range(s, e):
-                col = i1 + j
-                if order is None and col % size == 0:  # a new group: its grid from the kept weights as updated so far
-                    ahead = _group_columns(wt, w, errt, upper, (i1, i2), col, size)
-                    scale, zero = grid(ahead * keep[:, col : col + size], spec)
-                    scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
-                g = groups[col]
-                q = qt[j]  # [out]
-                q.copy_(quantize(wt[j] * kept[j], scales[g], zeros[g], spec.maxq))
-                err = errt[j]  # [out]
-                torch.sub(wt[j], q, out=err)
-                err.div_(d1[j])
-                wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out] (empty for the last)
-            if e < i2 - i1:
-                wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # the sub-block's updates at once
+        wt, qt, errt, kept = loop.round_block(w, keep, upper, (i1, i2), inner)
         losses += errt.square().sum(dim=0) / 2
         if latent is not None:  # each column's row of wt is final once rounded: later updates reach later columns
             latent[:, i1:i2] = (wt * kept).t()
@@ -187,6 +178,53 @@ def gptq(
     if latent is not None:
         latent[:, dead] = 0
     return QuantResult(w, scales, zeros, keep, spec, float(losses.sum()), {"damp": damp_used}, latent)
+
+
+@dataclass
+class _Grids:
+    """The layer's grids while GPTQ's column loop runs: ``[groups, out]`` scales and zero points,
+    each column's group (in the loop's order), the group width; ``static``: act-order, every grid
+    set before the loop (else each is set when the loop reaches its first column)."""
+
+    spec: QuantSpec
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    groups: list[int]
+    size: int
+    static: bool
+
+    def round_block(
+        self, w: torch.Tensor, keep: torch.Tensor, upper: torch.Tensor, span: tuple[int, int], inner: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Round the columns ``span`` of ``w`` ``[out, in]`` in turn, each error moved onto the block's later
+        columns (in sub-blocks of ``inner``); returns the block transposed as updated (``[b, out]``), its
+        rounded values, its scaled errors and its keep-mask, for the caller's update of the columns after it."""
+        i1, i2 = span
+        spec, size = self.spec, self.size
+        wt = w[:, i1:i2].t().clone(memory_format=torch.contiguous_format)  # [b, out]
+        kept = keep[:, i1:i2].t().to(w.dtype)  # [b, out]
+        qt = torch.zeros_like(wt)
+        errt = torch.zeros_like(wt)
+        d1 = torch.diagonal(upper)[i1:i2]
+        u1 = upper[i1:i2, i1:i2]
+        for s in range(0, i2 - i1, inner):
+            e = min(s + inner, i2 - i1)
+            for j in range(s, e):
+                col = i1 + j
+                if not self.static and col % size == 0:  # a new group: its grid from the kept weights as updated
+                    ahead = _group_columns(wt, w, errt, upper, span, col, size)
+                    scale, zero = grid(ahead * keep[:, col : col + size], spec)
+                    self.scales[col // size], self.zeros[col // size] = scale[:, 0], zero[:, 0]
+                g = self.groups[col]
+                q = qt[j]  # [out]
+                q.copy_(quantize(wt[j] * kept[j], self.scales[g], self.zeros[g], spec.maxq))
+                err = errt[j]  # [out]
+                torch.sub(wt[j], q, out=err)
+                err.div_(d1[j])
+                wt[j + 1 : e].addr_(u1[j, j + 1 : e], err, alpha=-1)  # [e - j - 1, out] (empty for the last)
+            if e < i2 - i1:
+                wt[e:].addmm_(u1[s:e, e:].t(), errt[s:e], alpha=-1)  # the sub-block's updates at once
+        return wt, qt, errt, kept
 
 
 def _group_columns(
@@ -230,7 +268,7 @@ def quantize_stage(pruned: PruneResult, stats: LayerStats, options: MethodOption
             hessian,
             spec,
             mask=pruned.mask,
-            block_size=options.block_size,
+            block_size=options.get(BLOCK_SIZE),
             keep_latent=options.keep_latent,
             **options.damping(),
         )
@@ -286,6 +324,7 @@ SPEC = MethodSpec(
     updates_weights=True,
     quantizes=True,
     run_stacked=_gptq_stacked,
+    knobs=(BLOCK_SIZE, DAMP, MAX_DAMP_RETRIES, BITS, GROUP_SIZE, SYMMETRIC, ACT_ORDER, OBSERVER),
 )
 
 RTN_SPEC = MethodSpec(
@@ -294,4 +333,5 @@ RTN_SPEC = MethodSpec(
     (),
     "round-to-nearest weight quantization on the same grid as GPTQ (the baseline; no data)",
     quantizes=True,
+    knobs=(BITS, GROUP_SIZE, SYMMETRIC, OBSERVER),
 )

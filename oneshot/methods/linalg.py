@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 from oneshot.errors import NumericalError
+from oneshot.options import Knob, at_least, positive
+
+#: The knobs of the OBS-family solvers (SparseGPT, OBS, GPTQ), declared once for all of them.
+BLOCK_SIZE = Knob(
+    "block_size",
+    128,
+    "Lazy-update block width in columns (SparseGPT chooses its unstructured mask per block of this width).",
+    at_least(1),
+    "at least 1",
+)
+DAMP = Knob("damp", 0.01, "Relative Hessian damping: damp · mean(diag H) added to the diagonal.", positive, "positive")
+MAX_DAMP_RETRIES = Knob(
+    "max_damp_retries", 4, "Times the damping is raised ×10 when a Cholesky fails.", at_least(0), "at least 0"
+)
 
 #: Columns of the innermost loop of the column-by-column solvers (SparseGPT, GPTQ): within a
 #: block, each column updates only the rest of its sub-block of this many columns; the rest of

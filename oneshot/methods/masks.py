@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 from oneshot.errors import ConfigError
+from oneshot.options import Knob
+
+#: Whether a score-based method compares its scores over the whole layer or within each output row.
+COMPARE = Knob(
+    "compare",
+    "layer",
+    "RIA / Fisher: compare scores over the whole layer (RIA's code) or within each output row.",
+    choices=("layer", "row"),
+)
 
 
 def prune_count(numel: int, sparsity: float) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneResult
 from oneshot.methods.masks import select_mask
+from oneshot.options import Knob
 
 
 def movement(
@@ -29,6 +30,18 @@ def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions
     return movement(w, stats.reference, sparsity, nm=opt.nm)
 
 
+BASE = Knob(
+    "base",
+    None,
+    "Movement: the base checkpoint folder the model was fine-tuned from (safetensors); score |W| − |W_base|.",
+    type=str,
+)
+
 SPEC = MethodSpec(
-    "movement", _run, (), "|W| − |W_base|: drop what shrank while fine-tuning (needs --base)", reference=True
+    "movement",
+    _run,
+    (),
+    "|W| − |W_base|: drop what shrank while fine-tuning (needs --base)",
+    reference=True,
+    knobs=(BASE,),
 )

@@ -19,13 +19,15 @@ import torch
 
 from oneshot.errors import ConfigError
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
-from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
+from oneshot.methods.linalg import DAMP, MAX_DAMP_RETRIES, inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import prune_count
+from oneshot.options import Knob, at_least
 
 log = logging.getLogger(__name__)
 
 #: Default bytes of per-row inverse-Hessian copies held at once.
-DEFAULT_MEMORY_BUDGET = 1 << 30
+MEMORY_MB = Knob("obs_memory_mb", 1024, "OBS working memory per batch of rows, in MiB.", at_least(1), "at least 1")
+DEFAULT_MEMORY_BUDGET = MEMORY_MB.default << 20
 
 
 def damped_inverse(hessian: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
@@ -90,8 +92,8 @@ def obs(
     sparsity: float,
     *,
     nm: tuple[int, int] | None = None,
-    damp: float = 0.01,
-    max_damp_retries: int = 4,
+    damp: float = DAMP.default,
+    max_damp_retries: int = MAX_DAMP_RETRIES.default,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> PruneResult:
     """Prune each row of ``weight`` ``[out, in]`` to ``sparsity`` (or N:M) with exact greedy OBS.
@@ -123,7 +125,7 @@ def obs(
 
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
     hessian = require(stats.hessian, STAT_HESSIAN, "obs")
-    return obs(w, hessian, sparsity, nm=opt.nm, memory_budget=opt.memory_budget, **opt.damping())
+    return obs(w, hessian, sparsity, nm=opt.nm, memory_budget=opt.get(MEMORY_MB) << 20, **opt.damping())
 
 
 def _run_stacked(
@@ -142,4 +144,5 @@ SPEC = MethodSpec(
     "exact greedy OBS per row (Frantar et al. 2022, OBC); most accurate, slow: O(rows·in³)",
     run_stacked=_run_stacked,
     updates_weights=True,
+    knobs=(DAMP, MAX_DAMP_RETRIES, MEMORY_MB),
 )

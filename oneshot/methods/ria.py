@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 
 from oneshot.methods.base import STAT_COL_NORM, LayerStats, MethodOptions, MethodSpec, PruneResult, require
-from oneshot.methods.masks import select_mask
+from oneshot.methods.masks import COMPARE, select_mask
+from oneshot.options import Knob
+
+ALPHA = Knob("ria_alpha", 0.5, "RIA's exponent a of the input norm: score = relative importance · ‖X_j‖^a.")
 
 
-def ria_scores(weight: torch.Tensor, col_sq_norm: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def ria_scores(weight: torch.Tensor, col_sq_norm: torch.Tensor, alpha: float = ALPHA.default) -> torch.Tensor:
     """RIA's score ``(|W|/row sums + |W|/column sums) · ‖X_j‖₂^alpha`` for ``weight`` ``[out, in]``."""
     magnitude = weight.abs()
     row_sum = magnitude.sum(dim=1, keepdim=True)  # [out, 1]: Σ_k |W_ik|
@@ -37,7 +40,7 @@ def ria(
     sparsity: float,
     *,
     nm: tuple[int, int] | None = None,
-    alpha: float = 0.5,
+    alpha: float = ALPHA.default,
     per_row: bool = False,
 ) -> PruneResult:
     """Prune ``weight`` ``[out, in]`` by RIA given ``‖X_j‖₂²`` per input column ``[in]``."""
@@ -47,9 +50,13 @@ def ria(
 
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
     col = require(stats.col_sq_norm, STAT_COL_NORM, "ria")
-    return ria(w, col, sparsity, nm=opt.nm, alpha=opt.ria_alpha, per_row=opt.compare == "row")
+    return ria(w, col, sparsity, nm=opt.nm, alpha=opt.get(ALPHA), per_row=opt.get(COMPARE) == "row")
 
 
 SPEC = MethodSpec(
-    "ria", _run, (STAT_COL_NORM,), "relative importance · ‖X_j‖^a per layer (Zhang et al. 2024); cost of Wanda"
+    "ria",
+    _run,
+    (STAT_COL_NORM,),
+    "relative importance · ‖X_j‖^a per layer (Zhang et al. 2024); cost of Wanda",
+    knobs=(ALPHA, COMPARE),
 )

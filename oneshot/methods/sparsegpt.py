@@ -20,7 +20,7 @@ import torch
 from oneshot.errors import ConfigError
 from oneshot.methods import linalg
 from oneshot.methods.base import STAT_HESSIAN, LayerStats, MethodOptions, MethodSpec, PruneResult, require, split_rows
-from oneshot.methods.linalg import inverse_cholesky_upper, prepare_hessian
+from oneshot.methods.linalg import BLOCK_SIZE, DAMP, MAX_DAMP_RETRIES, inverse_cholesky_upper, prepare_hessian
 from oneshot.methods.masks import nm_mask, unstructured_mask
 
 #: Rows solved at once by the vectorised block: each holds a ``[b, b]`` triangular system.
@@ -98,9 +98,9 @@ def sparsegpt(
     sparsity: float,
     *,
     nm: tuple[int, int] | None = None,
-    block_size: int = 128,
-    damp: float = 0.01,
-    max_damp_retries: int = 4,
+    block_size: int = BLOCK_SIZE.default,
+    damp: float = DAMP.default,
+    max_damp_retries: int = MAX_DAMP_RETRIES.default,
     mask: torch.Tensor | None = None,
     vectorised: bool = False,
     segments: list[tuple[int, float]] | None = None,
@@ -165,14 +165,14 @@ def sparsegpt_stacked(
 
 def _run(w: torch.Tensor, stats: LayerStats, sparsity: float, opt: MethodOptions) -> PruneResult:
     hessian = require(stats.hessian, STAT_HESSIAN, "sparsegpt")
-    return sparsegpt(w, hessian, sparsity, nm=opt.nm, block_size=opt.block_size, **opt.damping())
+    return sparsegpt(w, hessian, sparsity, nm=opt.nm, block_size=opt.get(BLOCK_SIZE), **opt.damping())
 
 
 def _run_stacked(
     ws: list[torch.Tensor], stats: LayerStats, sparsities: list[float], opt: MethodOptions
 ) -> list[PruneResult]:
     hessian = require(stats.hessian, STAT_HESSIAN, "sparsegpt")
-    return sparsegpt_stacked(ws, hessian, sparsities, nm=opt.nm, block_size=opt.block_size, **opt.damping())
+    return sparsegpt_stacked(ws, hessian, sparsities, nm=opt.nm, block_size=opt.get(BLOCK_SIZE), **opt.damping())
 
 
 SPEC = MethodSpec(
@@ -182,4 +182,5 @@ SPEC = MethodSpec(
     "OBS updates with blocked inverse-Hessian Cholesky (Frantar & Alistarh 2023); accurate and fast",
     run_stacked=_run_stacked,
     updates_weights=True,
+    knobs=(BLOCK_SIZE, DAMP, MAX_DAMP_RETRIES),
 )

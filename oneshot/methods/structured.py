@@ -13,8 +13,24 @@ from __future__ import annotations
 import torch
 
 from oneshot.methods.base import STAT_MEANVAR, MethodSpec
+from oneshot.options import Knob
 
 SCORES = ("fluctuation", "variance", "magnitude")
+
+RATIO = Knob("ratio", None, "Share of units to remove in every block.", type=float)
+SCORE = Knob(
+    "score",
+    "fluctuation",
+    "Unit score: fluctuation (Var(x)·‖W_out col‖², FLAP), variance, or magnitude (‖W_out col‖², data-free).",
+    choices=SCORES,
+)
+BIAS_COMPENSATION = Knob("bias_compensation", True, "Fold the removed units' mean into the next bias.")
+TARGET = Knob(
+    "target",
+    "mlp",
+    "Remove MLP neurons, attention heads (LLaMA-style configs), or both.",
+    choices=("mlp", "attention", "both"),
+)
 
 
 def channel_scores(var: torch.Tensor, w_out: torch.Tensor, score: str) -> torch.Tensor:
@@ -76,4 +92,5 @@ SPEC = MethodSpec(
     (STAT_MEANVAR,),
     "removes whole MLP neurons / attention heads by fluctuation, folds their mean into the bias",
     structured=True,
+    knobs=(RATIO, SCORE, BIAS_COMPENSATION, TARGET),
 )

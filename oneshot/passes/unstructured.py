@@ -138,13 +138,15 @@ class _Pruner:
     refine_layers: str = "all"  # DSnoT: attention, mlp or all layers
     grids: dict[nn.Module, tuple[str, QuantResult]] | None = None  # --refine block: quantized layers to tune
     changed: dict[nn.Module, str] = field(default_factory=dict)  # the layers this run wrote, by module
+    then_options: MethodOptions | None = None  # the quantizer's (--then), each knob its own
 
-    def options_for(self, module: nn.Module) -> MethodOptions:
-        """The method options for one layer: a quantization grid's scales are rounded to the layer's dtype."""
-        if self.options.quant is None:
-            return self.options
-        quant = dataclasses.replace(self.options.quant, scale_dtype=weight_dtype(module))
-        return dataclasses.replace(self.options, quant=quant)
+    def options_for(self, module: nn.Module, stage: str = "method") -> MethodOptions:
+        """A stage's options for one layer (``then``: the quantizer's): a grid's scales in the layer's dtype."""
+        options = self.then_options if stage == "then" and self.then_options is not None else self.options
+        if options.quant is None:
+            return options
+        quant = dataclasses.replace(options.quant, scale_dtype=weight_dtype(module))
+        return dataclasses.replace(options, quant=quant)
 
     def target_of(self, full: str) -> float | None:
         """The layer's sparsity (an allocation overrides the run's); None = leave it dense, recorded as skipped."""
@@ -214,7 +216,7 @@ class _Pruner:
         if self.refine is not None and self.refine_layers in ("all", "attention" if is_attention(full) else "mlp"):
             pruned = self.refine(weight, pruned, stats, self.options)
         if self.then is not None:
-            pruned = quantize_stage(pruned, stats, self.options_for(module), self.then)
+            pruned = quantize_stage(pruned, stats, self.options_for(module, "then"), self.then)
         seconds = time.perf_counter() - t0
         self.write(full, block, module, weight, pruned, target=target, stats=stats, accs=accs, seconds=seconds)
 
@@ -232,7 +234,7 @@ class _Pruner:
         options = self.options_for(todo[0][1])  # a quantizer's scales in the layers' dtype
         solved = self.spec.run_stacked(weights, stats, [t for _, _, t in todo], options)
         if self.then is not None:  # the quantizer stacked too: one more column loop for the group
-            solved = quantize_stacked(solved, stats, options, self.then)
+            solved = quantize_stacked(solved, stats, self.options_for(todo[0][1], "then"), self.then)
         seconds = (time.perf_counter() - t0) / len(todo)  # one solve, shared
         for (name, module, target), weight, pruned in zip(todo, weights, solved, strict=True):
             self.write(name, block, module, weight, pruned, target=target, stats=stats, accs=accs, seconds=seconds)
@@ -292,21 +294,9 @@ def prune_sequential(
     if spec.run is None:
         raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
     result = result if result is not None else SweepResult(blocks_name="")
-    device = resolve_device(config.device)
-    refine = REFINERS.get(config.refine or "") if method is None else None
-    reference = _reference(model, config) if spec.reference else None
-    grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
-    refit = None
-    if config.refine == "block" and method is None:
-        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized)
-    target = float(config.sparsity or 0.0)
-    then = config.then if method is None else None
-    options = config.method_options()
-    pruner = _Pruner(
-        spec, options, device, target, sparsities, result, refine, reference, grad_sq, then, config.dsnot_layers
+    pruner, refit = _pruner(
+        model, calib, config, spec, own=method is None, sparsities=sparsities, result=result, ranks=ranks
     )
-    if refit is not None and config.quantizes:
-        pruner.grids = refit.grids
     needs = config.stat_needs() if method is None else spec.needs
     if not needs and refit is None and observer is None:
         calib = None  # nothing to gather from the data in this sweep: no forwards
@@ -330,6 +320,38 @@ def prune_sequential(
         owned=True,
     )
     return result
+
+
+def _pruner(
+    model: nn.Module,
+    calib: CalibrationSet | None,
+    config: PruneConfig,
+    spec: MethodSpec,
+    *,
+    own: bool,
+    sparsities: Mapping[str, float | None] | None,
+    result: SweepResult,
+    ranks: Ranks | None,
+) -> tuple[_Pruner, BlockRefitter | None]:
+    """The layer visitors of a sweep and its block refitter (``own``: the run's own method, with its
+    refinement and quantizer; else an explicit method alone, as a sensitivity probe runs it)."""
+    refine = REFINERS.get(config.refine or "") if own else None
+    reference = _reference(model, config) if spec.reference else None
+    grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
+    refit = None
+    if config.refine == "block" and own:
+        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized)
+    then = config.then if own else None
+    device, target = resolve_device(config.device), float(config.sparsity or 0.0)
+    pruner = _Pruner(
+        spec, config.method_options(), device, target, sparsities, result, refine, reference, grad_sq, then,
+        config.dsnot_layers,
+    )  # fmt: skip
+    if refit is not None and config.quantizes:
+        pruner.grids = refit.grids
+    if then is not None:
+        pruner.then_options = config.method_options("then")
+    return pruner, refit
 
 
 def _synced(
