@@ -145,3 +145,36 @@ def test_capture_stores_each_tensor_of_a_batch_once(tiny_model: Callable[[str], 
         assert len(distinct) <= 2 * len(per_block[0]) < sum(map(len, per_block)) + 1  # Gemma: sliding and global
     other = {id(t) for t in tensors(captured.calls[1][0])}
     assert not other & {id(t) for t in tensors(captured.calls[0][0])}  # a batch's own copies
+
+
+_MASK_PROBE = """
+import json, resource, torch
+from oneshot.methods.masks import unstructured_mask
+scores = torch.rand(8192, 8192, generator=torch.Generator().manual_seed(0))  # 268 MB, as a 28672 x 2340 layer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+keep = unstructured_mask(scores, 0.5, per_row=False)
+extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"extra": extra, "scores": scores.numel() * 4, "kept": int(keep.sum())}))
+"""
+
+
+def test_a_layer_wide_mask_needs_scratch_of_a_chunk_not_of_the_layer() -> None:
+    """A mask over a whole layer (RIA, Fisher, magnitude) selects in chunks: kthvalue's value + int64 index copy
+    and an int64 tie count over the layer took 4.7x the scores' size on top of them; now about one mask's worth."""
+    done = subprocess.run([sys.executable, "-c", _MASK_PROBE], capture_output=True, text=True, check=True, timeout=300)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["kept"] == 8192 * 8192 // 2
+    assert found["extra"] < 1.5 * found["scores"], found
+
+
+def test_to_device_casts_floating_tensors_only_and_copies_each_tensor_once() -> None:
+    from oneshot.capture import to_device
+
+    mask, ids = torch.ones(2, 3, dtype=torch.bfloat16), torch.arange(3)
+    out = to_device({"mask": mask, "ids": ids, "pair": (mask, 3)}, torch.device("cpu"), torch.float32)
+    assert out["mask"].dtype == torch.float32 and out["ids"].dtype == torch.int64 and out["pair"][1] == 3
+    kept = to_device({"mask": mask, "ids": ids}, torch.device("cpu"))
+    assert kept["mask"].dtype == torch.bfloat16 and kept["ids"] is ids
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    first = to_device((mask, [mask]), torch.device("meta"), memo=memo)
+    assert first[0] is first[1][0] and first[0].device.type == "meta" and len(memo) == 1

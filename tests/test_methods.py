@@ -262,6 +262,38 @@ def test_selection_counts_ties_across_chunks(monkeypatch: pytest.MonkeyPatch, ch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("select_chunk", [1, 7, 1000])
+def test_a_layer_wide_selection_in_chunks_is_the_stable_sorts(
+    monkeypatch: pytest.MonkeyPatch, select_chunk: int
+) -> None:
+    """The radix selection over chunks (a whole layer's scores, longer than SORT_CHUNK) removes exactly what
+    the stable sort of the layer removes: negative values, ±0, ±inf and ties by position; NaN falls back."""
+    import oneshot.methods.masks as masks
+
+    gen = torch.Generator().manual_seed(8)
+    cases = [
+        torch.randint(-3, 4, (9, 31), generator=gen).float() * 0.5,  # ties everywhere, negatives, zeros
+        torch.randn(7, 40, generator=gen) * 1e-30,  # tiny magnitudes: the keys' low halves decide
+        torch.randn(5, 33, generator=gen).abs(),
+    ]
+    cases[0][0, 0], cases[0][1, 1], cases[0][2, 2] = -0.0, torch.inf, -torch.inf
+    nan = torch.randn(4, 20, generator=gen)
+    nan[1, 3] = torch.nan
+    cases.append(nan)
+    sparsities = (0.01, 0.3, 0.5, 0.77, 0.999)
+    monkeypatch.setattr(masks, "SELECT_FROM", 10**9)
+    want = [masks.unstructured_mask(c, s, per_row=False) for c in cases for s in sparsities]
+    monkeypatch.setattr(masks, "SELECT_FROM", 1)
+    monkeypatch.setattr(masks, "SORT_CHUNK", 16)  # every case is one row longer than this: the wide path
+    monkeypatch.setattr(masks, "SELECT_CHUNK", select_chunk)
+    got = [masks.unstructured_mask(c, s, per_row=False) for c in cases for s in sparsities]
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    row = cases[1].flatten()
+    for k in (1, 17, row.numel()):
+        assert masks._kth_smallest(row, k) == row.kthvalue(k).values
+
+
 @pytest.mark.parametrize("nm", [None, (2, 4), (1, 3), (2, 5), (4, 8)])
 def test_sub_blocked_loop_equals_the_plain_column_loop(
     random_layer: Layer, monkeypatch: pytest.MonkeyPatch, nm: tuple[int, int] | None

@@ -364,6 +364,8 @@ def test_the_default_group_size_is_the_largest_of_128_64_32_that_fits(
     assert auto_group_size({"a": 64, "b": 96}) == 32
     with pytest.raises(ConfigError, match="no group size of 128, 64, 32 divides the input width 80 of b"):
         auto_group_size({"a": 64, "b": 80})
+    with pytest.raises(ConfigError, match="input width 80 of b"):  # the layer 32 misfits (96 takes g32)
+        auto_group_size({"a": 96, "b": 80})
     out = tmp_path / "o"
     report = oneshot.prune(_smol_shaped(torch.float32), method="rtn", out=out, quiet=True)
     assert report.config.group_size == 64 and report.extra["quantization"]["group_size"] == 64

@@ -319,6 +319,9 @@ def test_removal_error_is_the_sliced_projections_output_error(compensate: bool) 
     got = removal_error(w, removed, {SAMPLE: sample}, mu if compensate else None)
     assert got == pytest.approx(want, rel=1e-5)
     assert removal_error(w, removed, {}, mu) is None
+    assert removal_error(torch.zeros_like(w), removed, {SAMPLE: sample}, mu) == 0.0  # a dense output of 0: no error
+    empty = TokenSample(10)
+    assert removal_error(w, removed, {SAMPLE: empty}, mu) == 0.0  # no tokens sampled
 
 
 def test_a_structured_report_says_what_was_removed(tiny_model: Callable[[str], nn.Module], tmp_path: Path) -> None:
@@ -344,6 +347,7 @@ def test_a_structured_report_says_what_was_removed(tiny_model: Callable[[str], n
         1 - structured["params_after"] / structured["params_before"]
     )
     assert structured["parameter_reduction"] > 0.05
+    assert all(u["after"] == u["before"] - len(u["removed"]) for u in structured["blocks"])
     assert structured["removed_units"] == {"mlp": 3 * 48, "attention": 3 * 2}  # of 96 neurons, 4 heads, 3 blocks
     names = [r["name"] for r in report["layers"]]
     assert names == [f"model.layers.{i}.{p}" for i in range(3) for p in ("mlp.down_proj", "self_attn.o_proj")]

@@ -56,10 +56,15 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def _select_lowest(scores: torch.Tensor, k: int, keep: torch.Tensor) -> bool:
     """Clear in ``keep`` exactly what a stable sort's ``k`` lowest would; False (nothing done) on NaNs.
 
+    One float32 row longer than ``SORT_CHUNK`` (a mask chosen over a whole layer) goes through
+    :func:`_select_lowest_wide`, whose scratch is one chunk's.
+
     The ``k``-th smallest value ``t`` of each row is found by selection (2-3x faster than the
     sort on CPU for rows of 576-1536 scores); every score below ``t`` goes, and of the scores
     equal to ``t`` the first ones by position, as many as ``k`` still needs: the stable order.
     """
+    if scores.dim() == 2 and scores.shape[0] == 1 and scores.shape[1] > SORT_CHUNK and scores.dtype == torch.float32:
+        return _select_lowest_wide(scores[0], k, keep[0])
     t = scores.kthvalue(k, dim=-1, keepdim=True).values
     if torch.isnan(t).any():
         return False
@@ -67,6 +72,64 @@ def _select_lowest(scores: torch.Tensor, k: int, keep: torch.Tensor) -> bool:
     tie = scores == t
     need = k - below.sum(dim=-1, keepdim=True)  # [rows, 1]: how many of the ties still go
     keep &= ~(below | _first(tie, need))
+    return True
+
+
+#: Radix selection: each float32's 32-bit key is split into a high and a low half of this many bits.
+_HALF = 16
+#: Scores per chunk of a selection over a whole layer (a chunk's int32 keys and masks are its scratch).
+SELECT_CHUNK = 1 << 22
+
+
+def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys of float32 ``x`` whose signed order is the floats' order (−0 just before +0)."""
+    bits = x.contiguous().view(torch.int32).clone()
+    bits[bits < 0] ^= 0x7FFFFFFF  # negative floats: larger magnitude, smaller key
+    return bits
+
+
+def _kth_smallest(row: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The ``k``-th smallest (1-based) of a float32 ``row`` ``[n]``, exactly, as a ``[1]`` tensor; None on NaN.
+
+    Two passes of a radix selection over chunks of ``SELECT_CHUNK``: a histogram of the keys' high
+    halves finds the bucket holding the ``k``-th key, a histogram of the low halves inside it the
+    key itself. Scratch: a chunk's keys and two 65,536-bin histograms (``kthvalue`` on a whole
+    layer copies it with int64 indices: 12 bytes per score).
+    """
+    bins, half = 1 << _HALF, 1 << (_HALF - 1)
+    hist = torch.zeros(bins, dtype=torch.int64, device=row.device)
+    for c0 in range(0, row.numel(), SELECT_CHUNK):
+        part = row[c0 : c0 + SELECT_CHUNK]
+        if torch.isnan(part).any():
+            return None
+        hist += torch.bincount((_ordered_keys(part) >> _HALF) + half, minlength=bins)
+    cum = hist.cumsum(0)
+    high = int(torch.searchsorted(cum, torch.tensor([k], device=row.device)))  # first bucket reaching k
+    before = int(cum[high - 1]) if high else 0
+    hist.zero_()
+    for c0 in range(0, row.numel(), SELECT_CHUNK):
+        keys = _ordered_keys(row[c0 : c0 + SELECT_CHUNK])
+        hist += torch.bincount(keys[(keys >> _HALF) + half == high] & (bins - 1), minlength=bins)
+    low = int(torch.searchsorted(hist.cumsum(0), torch.tensor([k - before], device=row.device)))
+    bits = ((high - half) << _HALF) | low  # the signed key
+    bits = bits ^ 0x7FFFFFFF if bits < 0 else bits
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).to(row.device)
+
+
+def _select_lowest_wide(row: torch.Tensor, k: int, keep: torch.Tensor) -> bool:
+    """:func:`_select_lowest` for one long float32 row ``[n]``, chunk by chunk (False, nothing done, on NaN)."""
+    t = _kth_smallest(row, k)
+    if t is None:
+        return False
+    chunks = range(0, row.numel(), SELECT_CHUNK)
+    need = k - sum(int((row[c0 : c0 + SELECT_CHUNK] < t).sum()) for c0 in chunks)  # ties still to remove
+    seen = 0
+    for c0 in chunks:
+        part = row[c0 : c0 + SELECT_CHUNK]
+        tie = part == t
+        running = tie.cumsum(0) + seen
+        keep[c0 : c0 + SELECT_CHUNK] &= ~((part < t) | (tie & (running <= need)))
+        seen = int(running[-1])
     return True
 
 

@@ -83,9 +83,7 @@ def removal_error(
     sample = accs.get(SAMPLE)
     if not isinstance(sample, TokenSample):
         return None
-    x = sample.finalize().to(weight.device, torch.float32)  # [tokens, in]
-    if x.numel() == 0:
-        return 0.0
+    x = sample.finalize().to(weight.device, torch.float32)  # [tokens, in]; no tokens: 0 (the guard below)
     gone = x[:, removed] - (0.0 if mean is None else mean[removed].to(x.device))  # [tokens, |C|]
     shift = gone @ weight[:, removed].T  # [tokens, out]
     dense = x @ weight.T  # [tokens, out]
