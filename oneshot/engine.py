@@ -270,6 +270,9 @@ class _Loop:
             self.observer(i, [self.step.store.get(b) for b in range(len(self.step.store))])
         t0 = time.perf_counter()
         block.to(self.home)
+        # the block's seconds so far are recorded before the hand-off, which may save them (a resume keeps
+        # them); the hand-off and the freeing are added to that entry afterwards
+        self.times.per_block.append(t0 - start)
         handing = f"handing {self.blocks_name}.{i} to the writer"
         with guarded(self.ranks, handing):  # every rank agrees, writer or not
             if self.io.after_block is not None:
@@ -280,7 +283,7 @@ class _Loop:
             self.times.communicate += self.ranks.block_seconds[-1]
         self.io.source.unload(i, block)
         release_scratch()
-        self.times.per_block.append(time.perf_counter() - start)
+        self.times.per_block[-1] = time.perf_counter() - start
 
 
 def _home(blocks: nn.ModuleList) -> torch.device:

@@ -164,3 +164,10 @@ def test_the_gradient_passes_run_on_the_chosen_device(
     monkeypatch.setattr(gradients, "computed_on", spy)
     oneshot.prune(tiny_model("llama"), calibration=IDS, device="cpu", quiet=True, **options)  # type: ignore[arg-type]
     assert asked and all(d == torch.device("cpu") for d in asked)
+
+
+def test_the_phase_line_names_the_phases_that_took_time() -> None:
+    from oneshot.api import phase_line
+
+    line = phase_line({"capture": 0.05, "forward": 0.049, "report": 2.0, "refit": 0.0})
+    assert line == "capture 0.1, error report 2.0"  # 0.05 s shows (as 0.1), 0.049 s and 0 do not

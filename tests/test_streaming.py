@@ -338,6 +338,8 @@ def test_a_kill_at_each_step_of_the_finish_resumes_or_says_where_the_output_is(
     else:
         report = oneshot.prune(str(src), out=out, resume=True, **options)
         assert report.extra["resumed_from_block"] == 3
+        assert len(report.extra["seconds_per_block"]) == 3  # the blocks before the kill keep their times
+        assert report.phase_seconds()["solve"] > 0 and report.seconds >= sum(report.extra["seconds_per_block"])
     assert_same_tensors(tmp_path / "whole", out)
     assert not partial_dir(out).exists()
     assert json.loads((out / REPORT_FILE).read_text())["achieved_sparsity"] == pytest.approx(0.5)
