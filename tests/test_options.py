@@ -191,6 +191,10 @@ def test_each_stage_reads_its_own_knobs(tiny_model: Callable[[str], nn.Module]) 
         PruneConfig(method="sparsegpt", sparsity=0.5, damp=0.0)
     with pytest.raises(ConfigError, match=r"--block-size must be at least 1 \(got 0\)"):
         PruneConfig(method="sparsegpt", sparsity=0.5, block_size=0)
+    with pytest.raises(ConfigError, match=r"--block-size must be at least 1 \(got True\)"):
+        PruneConfig(method="sparsegpt", sparsity=0.5, block_size=True)  # a YAML "yes" is not a width
+    edge = PruneConfig(method="sparsegpt", sparsity=0.5, block_size=1, max_damp_retries=0)  # the bounds themselves
+    assert edge.method_options().get(BLOCK_SIZE) == 1
     with pytest.raises(ConfigError, match=r"--then-damp must be positive \(got -1"):
         PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", then_damp=-1.0, group_size=32)
     # through a run: the layer records show the damping the last stage (GPTQ) used
