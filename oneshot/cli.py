@@ -42,7 +42,7 @@ def _cli_fields() -> list[dataclasses.Field[Any]]:
     found: list[dataclasses.Field[Any]] = []
     for f in dataclasses.fields(PruneConfig):
         if f.name == "calibration":
-            found.extend(dataclasses.fields(CalibrationConfig))
+            found.extend(c for c in dataclasses.fields(CalibrationConfig) if c.metadata.get("cli"))
         elif f.metadata.get("cli"):
             found.append(f)
     return found

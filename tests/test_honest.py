@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_every_second_of_a_run_is_in_a_phase(tiny_model: Callable[[str], nn.Modu
     """The block refit and the save are phases; the phases add up to the run's seconds, and the saved
     report's seconds and peak memory are taken after the save and its check."""
     out = tmp_path / "o"
+    t0 = time.perf_counter()
     report = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, refine="block", owl=True,
                            calibration=IDS, out=out, quiet=True, batch_size=2)  # fmt: skip
     phases = report.phase_seconds()
@@ -50,6 +52,7 @@ def test_every_second_of_a_run_is_in_a_phase(tiny_model: Callable[[str], nn.Modu
     assert phases["save"] == report.extra["write_seconds"]
     assert phases["allocation"] == report.extra["owl"]["seconds"]
     assert sum(phases.values()) == pytest.approx(report.seconds, rel=1e-9)
+    assert 0 < report.seconds <= time.perf_counter() - t0
     assert "refit" in report.summary() and "save" in report.summary()
     saved = json.loads((out / REPORT_FILE).read_text())
     assert saved["seconds"] == report.seconds and saved["write_seconds"] == report.extra["write_seconds"]
@@ -137,6 +140,8 @@ def test_options_a_run_would_ignore_are_refused_or_honoured(tiny_model: Callable
     assert batched.extra["passes"] == "two" and "--batch-size 2" in batched.extra["passes_reason"]
     plain = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True)
     assert plain.extra["passes"] == "single"  # everything fits: the one forward
+    two = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True, passes="two")
+    assert two.extra["passes"] == "two" and "passes_reason" not in two.extra  # asked for: no reason to give
     with pytest.raises(ConfigError, match="sparsities= names 'model.layers.0.no_such'"):
         oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
                       sparsities={"model.layers.0.mlp.up_proj": 0.3, "model.layers.0.no_such": 0.2})  # fmt: skip

@@ -33,7 +33,7 @@ def _flags() -> dict[str, str]:
     out = {}
     for cls in (PruneConfig, CalibrationConfig):
         for f in dataclasses.fields(cls):
-            if "help" in f.metadata:
+            if "help" in f.metadata and f.metadata.get("cli"):  # cli=False: recorded by a run, not typed
                 out[f.name] = f.metadata["flag"] or "--" + f.name.replace("_", "-")
     return out
 
@@ -244,3 +244,6 @@ def test_every_knob_is_declared_once_and_reaches_the_config_and_the_cli() -> Non
             if declared.name in params:
                 assert params[declared.name].default == declared.default, (solver.__name__, declared.name)
     assert {"--then-damp", "--then-block-size", "--then-max-damp-retries"} <= flags
+    assert "--digest" not in flags  # recorded by a run, read from a recipe: not typed
+    defaults = PruneConfig(method="wanda", sparsity=0.5, owl=True)
+    assert (defaults.batch_size, defaults.owl_lambda, defaults.owl_m) == (8, 0.08, 5.0)  # the documented defaults
