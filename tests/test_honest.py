@@ -76,6 +76,7 @@ def test_a_layer_that_gets_no_input_is_a_one_line_error(tiny_model: Callable[[st
 def test_an_allocation_above_the_probed_range_is_refused() -> None:
     with pytest.raises(ConfigError, match="sparsities up to 0.99; --sparsity 0.995"):
         oneshot.PruneConfig(method="wanda", sparsity=0.995, allocate="sensitivity", allocate_lambda=0.004)
+    oneshot.PruneConfig(method="wanda", sparsity=0.99, allocate="sensitivity", allocate_lambda=0.005)  # the bound
 
 
 def test_the_recorded_config_is_what_the_run_used(tiny_model: Callable[[str], nn.Module]) -> None:
