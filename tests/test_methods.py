@@ -292,6 +292,9 @@ def test_a_layer_wide_selection_in_chunks_is_the_stable_sorts(
     row = cases[1].flatten()
     for k in (1, 17, row.numel()):
         assert masks._kth_smallest(row, k) == row.kthvalue(k).values
+    close = 1.0 + torch.arange(40, dtype=torch.float32) * 1e-7  # one high-half bucket; the first is the least
+    for k in (1, 2, 40):
+        assert masks._kth_smallest(close, k) == close.kthvalue(k).values
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4), (1, 3), (2, 5), (4, 8)])

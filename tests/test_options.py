@@ -245,5 +245,6 @@ def test_every_knob_is_declared_once_and_reaches_the_config_and_the_cli() -> Non
                 assert params[declared.name].default == declared.default, (solver.__name__, declared.name)
     assert {"--then-damp", "--then-block-size", "--then-max-damp-retries"} <= flags
     assert "--digest" not in flags  # recorded by a run, read from a recipe: not typed
+    assert fields["then_damp"].metadata["help"] == "The --then quantizer's r" + linalg.DAMP.help[1:]
     defaults = PruneConfig(method="wanda", sparsity=0.5, owl=True)
     assert (defaults.batch_size, defaults.owl_lambda, defaults.owl_m) == (8, 0.08, 5.0)  # the documented defaults
