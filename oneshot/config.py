@@ -79,13 +79,12 @@ def parse_nm(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return (n, m)
 
 
-#: ``Option.uses`` kinds: every method that prunes weights one by one, every method that reads data,
-#: every run that quantizes (``--method gptq`` / ``rtn``, or ``--then``).
+#: ``option(uses=...)`` kinds of run: every method that prunes weights one by one, every method that
+#: reads data, every one of those that sweeps it, every method that solves layers sharing an input as one.
 UNSTRUCTURED = "unstructured"
 USES_DATA = "uses data"
 SWEEPS_DATA = "prunes single weights from data"
 STACKS = "solves layers sharing an input as one"
-QUANTIZES = "quantizes"
 
 #: Mask refinements (``--refine``).
 REFINES = ("dsnot", "block")
@@ -107,8 +106,8 @@ def option(
 ) -> Any:
     """Declare one run option: its default, ``--help`` text and CLI flag (default: from the field name).
 
-    ``uses`` names the methods the option applies to (method names, or :data:`UNSTRUCTURED` /
-    :data:`USES_DATA`); ``requires`` another option it only matters with (``"owl"``: a boolean that
+    ``uses`` names the kind of run the option applies to (:data:`UNSTRUCTURED`, :data:`USES_DATA`,
+    :data:`SWEEPS_DATA`, :data:`STACKS`; a method's own knobs are declared with :func:`knob`); ``requires`` another option it only matters with (``"owl"``: a boolean that
     must be on; ``"refine=dsnot"``: an option that must have that value). Setting an option
     that does not apply is refused. ``type`` is the CLI value type where the default is None;
     ``choices`` restricts the value. The CLI (:mod:`oneshot.cli`) is generated from these fields.
@@ -530,7 +529,6 @@ class PruneConfig:
             or (uses == USES_DATA and self.uses_data)
             or (uses == SWEEPS_DATA and self.uses_data and not spec.structured)
             or (uses == STACKS and spec.run_stacked is not None)
-            or (uses == QUANTIZES and self.quantizes)
         )
 
     def _check_structured(self) -> None:
@@ -666,7 +664,6 @@ _KINDS = {
     UNSTRUCTURED: "the methods that prune single weights",
     USES_DATA: "the methods that read calibration data",
     SWEEPS_DATA: "the methods that prune single weights from calibration data",
-    QUANTIZES: "the quantizers: --method gptq / rtn, or --then",
 }
 
 

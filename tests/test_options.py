@@ -170,6 +170,7 @@ def test_each_stage_reads_its_own_knobs(tiny_model: Callable[[str], nn.Module]) 
     """GPTQ's damping, block width and retries are its own: --damp for the method that reads it, --then-damp for
     the quantizer after a pruning method (the one --damp went to both stages silently before)."""
     from oneshot.methods.linalg import BLOCK_SIZE, DAMP
+    from oneshot.methods.quantspec import BITS
 
     gptq_only = PruneConfig(method="gptq", damp=0.05, block_size=64, group_size=32)
     assert gptq_only.method_options().get(DAMP) == 0.05 and gptq_only.method_options().get(BLOCK_SIZE) == 64
@@ -177,6 +178,14 @@ def test_each_stage_reads_its_own_knobs(tiny_model: Callable[[str], nn.Module]) 
     assert both.method_options().get(DAMP) == 0.05 and both.method_options("then").get(DAMP) == DAMP.default
     own = PruneConfig(method="sparsegpt", sparsity=0.5, then="gptq", then_damp=0.1, group_size=32)
     assert own.method_options().get(DAMP) == DAMP.default and own.method_options("then").get(DAMP) == 0.1
+    assert "bits" not in both.method_options().values and both.method_options("then").get(BITS) == 4  # per stage
+    from oneshot.methods import dsnot
+
+    refined = PruneConfig(method="wanda", sparsity=0.5, refine="dsnot", dsnot_cycles=7)
+    assert refined.method_options().get(dsnot.CYCLES) == 7  # the refinement runs in the method's stage
+    PruneConfig(method="sparsegpt", sparsity=0.5, stack=False)  # SparseGPT solves q/k/v as one: it applies
+    with pytest.raises(ConfigError, match="--stack does not apply to --method wanda"):
+        PruneConfig(method="wanda", sparsity=0.5, stack=False)
     after_wanda = PruneConfig(method="wanda", sparsity=0.5, then="gptq", damp=0.05, group_size=32)
     assert after_wanda.method_options("then").get(DAMP) == 0.05  # the only stage that reads it
     with pytest.raises(
