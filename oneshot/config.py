@@ -107,7 +107,8 @@ def option(
     """Declare one run option: its default, ``--help`` text and CLI flag (default: from the field name).
 
     ``uses`` names the kind of run the option applies to (:data:`UNSTRUCTURED`, :data:`USES_DATA`,
-    :data:`SWEEPS_DATA`, :data:`STACKS`; a method's own knobs are declared with :func:`knob`); ``requires`` another option it only matters with (``"owl"``: a boolean that
+    :data:`SWEEPS_DATA`, :data:`STACKS`; a method's own knobs are declared with :func:`knob`);
+    ``requires`` another option it only matters with (``"owl"``: a boolean that
     must be on; ``"refine=dsnot"``: an option that must have that value). Setting an option
     that does not apply is refused. ``type`` is the CLI value type where the default is None;
     ``choices`` restricts the value. The CLI (:mod:`oneshot.cli`) is generated from these fields.
