@@ -747,7 +747,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         method = stage.pop("method", None)
         if index == 1 and method not in QUANTIZERS:
             raise ConfigError(f"{where}: the second stage must quantize (gptq or rtn), not {method!r}")
-        if index == 1 and fields.get("method") in METHODS:  # a knob both stages read is the quantizer's own
+        if fields.get("method") in METHODS:  # the second stage: a knob both stages read is the quantizer's own
             first = {declared.name for declared in METHODS[fields["method"]].knobs}
             stage = {("then_" + k if k in first else k): v for k, v in stage.items()}
         stage["then" if index else "method"] = method

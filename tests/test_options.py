@@ -184,7 +184,8 @@ def test_each_stage_reads_its_own_knobs(tiny_model: Callable[[str], nn.Module]) 
     refined = PruneConfig(method="wanda", sparsity=0.5, refine="dsnot", dsnot_cycles=7)
     assert refined.method_options().get(dsnot.CYCLES) == 7  # the refinement runs in the method's stage
     PruneConfig(method="sparsegpt", sparsity=0.5, stack=False)  # SparseGPT solves q/k/v as one: it applies
-    with pytest.raises(ConfigError, match="--stack does not apply to --method wanda"):
+    with pytest.raises(ConfigError, match="--stack does not apply to --method wanda .it is used by the methods that solve "
+                       "layers sharing an input as one: sparsegpt, obs, gptq."):  # fmt: skip
         PruneConfig(method="wanda", sparsity=0.5, stack=False)
     after_wanda = PruneConfig(method="wanda", sparsity=0.5, then="gptq", damp=0.05, group_size=32)
     assert after_wanda.method_options("then").get(DAMP) == 0.05  # the only stage that reads it
@@ -228,6 +229,10 @@ def test_a_recipe_keeps_each_stage_s_knobs(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recipe))
     assert PruneConfig(**read_recipe(path)) == config
+    assert set(recipe) == {"stages", "calibration"}  # every knob in its stage, nothing else set
+    only = PruneConfig(method="gptq", damp=0.05, group_size=32).to_recipe()
+    assert only["stages"] == [{"method": "gptq", "damp": 0.05, "bits": 4, "group_size": 32, "symmetric": True,
+                               "act_order": False, "observer": "minmax"}]  # no sparsity for a quantizer  # fmt: skip
 
 
 def test_every_knob_is_declared_once_and_reaches_the_config_and_the_cli() -> None:
