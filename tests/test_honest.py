@@ -141,7 +141,8 @@ def test_options_a_run_would_ignore_are_refused_or_honoured(tiny_model: Callable
     assert batched.extra["passes"] == "two" and "--batch-size 2" in batched.extra["passes_reason"]
     plain = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True)
     assert plain.extra["passes"] == "single"  # everything fits: the one forward
-    two = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True, passes="two")
+    two = oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True, passes="two",
+                        batch_size=2)  # fmt: skip
     assert two.extra["passes"] == "two" and "passes_reason" not in two.extra  # asked for: no reason to give
     with pytest.raises(ConfigError, match="sparsities= names 'model.layers.0.no_such'"):
         oneshot.prune(tiny_model("llama"), method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
