@@ -73,7 +73,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         opts.update(extra_opts)
         opts.update(own)
         if oneshot.PruneConfig(method=name, sparsity=sparsity, **opts).uses_data:
-            opts.update(calibration=calib(n_calib), batch_size=64)
+            opts.update(calibration=calib(n_calib))  # --passes auto: one pass when the batch fits, else batches of 8
         report = oneshot.prune(model, tokenizer, method=name, sparsity=sparsity, device=str(device), quiet=True, **opts)
         scores = evaluate(model, tokenizer, test)
         row = {

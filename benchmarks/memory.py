@@ -98,8 +98,8 @@ def measure(
     cmd = [
         sys.executable, "-m", "oneshot", "prune", str(model), "--method", method, "--sparsity", "0.5",
         "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--no-stream", "--quiet",
-        "--out", str(out), "--passes", passes, "--batch-size", str(batch),
-    ]  # fmt: skip
+        "--out", str(out), "--passes", passes,
+    ] + (["--batch-size", str(batch)] if passes == "two" else [])  # fmt: skip  # the single pass is one batch
     shutil.rmtree(out, ignore_errors=True)
     rss = peak(cmd)
     report = json.loads((out / "oneshot_report.json").read_text())

@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> None:
                     sparsity=0.5,
                     calibration=calib,
                     out=Path(tmp) / "m",
-                    batch_size=args.batch_size,
                     quiet=True,
                     device=args.device,
                     **options,
+                    **({"batch_size": args.batch_size} if options.get("passes") == "two" else {}),
                 )
             t = report.times
             row = {
