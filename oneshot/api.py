@@ -35,7 +35,14 @@ from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
 from oneshot.passes.unstructured import LayerRecord, SweepResult, prune_sequential
-from oneshot.quantized import ASYMMETRIC_LOAD_WARNING, QuantizedLayer, auto_group_size, check_groups, check_loader
+from oneshot.quantized import (
+    ASYMMETRIC_LOAD_WARNING,
+    AUTO_GROUP_RULE,
+    QuantizedLayer,
+    auto_group_size,
+    check_groups,
+    check_loader,
+)
 from oneshot.streaming import StreamingRun, partial_dir
 from oneshot.writer import check_output_dir, rewrite_report, save_pruned
 
@@ -162,9 +169,7 @@ class Report:
         quant = self.extra.get("quantization")
         if quant:
             grid = f"{quant['bits']}-bit " + ("per row" if quant["group_size"] is None else f"g{quant['group_size']}")
-            grid += (
-                " (group size chosen: the largest of 128/64/32 that fits)" if "group_size_chosen" in self.extra else ""
-            )
+            grid += f" (group size chosen: {AUTO_GROUP_RULE})" if "group_size_chosen" in self.extra else ""
             pattern = f"{pattern}, then {quant['method']} {grid}" if self.config.then else grid
         damped = [r for r in self.layers if r.damp is not None and r.damp > self.config.damp]
         lines = [
@@ -335,7 +340,7 @@ def _facts(
     facts = _run_facts(model, calib, run)
     facts["host_allocator"] = allocator_state()
     if auto_group:
-        facts["group_size_chosen"] = "the largest of 128, 64, 32 that divides every quantized layer's input"
+        facts["group_size_chosen"] = AUTO_GROUP_RULE
     if ranks is not None:
         facts["distributed"] = {"world_size": ranks.world}
         if calib is not None:
@@ -399,7 +404,7 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
         )
     if config.group_size is None:
         config = dataclasses.replace(config, group_size=auto_group_size(layers))
-        log.info("--group-size %d: the largest of 128, 64, 32 that divides every quantized layer", config.group_size)
+        log.info("--group-size %d: %s", config.group_size, AUTO_GROUP_RULE)
     spec = config.quant_spec()
     check_groups(layers, spec)
     if not spec.symmetric:

@@ -144,6 +144,10 @@ def check_loader() -> None:
 
 #: The group sizes the default tries, largest first (the first that divides every quantized layer wins).
 AUTO_GROUP_SIZES = (128, 64, 32)
+#: How the default group size is chosen, as the output and the report say it.
+AUTO_GROUP_RULE = (
+    f"the largest of {', '.join(map(str, AUTO_GROUP_SIZES))} that divides every quantized layer's input width"
+)
 
 
 def auto_group_size(widths: Mapping[str, int]) -> int:
@@ -170,7 +174,7 @@ def check_groups(widths: Mapping[str, int], spec: QuantSpec) -> None:
     misfit = {name: width for name, width in widths.items() if width % size}
     if misfit:
         name, width = next(iter(misfit.items()))
-        fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths.values())]
+        fits = [g for g in (*AUTO_GROUP_SIZES, 16) if all(w % g == 0 for w in widths.values())]
         hint = f"--group-size {fits[0]}" if fits else "--group-size -1 (one scale per output row)"
         raise ConfigError(
             f"--group-size {size} does not divide the input width {width} of {name} ({len(misfit)} layers misfit); "
