@@ -149,6 +149,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(path: Path, text: str) -> None:
+    """Replace ``path``'s content with ``text`` atomically and durably: written to a sibling, flushed,
+    renamed over ``path``, and the rename flushed (a crash leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def saved_files(folder: Path) -> list[str]:
     """The safetensors files of a saved model folder (from its index, or the single file)."""
     index = folder / INDEX_FILE

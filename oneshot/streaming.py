@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -38,7 +37,7 @@ from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
 from oneshot.quantized import QuantizedLayer, check_layer
-from oneshot.shards import ShardWriter, fsync_path, header_room, verify_shards
+from oneshot.shards import ShardWriter, fsync_path, header_room, replace_durably, verify_shards
 from oneshot.writer import REPORT_FILE, add_quantization_config, publish, unquantized_linears, write_run_files
 
 log = logging.getLogger(__name__)
@@ -152,9 +151,8 @@ class StreamingRun:
             "config": _semantic(self.config),
             "calibration": calibration_digest(calib),
         }
-        if self.partial.exists() and self.config.resume and self._finished():
-            return
         if self.partial.exists() and self.config.resume:
+            self._publish_if_finished()
             self._reopen(identity)
         else:
             if self.partial.exists():
@@ -180,14 +178,14 @@ class StreamingRun:
             self.writer.add(key, value.to(self._param_dtype[name]) if name is not None else value)
         self.progress = {"version": 1, **identity, "room": room, "next_block": 0, "layers": [], "skipped": []}
 
-    def _finished(self) -> bool:
-        """Publish a partial folder whose finish was interrupted after its last check (True), else False.
+    def _publish_if_finished(self) -> None:
+        """Publish a partial folder whose finish was interrupted after its last check, and say so (an error).
 
         The finish removes ``progress.json`` only once the shards are verified and the report is
         written: a folder in that state is complete and only has to be renamed into place.
         """
         if (self.partial / PROGRESS_FILE).exists() or not (self.partial / REPORT_FILE).exists():
-            return False
+            return
         self._publish()
         raise OutputError(f"the interrupted run had finished and verified its output: it is now in {self.out}")
 
@@ -356,11 +354,7 @@ class StreamingRun:
         self.store.sync()
         self.progress["writer"] = self.writer.state()
         self.progress["store"] = store_state if store_state is not None else self.store.state()
-        tmp = self.partial / (PROGRESS_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.progress))
-        fsync_path(tmp)
-        os.replace(tmp, self.partial / PROGRESS_FILE)
-        fsync_path(self.partial)  # the rename itself survives a power loss
+        replace_durably(self.partial / PROGRESS_FILE, json.dumps(self.progress))
 
     # -- finishing ----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from oneshot.checkpoint import check_loadable
 from oneshot.errors import ModelError, OutputError
 from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
-from oneshot.shards import SavedTensor, iter_saved, tensor_bytes
+from oneshot.shards import SavedTensor, iter_saved, replace_durably, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def rewrite_report(folder: Path, report: dict[str, Any]) -> None:
     Keys only the saved report has (what the save itself found, e.g. ``verified_bytes``) are kept.
     """
     path = folder / REPORT_FILE
-    tmp = folder / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps({**json.loads(path.read_text()), **report}, indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_durably(path, json.dumps({**json.loads(path.read_text()), **report}, indent=2) + "\n")
 
 
 def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
