@@ -564,7 +564,7 @@ def resolved_config(
         changes["calibration"] = calibration
     if METHODS[config.method].structured:
         changes["sparsity"] = None  # a structured run removes units; its config sets no sparsity of its own
-    if "passes" in facts and calibration is not None and not METHODS[config.method].structured:
+    if "passes" in facts:  # decided by sweeps that read data and prune single weights only
         changes["passes"] = facts["passes"]
     return dataclasses.replace(config, **changes)
 

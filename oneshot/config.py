@@ -396,7 +396,7 @@ class PruneConfig:
         object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be positive (got {self.max_memory})")
-        if self.passes == "single" and not _is_default(self.batch_size, _default("batch_size")):
+        if self.passes == "single" and self.batch_size != PruneConfig.batch_size:
             raise ConfigError(
                 "--passes single forwards all calibration samples as one batch, so --batch-size does nothing; drop one"
             )
@@ -671,11 +671,6 @@ _KINDS = {
 def _is_default(value: object, default: object) -> bool:
     """Whether an option still has its default (an empty list or dict counts as the empty tuple)."""
     return value == default or (default == () and isinstance(value, (list, tuple, dict)) and not value)
-
-
-def _default(name: str) -> Any:
-    """The declared default of a :class:`PruneConfig` option."""
-    return next(f.default for f in dataclasses.fields(PruneConfig) if f.name == name)
 
 
 def _satisfied(config: PruneConfig, requires: str) -> bool:
