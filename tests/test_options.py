@@ -262,3 +262,16 @@ def test_every_knob_is_declared_once_and_reaches_the_config_and_the_cli() -> Non
     assert fields["then_damp"].metadata["help"] == "The --then quantizer's r" + linalg.DAMP.help[1:]
     defaults = PruneConfig(method="wanda", sparsity=0.5, owl=True)
     assert (defaults.batch_size, defaults.owl_lambda, defaults.owl_m) == (8, 0.08, 5.0)  # the documented defaults
+
+
+def test_every_knob_a_pruning_method_shares_with_a_quantizer_has_its_then_option() -> None:
+    """After a pruning method, a knob both stages read is the quantizer's own as --then-X: each needs that field."""
+    import dataclasses
+
+    from oneshot.methods.registry import METHODS
+
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    quantizers = [spec for spec in METHODS.values() if spec.quantizes]
+    pruners = [spec for spec in METHODS.values() if not spec.quantizes and not spec.structured]
+    shared = {k for q in quantizers for p in pruners for k in q.knobs if k in p.knobs}
+    assert shared and all(fields["then_" + k.name].metadata["knob"] is k for k in shared), shared
