@@ -23,10 +23,10 @@ from oneshot.calibration.data import CalibrationSet, build_calibration
 from oneshot.checkpoint import Checkpoint, has_safetensors, saved_quantization
 from oneshot.config import DTYPES, TOKENS, CalibrationConfig, PruneConfig, read_recipe
 from oneshot.distributed import Ranks, guarded
-from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, resolve_device, single_pass_bytes
+from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, prunable_modules, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
-from oneshot.layers import find_blocks, is_conv1d
+from oneshot.layers import LAYER, OTHER, ROUTER, VECTOR, find_blocks, is_conv1d, is_expert, parameter_roles
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import allocator_state, default_budget, peak_device_memory, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
@@ -180,6 +180,7 @@ class Report:
             + ("n/a (no calibration data)" if self.mean_relative_error is None else f"{self.mean_relative_error:.4g}"),
             f"time {self.seconds:.1f}s ({phase_line(self.phase_seconds())})",
         ]
+        lines.extend(_moe_lines(self.layers, self.extra.get("block_parameters")))
         owl = self.extra.get("owl")
         if owl:
             values = [b["sparsity"] for b in owl["blocks"]]
@@ -198,6 +199,28 @@ class Report:
         if self.out_dir:
             lines.append(f"saved to {self.out_dir}")
         return "\n".join(lines)
+
+
+def _moe_lines(layers: list[LayerRecord], params: dict[str, Any] | None) -> list[str]:
+    """The summary's account of the block parameters left dense, and of the experts' calibration tokens."""
+    lines = []
+    if params and params["total"]:
+        dense = ", ".join(f"{k} {v / params['total']:.2%}" for k, v in params["dense"].items() if v)
+        lines.append(
+            f"block parameters: {params['pruned_layers'] / params['total']:.2%} in pruned layers"
+            + (f" (dense: {dense})" if dense else "")
+            + f"; {params['block_sparsity']:.2%} of them removed"
+        )
+    experts = sorted(r.routed_tokens for r in layers if r.routed_tokens is not None and r.name.endswith("down_proj"))
+    if experts:
+        everything = sum(
+            r.tokens != r.routed_tokens for r in layers if r.routed_tokens is not None and r.name.endswith("down_proj")
+        )
+        lines.append(
+            f"{len(experts)} experts: routed calibration tokens min {experts[0]}, median {experts[len(experts) // 2]}, "
+            f"max {experts[-1]}" + (f"; {everything} calibrated on every token" if everything else "")
+        )
+    return lines
 
 
 def _as_calibration(
@@ -396,6 +419,13 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
     Returns ``config`` with its group size set: the default is the largest of 128 / 64 / 32 that fits.
     """
     check_loader()
+    experts = [name for name, module in prunable_modules(model, config).items() if is_expert(module)]
+    if experts:
+        raise ConfigError(
+            f"quantized experts are not written in the compressed-tensors format yet ({len(experts)} expert "
+            f"projections, e.g. {experts[0]}): leave them dense with --skip '*.experts.*' (the attention and "
+            "dense layers are then quantized), or prune them without a quantizer"
+        )
     conv = [name for name, module in model.named_modules() if name in layers and is_conv1d(module)]
     if conv:
         raise ConfigError(
@@ -735,9 +765,52 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
             "format": "compressed-tensors pack-quantized",
             "layers": sum(r.bits is not None for r in sweep.layers),
         }
+    extra["block_parameters"] = block_parameters(model, sweep.layers)
     report = Report(config, sweep.layers, sweep.times, 0.0, sweep.blocks_name, extra=extra)
     report.quantized = sweep.quantized
     return report
+
+
+def block_parameters(model: nn.Module, layers: list[LayerRecord]) -> dict[str, Any]:
+    """Every parameter of the model's blocks accounted for: in the pruned layers, or dense and why.
+
+    ``pruned_layers`` counts the weights of the layers the run pruned (``layers``); the rest is
+    ``dense``: weights of layers left as they were (``skipped``: by ``--skip`` or a sparsity map),
+    ``router`` (mixture-of-experts routers), ``vector`` (norms, biases) and ``other`` (a matrix
+    no rule understands, named in ``not_understood`` and in a warning). ``block_sparsity`` is the
+    share of all block parameters the masks removed.
+    """
+    blocks_name, blocks = find_blocks(model)
+    total = 0
+    by_role: dict[str, int] = {}
+    other: list[str] = []
+    for i, block in enumerate(blocks):
+        params = dict(block.named_parameters())
+        for name, role in parameter_roles(block).items():
+            by_role[role] = by_role.get(role, 0) + params[name].numel()
+            total += params[name].numel()
+            if role == OTHER:
+                other.append(f"{blocks_name}.{i}.{name}")
+    pruned = sum(r.shape[0] * r.shape[1] for r in layers)
+    removed = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in layers)
+    if other:
+        log.warning(
+            "%d block parameters are matrices no rule understands and stay dense (e.g. %s); see the report's "
+            "block_parameters", len(other), other[0]
+        )  # fmt: skip
+    dense = {
+        "skipped": by_role.get(LAYER, 0) - pruned,
+        "router": by_role.get(ROUTER, 0),
+        "vector": by_role.get(VECTOR, 0),
+        "other": by_role.get(OTHER, 0),
+    }
+    return {
+        "total": total,
+        "pruned_layers": pruned,
+        "dense": dense,
+        "block_sparsity": removed / total if total else 0.0,
+        "not_understood": other,
+    }
 
 
 def _finish(

@@ -246,14 +246,38 @@ def release(module: nn.Module) -> None:
         set_module_tensor_to_device(module, name, "meta")
 
 
+def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under the names ``save_pretrained`` writes: transformers' weight-conversion mapping reversed.
+
+    A mixture-of-experts model's fused experts (``mlp.experts.gate_up_proj``) are saved under the
+    checkpoint's own per-expert names (Mixtral's ``block_sparse_moe.experts.0.w1.weight``); the
+    tensors are views of the model's where the mapping allows. Other models: ``state`` as it is.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings saves the names as they are
+        return state
+    if not hasattr(model, "config"):
+        return state
+    reverted: dict[str, torch.Tensor] = revert_weight_conversion(model, state)  # type: ignore[arg-type]
+    return reverted
+
+
 def check_loadable(folder: Path) -> None:
     """Check that ``folder``'s config describes its tensors: every parameter present with its shape.
 
     Builds the model from the saved config on the meta device (no weight memory) and compares each
-    parameter's shape with the saved tensor's. Raises :class:`ModelError` on a mismatch.
+    parameter's shape with the saved tensor's, under the names transformers saves it with
+    (:func:`checkpoint_names`: a mixture of experts' per-expert tensors). Raises :class:`ModelError`
+    on a mismatch.
     """
     checkpoint = Checkpoint(folder)
     skeleton = build_skeleton(folder, checkpoint.dtype())
+    params = dict(skeleton.named_parameters())
+    named = checkpoint_names(skeleton, dict(params))
+    if set(named) != set(params):  # a conversion mapping: every tensor it names saved with its shape
+        _check_converted(named, checkpoint)
+        return
     keys = checkpoint_keys(skeleton, checkpoint, packed=True)
     group = saved_quantization(folder).get("config_groups", {}).get("group_0", {})
     bits = int(group.get("weights", {}).get("num_bits", 0))
@@ -265,6 +289,21 @@ def check_loadable(folder: Path) -> None:
             raise ModelError(
                 f"saved {keys[name]} has shape {checkpoint.tensors[keys[name]].shape} but the saved config "
                 f"builds {tuple(param.shape)}"
+            )
+
+
+def _check_converted(named: dict[str, torch.Tensor], checkpoint: Checkpoint) -> None:
+    """Every tensor a conversion mapping names is in ``checkpoint`` with its shape (ModelError otherwise)."""
+    missing = [name for name in named if name not in checkpoint.tensors]
+    if missing:
+        raise ModelError(
+            f"{len(missing)} tensors are not in the checkpoint at {checkpoint.folder} (e.g. {', '.join(missing[:3])})"
+        )
+    for name, tensor in named.items():
+        if tuple(tensor.shape) != checkpoint.tensors[name].shape:
+            raise ModelError(
+                f"saved {name} has shape {checkpoint.tensors[name].shape} but the saved config builds "
+                f"{tuple(tensor.shape)}"
             )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.errors import ConfigError
+from oneshot.experts import EXPERT_RULES, ROUTED
 from oneshot.methods import dsnot, fisher, movement, obs, ria, structured
 from oneshot.methods.allocation import MAX_PROBE, parse_sparsity_map
 from oneshot.methods.base import MethodOptions, MethodSpec
@@ -345,6 +346,20 @@ class PruneConfig:
         type=Path,
         uses=UNSTRUCTURED,
     )
+    expert_calibration: str = option(
+        ROUTED,
+        "Mixture-of-experts models: the tokens an expert's statistics come from. routed: the tokens the "
+        "router sends to it; weighted: the same, each weighted by its routing weight; all: every "
+        "calibration token through every expert (the block still outputs the routed mix).",
+        choices=EXPERT_RULES,
+        uses=USES_DATA,
+    )
+    expert_min_tokens: int = option(
+        16,
+        "Mixture-of-experts models: an expert routed fewer real calibration tokens than this is "
+        "calibrated on every token instead (its routed share is too small to estimate statistics from).",
+        uses=USES_DATA,
+    )
     ratio: float | None = knob(structured.RATIO)
     score: str = knob(structured.SCORE)
     bias_compensation: bool = knob(structured.BIAS_COMPENSATION)
@@ -411,6 +426,8 @@ class PruneConfig:
                 declared.check(value, _flag(f))
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.expert_min_tokens < 1:
+            raise ConfigError(f"--expert-min-tokens must be at least 1 (got {self.expert_min_tokens})")
         if not (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         for f in dataclasses.fields(self):

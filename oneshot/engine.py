@@ -27,18 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oneshot.activations import ActivationStore, MemoryStore
 from oneshot.calibration.data import CalibrationSet
-from oneshot.calibration.hooks import AccumulatorFactory, collect, no_input
+from oneshot.calibration.hooks import AccumulatorFactory, Collector, collect, no_input
 from oneshot.calibration.stats import Accumulator, ColumnSqNorm, Hessian, MeanVar, TokenSample
 from oneshot.capture import BlockCall, CapturedInputs, capture_inputs
 from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks, guarded
 from oneshot.errors import ModelError
-from oneshot.layers import as_matrix, find_blocks, find_linears, input_width
+from oneshot.experts import ALL, CalibrationRule, ExpertProjection, routed_through_layers
+from oneshot.layers import find_blocks, find_linears, input_width, output_width
 from oneshot.memory import release_scratch
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
 from oneshot.methods.linalg import all_finite
@@ -230,13 +231,21 @@ def sweep(
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
         step = kind(config, needs, visit, block_visit, times, device, captured, store, shared, visit_group, refit)
+        step.experts = expert_rule(config, single_pass)
     loop = _Loop(blocks, blocks_name, step, io, config, times, device, ranks, observer, home, calib is not None)
+    rule = step.experts if isinstance(step, _BlockStep) else None
     try:
-        for i in tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=True if config.quiet else None):
-            loop.block(i)
+        with routed_through_layers(model, rule):
+            for i in tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=config.quiet or None):
+                loop.block(i)
     finally:
         _move_outside(model, blocks, home)
     return blocks_name
+
+
+def expert_rule(config: PruneConfig, single_pass: bool) -> CalibrationRule:
+    """How a sweep gathers the experts' statistics (``--expert-calibration``, ``--expert-min-tokens``)."""
+    return CalibrationRule(rule=config.expert_calibration, min_tokens=config.expert_min_tokens, inline=single_pass)
 
 
 @dataclass
@@ -337,46 +346,80 @@ class _BlockStep:
     shared: _Shared
     visit_group: GroupVisitor | None = None
     refit: BlockRefit | None = None
+    experts: CalibrationRule = field(default_factory=CalibrationRule)
 
-    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
-        """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
+    def _forward_stats(
+        self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str, targets: list[Tensor] | None
+    ) -> Collector:
+        """One statistics forward of every calibration batch through block ``i`` (its outputs into ``targets``)."""
         times, store, calls = self.times, self.store, self.captured.calls
-        factories = stat_factories(self.needs)
-        targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
-        ranks = self.shared.ranks
         t0, io_before = time.perf_counter(), times.activations
-        forward = guarded(ranks, f"the statistics forward of {blocks_name}.{i}")
-        with torch.no_grad(), collect(linears, factories) as collector, forward:
+        forward = guarded(self.shared.ranks, f"the statistics forward of {blocks_name}.{i}")
+        with torch.no_grad(), collect(linears, stat_factories(self.needs)) as collector, forward:
             check_weights(blocks_name, i, linears)
             for b in range(len(store)):
                 collector.next_batch(self.captured.token_masks[b])
+                self.experts.token_mask = self.captured.token_masks[b]
                 hidden = _finite_inputs(store, b, i, blocks_name, self.device)
                 out = calls[b][i].run(block, hidden, self.device)
-                if self.refit is not None:
+                if targets is not None:
                     targets.append(out.to("cpu"))  # the store's side: one batch at a time on the device
             synchronize(self.device)
         times.statistics += collector.seconds
         times.forward += time.perf_counter() - t0 - collector.seconds - (times.activations - io_before)
+        return collector
+
+    def _statistics(
+        self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str, targets: list[Tensor] | None
+    ) -> Callable[[str], dict[str, Accumulator]]:
+        """Every layer's accumulators after the statistics forward (and the rare experts' second forward)."""
+        rule = self.experts
+        rule.counts.clear()
+        rule.counting = True
+        try:
+            collector = self._forward_stats(i, block, linears, blocks_name, targets)
+        finally:
+            rule.counting = False
+        ranks = self.shared.ranks
+        rare = rare_experts(linears, rule, ranks)
+        if ranks is not None:  # an expert routed tokens on other ranks only: empty statistics here, then reduced
+            for name, layer in linears.items():
+                if isinstance(layer, ExpertProjection) and name not in rare:
+                    collector.ensure(name, input_width(layer), self.device)
+        if not rare:
+            return collector.stats
+        rule.everything = {rare[n].key for n in rare}
+        try:
+            again = self._forward_stats(i, block, {n: linears[n] for n in rare}, blocks_name, None)
+        finally:
+            rule.everything = set()
+        return lambda name: again.stats(name) if name in rare else collector.stats(name)
+
+    def run(self, i: int, block: nn.Module, linears: dict[str, nn.Module], blocks_name: str) -> None:
+        """Gather statistics, let the visitors prune, then write the block's outputs to the store."""
+        times, store, calls = self.times, self.store, self.captured.calls
+        targets: list[torch.Tensor] = []  # the dense block's outputs, kept for a refit
+        ranks = self.shared.ranks
+        stats = self._statistics(i, block, linears, blocks_name, targets if self.refit is not None else None)
 
         t0, report_before = time.perf_counter(), times.report
         groups: dict[int, list[str]] = {}  # layers sharing accumulators read the same input
-        missing = [name for name in linears if not collector.received(name)]
+        missing = [name for name in linears if not _received(stats, name)]
         if missing:
             raise no_input(f"{blocks_name}.{i}.{missing[0]}")
         for name in linears:
-            groups.setdefault(id(collector.stats(name)), []).append(name)
+            groups.setdefault(id(stats(name)), []).append(name)
         if ranks is not None:
             for group in groups.values():
-                ranks.reduce(collector.stats(group[0]))
-        stats = collector.stats
+                ranks.reduce(stats(group[0]))
         self.shared.visit_all(
-            self.visit, self.visit_group, blocks_name, i, linears, list(groups.values()), lambda g: stats(g[0])
+            self.visit, self.visit_group, blocks_name, i, linears, list(groups.values()), _first_of(stats)
         )
         if self.block_visit is not None:
             with guarded(ranks, f"the block visit of {blocks_name}.{i}"):
-                self.block_visit(i, block, collector.stats)
+                self.block_visit(i, block, stats)
         times.solve += time.perf_counter() - t0 - (times.report - report_before)  # visitors time their report
-        del collector
+        del stats
         if self.refit is not None:
             t0 = time.perf_counter()
             run = lambda b: calls[b][i].run(block, store.get(b), self.device, torch.float32)  # noqa: E731
@@ -391,6 +434,39 @@ class _BlockStep:
                 store.put(b, out)
         store.commit()
         times.propagate += time.perf_counter() - t0 - (times.activations - io_before)
+
+
+def _first_of(stats: Callable[[str], dict[str, Accumulator]]) -> Callable[[list[str]], dict[str, Accumulator]]:
+    """A layer group's shared accumulators: its first layer's."""
+    return lambda group: stats(group[0])
+
+
+def _received(stats: Callable[[str], dict[str, Accumulator]], name: str) -> bool:
+    """Whether layer ``name`` has statistics (its block's forward called it)."""
+    try:
+        stats(name)
+    except ModelError:
+        return False
+    return True
+
+
+def rare_experts(
+    linears: dict[str, nn.Module], rule: CalibrationRule, ranks: Ranks | None
+) -> dict[str, ExpertProjection]:
+    """The expert projections of ``linears`` routed fewer than ``rule.min_tokens`` real tokens (over all ranks).
+
+    Nothing under :data:`~oneshot.experts.ALL`, where every expert already sees every token.
+    """
+    experts = {n: m for n, m in linears.items() if isinstance(m, ExpertProjection)}
+    if not experts or rule.rule == ALL:
+        return {}
+    counts = {n: m.routed_tokens or 0 for n, m in experts.items()}
+    if ranks is not None:
+        totals = ranks.all_gather_object(counts)
+        counts = {n: sum(part[n] for part in totals) for n in counts}
+        for n, m in experts.items():
+            m.routed_tokens = counts[n]
+    return {n: experts[n] for n, c in counts.items() if c < rule.min_tokens}
 
 
 def _visit(
@@ -458,7 +534,7 @@ class _Shared:
 def _cost(modules: list[nn.Module], needs: tuple[str, ...]) -> float:
     """A layer group's solve cost: ~ rows·in² + in³ with a Hessian (SparseGPT, OBS), rows·in otherwise."""
     width = input_width(modules[0])
-    rows = sum(int(as_matrix(m).shape[0]) for m in modules)
+    rows = sum(output_width(m) for m in modules)
     return float(rows * width * width + width**3) if STAT_HESSIAN in needs else float(rows * width)
 
 
@@ -588,9 +664,15 @@ class _SinglePassStep(_BlockStep):
             solve += time.perf_counter() - t0
 
         t0, io_before = time.perf_counter(), times.activations
+        rule = self.experts
         with torch.no_grad(), collect(linears, factories, on_stats) as collector:
             collector.next_batch(self.captured.token_masks[0])
-            out = self.captured.calls[0][i].run(block, hidden, self.device)
+            rule.counts.clear()
+            rule.counting, rule.token_mask = True, self.captured.token_masks[0]
+            try:
+                out = self.captured.calls[0][i].run(block, hidden, self.device)
+            finally:
+                rule.counting = False
             missing = [name for name in linears if name not in visited]
             if missing:
                 raise no_input(f"{blocks_name}.{i}.{missing[0]}")

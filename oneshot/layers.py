@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from oneshot.errors import ModelError
+from oneshot.experts import ExpertProjection, is_experts, projections
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -56,8 +57,77 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers (``nn.Linear`` or ``Conv1D``) inside ``block``, by qualified name, in order."""
-    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+    """The layers of ``block`` by qualified name, in order: ``nn.Linear``, ``Conv1D`` and each expert's projections.
+
+    An experts module (:func:`oneshot.experts.is_experts`) contributes every expert's gate, up and
+    down projection as ``{module}.{expert}.{gate|up|down}_proj`` (:class:`~oneshot.experts.ExpertProjection`).
+    """
+    found: dict[str, nn.Module] = {}
+    routers = set(find_routers(block))
+    for name, m in block.named_modules():
+        if name and is_linear(m) and name not in routers:
+            found[name] = m
+        elif is_experts(m):
+            found.update({f"{name}.{key}" if name else key: p for key, p in projections(m).items()})
+    return found
+
+
+def _is_router_name(child: str) -> bool:
+    return child == "gate" or child.endswith("_gate") or "router" in child
+
+
+def find_routers(block: nn.Module) -> dict[str, nn.Module]:
+    """The routers of ``block``'s mixtures of experts, by qualified name: left dense, never pruned.
+
+    A router is a sibling of an experts module named ``gate``, ``*_gate`` or ``*router*`` (Mixtral's
+    ``mlp.gate``, GPT-OSS's ``mlp.router``, Qwen2-MoE's ``mlp.shared_expert_gate``) whose weight
+    has one row per expert (or one: a shared expert's gate).
+    """
+    modules = dict(block.named_modules())
+    found: dict[str, nn.Module] = {}
+    for name, m in modules.items():
+        if not is_experts(m):
+            continue
+        parent = name.rpartition(".")[0]
+        experts = int(getattr(m, "num_experts", 0))
+        for child_name, child in modules[parent].named_children():
+            weight = getattr(child, "weight", None)
+            rows = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
+            if _is_router_name(child_name) and rows in (experts, 1):
+                found[f"{parent}.{child_name}" if parent else child_name] = child
+    return found
+
+
+#: What each parameter of a block is, for the report's account of what stayed dense.
+LAYER, ROUTER, VECTOR, OTHER = "layer", "router", "vector", "other"
+
+
+def parameter_roles(block: nn.Module) -> dict[str, str]:
+    """Each parameter of ``block`` by qualified name: :data:`LAYER` (a prunable layer's weight, an experts
+    module's fused weights), :data:`ROUTER`, :data:`VECTOR` (norms, biases, an experts module's
+    biases, attention sinks) or :data:`OTHER` (a matrix no rule understands: never pruned, reported)."""
+    layer_ids = {id(m.weight) for m in find_linears(block).values() if not is_expert(m)}
+    expert_ids: set[int] = set()
+    for m in block.modules():
+        if is_experts(m):
+            expert_ids.update(id(getattr(m, n)) for n in ("gate_up_proj", "up_proj", "down_proj") if hasattr(m, n))
+    router_ids = {id(p) for r in find_routers(block).values() for p in r.parameters()}
+    roles: dict[str, str] = {}
+    for name, param in block.named_parameters():
+        if id(param) in layer_ids or id(param) in expert_ids:
+            roles[name] = LAYER
+        elif id(param) in router_ids:
+            roles[name] = ROUTER
+        elif param.dim() <= 1 or name.endswith("_bias") or name.endswith(".bias"):
+            roles[name] = VECTOR
+        else:
+            roles[name] = OTHER
+    return roles
+
+
+def is_expert(module: nn.Module) -> bool:
+    """Whether ``module`` is one expert's projection (a view of a fused experts parameter)."""
+    return isinstance(module, ExpertProjection)
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -71,6 +141,12 @@ def input_width(module: nn.Module) -> int:
     """A linear layer's input width (the ``in`` of its ``[out, in]`` matrix; works on the meta device)."""
     shape = _tensor(module, "weight").shape
     return int(shape[0] if is_conv1d(module) else shape[1])
+
+
+def output_width(module: nn.Module) -> int:
+    """A layer's output width (the ``out`` of its ``[out, in]`` matrix; works on the meta device)."""
+    shape = _tensor(module, "weight").shape
+    return int(shape[1] if is_conv1d(module) else shape[0])
 
 
 def is_attention(name: str) -> bool:

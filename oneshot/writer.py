@@ -21,7 +21,7 @@ import numpy
 import torch
 from torch import nn
 
-from oneshot.checkpoint import check_loadable
+from oneshot.checkpoint import check_loadable, checkpoint_names
 from oneshot.errors import ModelError, OutputError
 from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
@@ -83,7 +83,7 @@ def verify_saved_model(model: nn.Module, folder: Path, quantized: Mapping[str, Q
     :func:`saved_state`), every model tensor must be saved (or tied to a saved one), and the saved
     config must build the saved shapes. Raises :class:`OutputError` otherwise.
     """
-    state = saved_state(model, quantized)
+    state = checkpoint_names(model, saved_state(model, quantized))
     saved_ptrs: set[int] = set()
     total = 0
     for saved in iter_saved(folder):

@@ -81,10 +81,49 @@ def _tiny_configs() -> dict[str, Callable[[], nn.Module]]:
         )
         return tf.BertForMaskedLM(cfg)
 
-    return {"llama": llama, "gemma3": gemma3, "opt": opt, "gpt2": gpt2, "neox": neox, "bert": bert}
+    return {"llama": llama, "gemma3": gemma3, "opt": opt, "gpt2": gpt2, "neox": neox, "bert": bert, **_moe_configs()}
+
+
+def _moe_configs() -> dict[str, Callable[[], nn.Module]]:
+    """Tiny mixtures of experts: fused 3-D experts behind transformers' ExpertsInterface."""
+    import transformers as tf
+
+    small = {"vocab_size": VOCAB, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 256}
+
+    def mixtral() -> nn.Module:
+        cfg = tf.MixtralConfig(
+            **small, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2,
+        )  # fmt: skip
+        return tf.MixtralForCausalLM(cfg)
+
+    def qwen3_moe() -> nn.Module:
+        cfg = tf.Qwen3MoeConfig(
+            **small, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2,
+            num_experts=8, num_experts_per_tok=2, head_dim=16,
+        )  # fmt: skip
+        return tf.Qwen3MoeForCausalLM(cfg)
+
+    def gpt_oss() -> nn.Module:  # experts transposed, gate/up interleaved, with biases
+        cfg = tf.GptOssConfig(
+            **small, intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+        return tf.GptOssForCausalLM(cfg)
+
+    def deepseek_v3() -> nn.Module:  # MLA attention, a shared expert, a first dense layer
+        cfg = tf.DeepseekV3Config(
+            **small, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_key_value_heads=4,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+            topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        )  # fmt: skip
+        return tf.DeepseekV3ForCausalLM(cfg)
+
+    return {"mixtral": mixtral, "qwen3_moe": qwen3_moe, "gpt_oss": gpt_oss, "deepseek_v3": deepseek_v3}
 
 
 FAMILIES = ["llama", "gemma3", "opt", "gpt2", "neox", "bert"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"]
 
 
 @pytest.fixture

@@ -18,23 +18,27 @@ from torch import nn
 
 from oneshot.calibration.stats import Accumulator
 from oneshot.errors import ModelError
+from oneshot.experts import Routed, shared_inputs
 
 AccumulatorFactory = Callable[[int, torch.device], Accumulator]
 #: Token rows fed to the accumulators at a time.
 STATS_CHUNK_ROWS = 4096
 
 
-def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+def flatten_tokens(x: torch.Tensor, token_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T, d]`` or ``[B·T, d]`` activations -> ``[tokens, d]``, keeping positions where ``token_mask`` is 1.
 
     ``token_mask`` is the calibration batch's ``[B, T]`` attention mask (or None: keep all). Layers
-    fed a flattened ``[B·T, d]`` input (OPT's ``fc1`` / ``fc2``) are masked row by row; any other
-    shape that does not line up with the mask is a ModelError, never silently unmasked.
+    fed a flattened ``[B·T, d]`` input (OPT's ``fc1`` / ``fc2``) are masked row by row; an expert's
+    input ``[n, d]`` is masked through ``rows``, each row's position among the ``B·T`` tokens; any
+    other shape that does not line up with the mask is a ModelError, never silently unmasked.
     """
     d = x.shape[-1]
     if token_mask is None:
         return x.reshape(-1, d)
     keep = token_mask.to(x.device).bool()
+    if rows is not None and x.dim() == 2 and x.shape[0] == rows.numel():
+        return x[keep.reshape(-1)[rows.to(x.device)]]  # [tokens, d]: the routed rows that are real tokens
     if tuple(x.shape[:-1]) == tuple(keep.shape):
         return x.reshape(-1, d) if bool(keep.all()) else x[keep]  # [tokens, d]; no padding: a view, no copy
     if x.dim() == 2 and x.shape[0] == keep.numel():
@@ -76,14 +80,18 @@ class Collector:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            self._gather(name, inputs[0])
+            self._gather(name, inputs[0], getattr(module, "routed", None))
             if self.on_stats is not None:
                 self.on_stats(name, self.stats(name))
 
         return hook
 
-    def _gather(self, name: str, x: torch.Tensor) -> None:
-        """Feed ``x`` into ``name``'s accumulators, unless it shares them with a module that saw ``x``."""
+    def _gather(self, name: str, x: torch.Tensor, routed: Routed | None = None) -> None:
+        """Feed ``x`` into ``name``'s accumulators, unless it shares them with a module that saw ``x``.
+
+        ``routed`` (an expert's projection): which tokens the rows are, and their routing weights
+        to weight the statistics by (a row weighted by ``w`` counts as ``√w·x``: ``w·x xᵀ`` in a Hessian).
+        """
         if name in self._alias:
             return
         seen = self._seen.get(id(x))
@@ -94,7 +102,10 @@ class Collector:
         else:
             self._seen[id(x)] = (x, name)  # holding x keeps its id unique for this batch
         t0 = time.perf_counter()
-        rows = flatten_tokens(x.detach(), self.token_mask)
+        x = x.detach()
+        if routed is not None and routed.weights is not None:
+            x = x * routed.weights.to(x.dtype).sqrt()[:, None]  # [n, d]
+        rows = flatten_tokens(x, self.token_mask, None if routed is None else routed.rows)
         accs = self._accs.get(name)
         if accs is None:
             accs = {key: make(rows.shape[-1], rows.device) for key, make in self.factories.items()}
@@ -106,13 +117,26 @@ class Collector:
 
     def received(self, name: str) -> bool:
         """Whether module ``name`` was called (its input gathered) since the collector opened."""
-        return self._alias.get(name, name) in self._accs
+        return self._root(name) in self._accs
+
+    def ensure(self, name: str, dim: int, device: torch.device) -> None:
+        """Give module ``name`` empty accumulators if its input never came (an expert routed no token on
+        this rank: its statistics are then the other ranks' after the reduce)."""
+        root = self._root(name)
+        if root not in self._accs:
+            self._accs[root] = {key: make(dim, device) for key, make in self.factories.items()}
 
     def stats(self, name: str) -> dict[str, Accumulator]:
         """The accumulators of module ``name`` (shared ones for modules with identical inputs)."""
         if not self.received(name):
             raise no_input(name)
-        return self._accs[self._alias.get(name, name)]
+        return self._accs[self._root(name)]
+
+    def _root(self, name: str) -> str:
+        """The module whose accumulators ``name`` uses (an expert's up shares its gate's, which may share another's)."""
+        while name in self._alias:
+            name = self._alias[name]
+        return name
 
 
 def no_input(name: str) -> ModelError:
@@ -129,6 +153,7 @@ def collect(
 ) -> Iterator[Collector]:
     """Gather statistics of each module's input while the block is open; hooks removed on exit."""
     collector = Collector(factories, on_stats)
+    collector._alias.update(shared_inputs(dict(modules)))
     handles = [module.register_forward_pre_hook(collector._hook(name)) for name, module in modules.items()]
     try:
         yield collector

@@ -62,6 +62,8 @@ class LayerRecord:
     dsnot_swaps: int | None = None
     bits: int | None = None  # a quantized layer's bits per weight
     zero_fraction: float | None = None  # the share of weights equal to zero as written (pruned or rounded to 0)
+    tokens: int | None = None  # the calibration tokens its statistics were gathered from
+    routed_tokens: int | None = None  # an expert's projection: the real calibration tokens routed to the expert
 
 
 @dataclass
@@ -108,6 +110,7 @@ def _record(
         dsnot_swaps=int(pruned.info["dsnot_swaps"]) if "dsnot_swaps" in pruned.info else None,
         bits=None if pruned.quant is None else pruned.quant.spec.bits,
         zero_fraction=zero_fraction(pruned.weight),
+        tokens=stats.count or None,
     )
 
 
@@ -177,6 +180,7 @@ class _Pruner:
             self.result.quantized[full] = compress(pruned.quant, weight_dtype(module))
         t1 = time.perf_counter()
         record = _record(full, block, weight, pruned, target, stats, accs.get(SAMPLE), seconds)
+        record = dataclasses.replace(record, routed_tokens=getattr(module, "routed_tokens", None))
         self.result.layers.append(record)
         self.result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
