@@ -26,6 +26,7 @@ from oneshot.distributed import Ranks, guarded
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, prunable_modules, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
+from oneshot.experts import experts_modules
 from oneshot.layers import LAYER, OTHER, ROUTER, VECTOR, find_blocks, is_conv1d, is_expert, parameter_roles
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import allocator_state, default_budget, peak_device_memory, peak_rss, tune_allocator
@@ -718,6 +719,13 @@ def _single_pass(job: _Job) -> bool:
     single = config.passes == "single" or (
         config.passes == "auto" and need <= budget and config.refine != "block" and not batched
     )
+    moe_ranks = job.ranks is not None and bool(experts_modules(job.model))
+    if moe_ranks and config.passes == "single":
+        raise ConfigError(
+            "a mixture of experts over several ranks sweeps in two passes (an expert's rare-token rule needs "
+            "every rank's token counts before its statistics are taken): drop --passes single"
+        )
+    single = single and not moe_ranks
     if job.ranks is not None:  # one forward of all samples only if every rank's share fits
         single = job.ranks.all_true(single)
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
@@ -725,6 +733,8 @@ def _single_pass(job: _Job) -> bool:
     job.extra["passes"] = "single" if single else "two"
     if config.passes == "auto" and config.refine == "block":
         job.extra["passes_reason"] = "--refine block fits each block to the dense block's outputs: two passes"
+    elif config.passes == "auto" and moe_ranks:
+        job.extra["passes_reason"] = "a mixture of experts over several ranks: two passes (token counts reduced first)"
     elif config.passes == "auto" and batched:
         job.extra["passes_reason"] = f"--batch-size {config.batch_size}: two passes (one forward per batch)"
     elif config.passes == "auto" and not single:
@@ -749,6 +759,8 @@ def _prune_unstructured(job: _Job, sparsities: dict[str, float | None] | None) -
     sweep = prune_sequential(
         model, calib, config, sparsities=allocation, io=io, result=result, single_pass=single, ranks=job.ranks
     )
+    order = {name: k for k, name in enumerate(prunable_layers(model, config))}
+    sweep.layers.sort(key=lambda r: order.get(r.name, len(order)))  # layer order, however groups were solved
     if sweep.skipped:
         extra["skipped_layers"] = sweep.skipped
     if sweep.refits:

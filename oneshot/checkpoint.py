@@ -165,25 +165,33 @@ def key_candidates(name: str, prefix: str) -> list[str]:
     return [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
 
 
-def checkpoint_keys(model: nn.Module, checkpoint: Checkpoint, *, packed: bool = False) -> dict[str, str]:
+def checkpoint_keys(
+    model: nn.Module, checkpoint: Checkpoint, *, packed: bool = False, converted: dict[str, list[str]] | None = None
+) -> dict[str, str]:
     """Map each parameter name of ``model`` to its key in the checkpoint.
 
     Keys match directly, or differ by the model's ``base_model_prefix`` (a ``BertModel`` saved
     inside ``BertForMaskedLM`` and vice versa). Tied parameters absent from the checkpoint are left
     out (they are re-tied after loading). With ``packed`` a weight saved quantized (``…weight_packed``,
-    the compressed-tensors format) counts as present. Raises :class:`ModelError` listing what is missing.
+    the compressed-tensors format) counts as present. With ``converted``, a parameter that
+    transformers' conversion mapping builds from several checkpoint tensors (a mixture of experts'
+    fused ``gate_up_proj`` from per-expert ``w1`` / ``w3``) is put there with those keys instead.
+    Raises :class:`ModelError` listing what is missing.
     """
     prefix = model_prefix(model)
     tied = set(_tied_keys(model))
     mapping: dict[str, str] = {}
     missing: list[str] = []
-    for name, _ in model.named_parameters(remove_duplicate=False):
+    for name, param in model.named_parameters(remove_duplicate=False):
         candidates = key_candidates(name, prefix)
         if packed and name.endswith(".weight"):
             candidates += [c + "_packed" for c in candidates]
         found = next((c for c in candidates if c in checkpoint.tensors), None)
+        sources = [] if found is not None or converted is None else list(checkpoint_names(model, {name: param}))
         if found is not None:
             mapping[name] = found
+        elif sources and sources != [name] and all(k in checkpoint.tensors for k in sources):
+            converted[name] = sources  # type: ignore[index]
         elif name not in tied:
             missing.append(name)
     if missing:
@@ -261,6 +269,35 @@ def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
         return state
     reverted: dict[str, torch.Tensor] = revert_weight_conversion(model, state)  # type: ignore[arg-type]
     return reverted
+
+
+def from_checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under the model's parameter names: transformers' conversion mapping, as loading applies it.
+
+    The inverse of :func:`checkpoint_names` (per-expert ``w1`` / ``w3`` / ``w2`` tensors -> the fused
+    ``gate_up_proj`` / ``down_proj``); ``tensors`` must hold every source of each parameter built.
+    """
+    import copy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    pending: dict[str, Any] = {}
+    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):  # experts in index order
+        target, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            pending.setdefault(target, WeightRenaming(key, target)).add_tensor(target, key, key, tensor)
+        else:
+            pending.setdefault(target, copy.deepcopy(by_pattern[pattern])).add_tensor(target, key, pattern, tensor)
+    built: dict[str, torch.Tensor] = {}
+    for target, transform in pending.items():
+        for name, value in transform.convert(target, model=model, config=getattr(model, "config", None)).items():
+            built[name] = value[0] if isinstance(value, list) else value
+    return built
 
 
 def check_loadable(folder: Path) -> None:

@@ -28,7 +28,15 @@ from torch import nn
 
 from oneshot.activations import DiskStore
 from oneshot.calibration.data import CalibrationSet
-from oneshot.checkpoint import Checkpoint, build_skeleton, checkpoint_keys, materialise, release
+from oneshot.checkpoint import (
+    Checkpoint,
+    build_skeleton,
+    checkpoint_keys,
+    checkpoint_names,
+    from_checkpoint_names,
+    materialise,
+    release,
+)
 from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
@@ -70,7 +78,9 @@ class StreamingSource:
     def __init__(self, checkpoint: Checkpoint, model: nn.Module) -> None:
         self.checkpoint = checkpoint
         self.blocks_name, self.blocks = find_blocks(model)
-        self.keys = checkpoint_keys(model, checkpoint)  # parameter name -> checkpoint key
+        self.converted: dict[str, list[str]] = {}  # a fused parameter -> the checkpoint tensors it is built from
+        self.keys = checkpoint_keys(model, checkpoint, converted=self.converted)  # parameter name -> checkpoint key
+        self.model = model
 
     def block_prefix(self, index: int) -> str:
         """Qualified-name prefix of block ``index``'s parameters."""
@@ -80,7 +90,19 @@ class StreamingSource:
         """Read block ``index``'s tensors from the shards into the skeleton."""
         prefix = self.block_prefix(index)
         wanted = {name: key for name, key in self.keys.items() if name.startswith(prefix)}
-        materialise(block, prefix, self.checkpoint.read(set(wanted.values())), wanted)
+        fused = {key for name, keys in self.converted.items() if name.startswith(prefix) for key in keys}
+        values = self.checkpoint.read(set(wanted.values()) | fused)
+        if fused:  # per-expert tensors into the fused parameters, as from_pretrained builds them
+            built = from_checkpoint_names(self.model, {key: values.pop(key) for key in fused})
+            values.update(built)
+            wanted.update({name: name for name in built})
+        materialise(block, prefix, values, wanted)
+
+    def saved_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """A parameter's tensors as the checkpoint stores them, by key (a fused one: per expert)."""
+        if name in self.converted:
+            return list(checkpoint_names(self.model, {name: tensor}).items())
+        return [(self.keys.get(name, name), tensor)]
 
     def unload(self, index: int, block: nn.Module) -> None:
         """Free block ``index``'s weights (back to the meta device)."""
@@ -89,6 +111,7 @@ class StreamingSource:
     def outside_keys(self) -> list[str]:
         """Checkpoint keys that no block parameter maps to (embeddings, norms, head, buffers)."""
         inside = {key for name, key in self.keys.items() if name.startswith(f"{self.blocks_name}.")}
+        inside.update(key for keys in self.converted.values() for key in keys)
         return [k for k in self.checkpoint.tensors if k not in inside]
 
     def load_stem(self, model: nn.Module) -> None:
@@ -340,7 +363,7 @@ class StreamingRun:
         for name, param in block.named_parameters():
             full = prefix + name
             if full not in compressed:
-                tensors.append((self.source.keys.get(full, full), param.data))
+                tensors.extend(self.source.saved_tensors(full, param.data))
         return tensors, names
 
     def save_progress(self, store_state: dict[str, Any] | None = None) -> None:

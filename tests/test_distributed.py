@@ -123,6 +123,28 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+MOE_RUNS: dict[str, dict[str, Any]] = {
+    "wanda": {"method": "wanda", "sparsity": 0.5, "batch_size": 2},
+    "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2},
+    "rare": {"method": "wanda", "sparsity": 0.5, "batch_size": 2, "expert_min_tokens": 64},
+}
+
+
+def test_a_mixture_of_experts_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """Each expert's statistics are reduced over the ranks (an expert may get no token on one rank),
+    its rare-token rule decided on the global count, its solve owned by one rank: Wanda bit for bit."""
+    launch({"family": "qwen3_moe", "runs": MOE_RUNS}, tmp_path)
+    assert_identical(tmp_path, "wanda")
+    assert_identical(tmp_path, "rare")
+    assert_close(tmp_path, "sparsegpt")
+    report = load(tmp_path, "rare")["report"]
+    experts = [r for r in report["layers"] if r["routed_tokens"] is not None]
+    assert any(r["tokens"] > r["routed_tokens"] for r in experts) and any(
+        r["tokens"] == r["routed_tokens"] for r in experts
+    )
+    assert report["passes"] == "two"
+
+
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("dist-llama")

@@ -259,3 +259,19 @@ def test_quantizing_experts_is_refused_with_the_way_out(tiny_model: Callable[[st
                            skip_layers=("*.experts.*",))  # fmt: skip
     assert report.quantized and all(".experts." not in name for name in report.quantized)
     assert all(torch.equal(w, before[k]) for k, w in expert_slices(model).items())
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streaming_a_moe_checkpoint_equals_pruning_it_in_memory(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, family: str
+) -> None:
+    """Per-expert checkpoint tensors are fused block by block as from_pretrained fuses them, and
+    written back under the checkpoint's names: the streamed folder equals the in-memory one."""
+    folder = tiny_checkpoint(family)
+    for stream in (True, False):
+        oneshot.prune(folder, method="sparsegpt", sparsity=0.5, calibration=IDS, stream=stream,
+                      out=tmp_path / str(stream), quiet=True)  # fmt: skip
+    streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
+    assert streamed.keys() == in_memory.keys() == saved_tensors(folder).keys()
+    for key, tensor in in_memory.items():
+        assert torch.equal(streamed[key], tensor), key
