@@ -154,9 +154,12 @@ class Report:
         if structured:
             units = structured["blocks"]
             sizes = sorted({f"{u['target']} {u['before']}->{u['after']}" for u in units})
+            folded = "" if structured["target"] == "experts" else (
+                f", bias compensation {'on' if structured['bias_compensation'] else 'off'}"
+            )  # fmt: skip
             lines = [
                 f"method structured ({structured['score']}, ratio {structured['ratio']:g}, target "
-                f"{structured['target']}, bias compensation {'on' if structured['bias_compensation'] else 'off'})",
+                f"{structured['target']}{folded})",
                 f"per block: {', '.join(sizes)}; parameters {structured['params_before']:,} -> "
                 f"{structured['params_after']:,} ({structured['params_after'] / structured['params_before']:.1%})",
                 "mean relative output error of the sliced projections "
@@ -617,19 +620,23 @@ def _prune_structured(job: _Job) -> Report:
     assert job.calib is not None  # structured reads data
     io = run.io() if run is not None else None
     structured = prune_structured(job.model, job.calib, config, io=io, ranks=job.ranks)
+    experts = config.target == "experts"
     extra["structured"] = {
         "ratio": config.ratio,
-        "score": config.score,
+        "score": ("frequency" if config.score == "frequency" else "reap") if experts else config.score,
         "target": config.target,
-        "bias_compensation": config.bias_compensation,
+        "bias_compensation": False if experts else config.bias_compensation,
         "params_before": structured.params_before,
         "params_after": structured.params_after,
         "parameter_reduction": 1.0 - structured.params_after / max(structured.params_before, 1),
         "removed_units": {
-            kind: sum(len(u.removed) for u in structured.units if u.target == kind) for kind in ("mlp", "attention")
+            kind: sum(len(u.removed) for u in structured.units if u.target == kind)
+            for kind in ("mlp", "attention", "experts")
         },
         "blocks": [dataclasses.asdict(u) for u in structured.units],
     }
+    if structured.expert_tokens:
+        extra["structured"]["expert_scores"] = structured.expert_tokens
     return Report(config, [], structured.times, 0.0, structured.blocks_name, extra=extra)
 
 

@@ -555,6 +555,11 @@ class PruneConfig:
                 f"--method structured needs --ratio in (0, 1), the share of units to remove (got {self.ratio}); "
                 "e.g. --ratio 0.2"
             )
+        experts = self.target == "experts"
+        if experts and self.score in ("variance", "magnitude"):
+            raise ConfigError(f"--target experts scores experts by reap or frequency, not {self.score}")
+        if not experts and self.score in structured.EXPERT_SCORES:
+            raise ConfigError(f"--score {self.score} scores experts: use it with --target experts")
 
     @property
     def quantizer(self) -> str | None:

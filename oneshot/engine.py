@@ -458,14 +458,16 @@ def rare_experts(
     Nothing under :data:`~oneshot.experts.ALL`, where every expert already sees every token.
     """
     experts = {n: m for n, m in linears.items() if isinstance(m, ExpertProjection)}
-    if not experts or rule.rule == ALL:
+    if not experts:
         return {}
     counts = {n: m.routed_tokens or 0 for n, m in experts.items()}
-    if ranks is not None:
-        totals = ranks.all_gather_object(counts)
-        counts = {n: sum(part[n] for part in totals) for n in counts}
+    if ranks is not None:  # the counts and REAP saliencies of all ranks' tokens
+        parts = ranks.all_gather_object({n: (counts[n], m.routed_saliency) for n, m in experts.items()})
         for n, m in experts.items():
-            m.routed_tokens = counts[n]
+            m.routed_tokens = counts[n] = sum(part[n][0] for part in parts)
+            m.routed_saliency = sum(part[n][1] for part in parts)
+    if rule.rule == ALL:
+        return {}
     return {n: experts[n] for n, c in counts.items() if c < rule.min_tokens}
 
 

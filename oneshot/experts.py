@@ -78,6 +78,7 @@ class ExpertProjection(nn.Module):
         self.part = part  # "gate", "up" or "down"
         self.routed: Routed | None = None  # set by routed_forward for the duration of a call
         self.routed_tokens: int | None = None  # real calibration tokens routed to the expert (the block's last count)
+        self.routed_saliency: float = 0.0  # Σ over those tokens of routing weight x ‖expert output‖ (REAP)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -188,7 +189,22 @@ class CalibrationRule:
         total = self.counts[key] = self.counts.get(key, 0) + real
         for layer in _parts(projections(experts), e):
             layer.routed_tokens = total
+            if real == total:  # the block's first tokens for this expert: a new count starts
+                layer.routed_saliency = 0.0
         return total
+
+    def saliency(
+        self, experts: nn.Module, e: int, token_idx: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Add REAP's ``Σ g·‖y‖`` of expert ``e``'s real routed tokens (``gate`` ``[n]``, outputs ``y`` ``[n, H]``)."""
+        if not self.counting:
+            return
+        terms = gate.float() * y.float().norm(dim=-1)  # [n]
+        if self.token_mask is not None:
+            terms = terms * self.token_mask.reshape(-1).to(token_idx.device)[token_idx]
+        value = float(terms.sum())
+        for layer in _parts(projections(experts), e):
+            layer.routed_saliency += value
 
     def on_everything(self, experts: nn.Module, e: int, routed: int) -> bool:
         """Whether expert ``e``'s statistics are gathered from every token (``routed``: its count so far)."""
@@ -256,6 +272,7 @@ def routed_forward(
             _tell(layers, e, Routed(token_idx, weights[:, 0] if rule.rule == WEIGHTED else None))
             y = _expert_output(experts, layers, e, hidden_states[token_idx])
         _tell(layers, e, None)
+        rule.saliency(self, e, token_idx, weights[:, 0], y)
         out.index_add_(0, token_idx, (y * weights).to(out.dtype))
     return out
 

@@ -133,3 +133,44 @@ def slice_linear(
 def param_count(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+#: Config attributes that hold a mixture of experts' routed expert count (Mixtral, Qwen-MoE, DeepSeek).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def remove_experts(block: nn.Module, experts_name: str, routers: list[str], keep: torch.Tensor) -> int:
+    """Keep only experts ``keep`` (sorted indices) of the experts module ``experts_name`` of ``block``.
+
+    Every parameter and buffer of the experts module and of each router (names relative to
+    ``block``) whose first dimension is the expert count is indexed along it (fused weights,
+    biases, router rows, DeepSeek's score correction bias); the attributes of the MoE module
+    holding the count are updated. Returns the old expert count.
+    """
+    experts: Any = block.get_submodule(experts_name)
+    count = int(experts.num_experts)
+    for owner in [experts, *(block.get_submodule(r) for r in routers)]:
+        for store in (owner._parameters, owner._buffers):
+            for key, value in list(store.items()):
+                if value is not None and value.dim() >= 1 and value.shape[0] == count:
+                    kept = value.detach()[keep.to(value.device)].clone()
+                    is_param = key in owner._parameters
+                    store[key] = nn.Parameter(kept, requires_grad=value.requires_grad) if is_param else kept
+    parent = experts_name.rpartition(".")[0]
+    for module in (block.get_submodule(parent) if parent else block).modules():
+        for key in ("num_experts", *EXPERT_COUNT_KEYS):
+            if getattr(module, key, None) == count and not isinstance(getattr(type(module), key, None), property):
+                setattr(module, key, int(keep.numel()))
+    experts.__dict__.pop("_oneshot_projections", None)  # the views of the old experts
+    return count
+
+
+def set_expert_count(model_config: Any, before: int, after: int) -> list[str]:
+    """The new routed expert count in the model config (and its text config); returns the keys set."""
+    found = []
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        for key in EXPERT_COUNT_KEYS:
+            if config is not None and getattr(config, key, None) == before:
+                setattr(config, key, after)
+                found.append(key)
+    return found

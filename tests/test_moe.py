@@ -275,3 +275,67 @@ def test_streaming_a_moe_checkpoint_equals_pruning_it_in_memory(
     assert streamed.keys() == in_memory.keys() == saved_tensors(folder).keys()
     for key, tensor in in_memory.items():
         assert torch.equal(streamed[key], tensor), key
+
+
+def _mixtral_saliency(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's REAP saliency and routed-token count per expert, computed here from the router's top-k."""
+    moe = model.model.layers[0].mlp
+    seen: list[torch.Tensor] = []
+    handle = moe.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(IDS)
+    handle.remove()
+    x = seen[0].reshape(-1, model.config.hidden_size)  # [tokens, H]
+    probs = F.linear(x, moe.gate.weight).softmax(-1)
+    top, chosen = probs.topk(model.config.num_experts_per_tok, dim=-1)
+    top = top / top.sum(-1, keepdim=True)  # Mixtral renormalises the top-k weights
+    inter = model.config.intermediate_size
+    saliency, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        for e in range(4):
+            rows, slot = torch.where(chosen == e)
+            gate_up, down = moe.experts.gate_up_proj[e], moe.experts.down_proj[e]
+            h = F.silu(x[rows] @ gate_up[:inter].T) * (x[rows] @ gate_up[inter:].T)
+            saliency[e] = (top[rows, slot] * (h @ down.T).norm(dim=-1)).sum()
+            counts[e] = len(rows)
+    return saliency / counts.clamp(min=1), counts
+
+
+@pytest.mark.parametrize("score", ["reap", "frequency"])
+def test_expert_removal_drops_the_lowest_scored_experts_and_reloads_smaller(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path, score: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("mixtral")
+    saliency, counts = _mixtral_saliency(model)
+    want = sorted(torch.sort(saliency if score == "reap" else counts, stable=True).indices[:2].tolist())
+    kept = [e for e in range(4) if e not in want]
+    before = model.model.layers[0].mlp.experts.down_proj.detach()[kept].clone()
+    router = model.model.layers[0].mlp.gate.weight.detach()[kept].clone()
+    report = oneshot.prune(model, char_tokenizer(), method="structured", target="experts", ratio=0.5, score=score,
+                           calibration=IDS, out=tmp_path / "o", quiet=True)  # fmt: skip
+    first = report.to_dict()["structured"]["blocks"][0]
+    assert (first["block"], first["target"], first["before"], first["after"]) == (0, "experts", 4, 2)
+    assert first["removed"] == want
+    assert report.extra["structured"]["score"] == score and report.extra["structured"]["removed_units"]["experts"] == 4
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj, before)
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert reloaded.config.num_local_experts == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_expert_removal_is_refused_where_it_cannot_be_expressed(tiny_model: Callable[[str], nn.Module]) -> None:
+    with pytest.raises(ConfigError, match="top-2 must remain"):
+        oneshot.prune(tiny_model("mixtral"), method="structured", target="experts", ratio=0.75, calibration=IDS,
+                      quiet=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="not a multiple of 2"):
+        oneshot.prune(tiny_model("deepseek_v3"), method="structured", target="experts", ratio=0.125, calibration=IDS,
+                      quiet=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="has no experts module"):
+        oneshot.prune(tiny_model("llama"), method="structured", target="experts", ratio=0.5, calibration=IDS,
+                      quiet=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="use it with --target experts"):
+        oneshot.PruneConfig(method="structured", ratio=0.5, score="reap")

@@ -16,20 +16,25 @@ from oneshot.methods.base import STAT_MEANVAR, MethodSpec
 from oneshot.options import Knob
 
 SCORES = ("fluctuation", "variance", "magnitude")
+#: How experts are scored for removal (``--target experts``): REAP (Lasby et al. 2025) or routing frequency.
+EXPERT_SCORES = ("reap", "frequency")
 
 RATIO = Knob("ratio", None, "Share of units to remove in every block.", type=float)
 SCORE = Knob(
     "score",
     "fluctuation",
-    "Unit score: fluctuation (Var(x)·‖W_out col‖², FLAP), variance, or magnitude (‖W_out col‖², data-free).",
-    choices=SCORES,
+    "Unit score: fluctuation (Var(x)·‖W_out col‖², FLAP), variance, or magnitude (‖W_out col‖², data-free). "
+    "With --target experts: reap (the default: the mean over the tokens routed to an expert of its routing "
+    "weight times the norm of its output) or frequency (the tokens routed to it).",
+    choices=SCORES + EXPERT_SCORES,
 )
 BIAS_COMPENSATION = Knob("bias_compensation", True, "Fold the removed units' mean into the next bias.")
 TARGET = Knob(
     "target",
     "mlp",
-    "Remove MLP neurons, attention heads (LLaMA-style configs), or both.",
-    choices=("mlp", "attention", "both"),
+    "Remove MLP neurons, attention heads (LLaMA-style configs), both, or the routed experts of every "
+    "mixture-of-experts layer.",
+    choices=("mlp", "attention", "both", "experts"),
 )
 
 
@@ -47,6 +52,16 @@ def channel_scores(var: torch.Tensor, w_out: torch.Tensor, score: str) -> torch.
     if score == "magnitude":
         return col_sq
     raise ValueError(f"unknown structured score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def expert_scores(counts: torch.Tensor, saliency: torch.Tensor, score: str) -> torch.Tensor:
+    """Per expert: ``reap`` = ``Σ g·‖y‖ / n`` over its ``n`` routed tokens (0 for an expert never routed),
+    ``frequency`` = ``n`` (``counts`` / ``saliency`` ``[E]``: tokens and summed ``g·‖y‖``)."""
+    if score == "frequency":
+        return counts.double()
+    if score == "reap":
+        return saliency.double() / counts.double().clamp(min=1)
+    raise ValueError(f"unknown expert score {score!r}; choose one of {', '.join(EXPERT_SCORES)}")
 
 
 def unit_scores(channel: torch.Tensor, width: int) -> torch.Tensor:

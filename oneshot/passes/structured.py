@@ -21,18 +21,30 @@ from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
 from oneshot.engine import SAMPLE, BlockObserver, PhaseTimes, SweepIO, sweep
 from oneshot.errors import ConfigError
-from oneshot.layers import as_matrix, find_blocks
+from oneshot.experts import experts_modules, is_experts, projections
+from oneshot.layers import as_matrix, find_blocks, find_routers
 from oneshot.methods.base import STAT_MEANVAR
 from oneshot.methods.structured import (
     channel_scores,
     channels_of,
     compensation,
+    expert_scores,
     keep_index,
     lowest,
     lowest_per_group,
     unit_scores,
 )
-from oneshot.surgery import AttentionRole, MlpRole, attention_role, mlp_role, param_count, slice_linear
+from oneshot.surgery import (
+    EXPERT_COUNT_KEYS,
+    AttentionRole,
+    MlpRole,
+    attention_role,
+    mlp_role,
+    param_count,
+    remove_experts,
+    set_expert_count,
+    slice_linear,
+)
 
 Stats = Callable[[str], dict[str, Accumulator]]
 
@@ -60,6 +72,7 @@ class StructuredResult:
     times: PhaseTimes = field(default_factory=PhaseTimes)
     params_before: int = 0
     params_after: int = 0
+    expert_tokens: list[dict[str, Any]] = field(default_factory=list)  # --target experts: each layer's scores
 
 
 def _needs_new_bias(model: nn.Module, block: nn.Module, layer: str, flag: str | None, what: str) -> bool:
@@ -219,11 +232,79 @@ class AttentionPlan:
             setattr(model_config, self.role.bias_flag, True)
 
 
-def plans(model: nn.Module, config: PruneConfig) -> list[MlpPlan | AttentionPlan]:
+@dataclass(frozen=True)
+class ExpertPlan:
+    """Which routed experts go: ``remove`` of the ``count`` of every mixture-of-experts layer, by ``score``.
+
+    An expert's REAP saliency (Lasby et al., "REAP the Experts", 2025) is the mean over the
+    calibration tokens routed to it of its routing weight times the norm of its output; ``frequency``
+    counts those tokens. The removed experts' fused weights, biases and router rows are dropped.
+    """
+
+    count: int
+    remove: int
+    score: str
+    result: StructuredResult
+
+    @classmethod
+    def of(cls, model: nn.Module, config: PruneConfig, result: StructuredResult) -> ExpertPlan:
+        """Check the ratio against the expert count (the same in every MoE layer) before any work."""
+        counts = {int(getattr(m, "num_experts", 0)) for m in experts_modules(model).values()}
+        if not counts:
+            raise ConfigError(f"--target experts removes routed experts; {type(model).__name__} has no experts module")
+        if len(counts) != 1:
+            raise ConfigError(f"--target experts needs the same expert count in every layer (found {sorted(counts)})")
+        count = counts.pop()
+        remove = int(round(float(config.ratio or 0.0) * count))
+        top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1)
+        if not 0 < remove <= count - top_k:
+            raise ConfigError(
+                f"--ratio {config.ratio} removes {remove} of {count} experts per layer; at least one must go and the "
+                f"router's top-{top_k} must remain: choose a ratio in [{0.5 / count:.3f}, {1 - top_k / count:.3f}]"
+            )
+        groups = int(getattr(getattr(model, "config", None), "n_group", 1) or 1)
+        if (count - remove) % groups:
+            raise ConfigError(
+                f"the router picks experts in {groups} groups: removing {remove} of {count} experts leaves "
+                f"{count - remove}, not a multiple of {groups}; choose another --ratio"
+            )
+        score = "frequency" if config.score == "frequency" else "reap"
+        return cls(count, remove, score, result)
+
+    def apply(self, i: int, block: nn.Module, stats: Stats) -> list[UnitRecord]:
+        """Score block ``i``'s experts from their routed tokens and drop the lowest ``remove`` of each MoE layer."""
+        records = []
+        routers = find_routers(block)
+        for name, experts in [(n, m) for n, m in block.named_modules() if n and is_experts(m)]:
+            parent = name.rpartition(".")[0]
+            downs = [layer for key, layer in projections(experts).items() if key.endswith("down_proj")]
+            counts = torch.tensor([layer.routed_tokens or 0 for layer in downs])
+            saliency = torch.tensor([layer.routed_saliency for layer in downs])
+            removed = lowest(expert_scores(counts, saliency, self.score), self.remove)
+            keep = keep_index(self.count, removed)
+            remove_experts(block, name, [r for r in routers if r.startswith(parent + ".") or not parent], keep)
+            self.result.expert_tokens.append({"block": i, "layer": name, "routed_tokens": counts.tolist(),
+                                              "saliency": (saliency / counts.clamp(min=1)).tolist()})  # fmt: skip
+            records.append(
+                UnitRecord(i, "experts", self.count, self.count - self.remove, removed.tolist(), False, name)
+            )
+        return records
+
+    def update_config(self, model_config: Any) -> None:
+        """The smaller expert count in the model config, so the output reloads with fewer experts."""
+        if not set_expert_count(model_config, self.count, self.count - self.remove):
+            raise ConfigError(f"the model config names its expert count under none of {', '.join(EXPERT_COUNT_KEYS)}")
+
+
+def plans(
+    model: nn.Module, config: PruneConfig, result: StructuredResult
+) -> list[MlpPlan | AttentionPlan | ExpertPlan]:
     """The checked plan of every target ``config.target`` names (ConfigError before any work)."""
     _, blocks = find_blocks(model)
+    if config.target == "experts":
+        return [ExpertPlan.of(model, config, result)]
     targets = ("mlp", "attention") if config.target == "both" else (config.target,)
-    found: list[MlpPlan | AttentionPlan] = []
+    found: list[MlpPlan | AttentionPlan | ExpertPlan] = []
     if "mlp" in targets:
         found.append(MlpPlan.of(model, blocks[0], config))
     if "attention" in targets:
@@ -249,12 +330,14 @@ def prune_structured(
     reloads with stock transformers. With ``ranks`` every rank chooses the units from the reduced
     statistics, so all remove the same ones.
     """
-    todo = plans(model, config)
     blocks_name, _ = find_blocks(model)
     result = StructuredResult(blocks_name=blocks_name, params_before=param_count(model))
+    todo = plans(model, config, result)
 
     def block_visit(i: int, block: nn.Module, stats: Stats) -> None:
-        result.units.extend(plan.apply(i, block, stats) for plan in todo)
+        for plan in todo:
+            done = plan.apply(i, block, stats)
+            result.units.extend(done if isinstance(done, list) else [done])
 
     def no_visit(full: str, block: int, module: nn.Module, accs: dict[str, Accumulator]) -> None:
         return None
