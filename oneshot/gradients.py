@@ -29,7 +29,7 @@ from oneshot.calibration.data import CalibrationSet
 from oneshot.checkpoint import key_candidates
 from oneshot.distributed import Ranks
 from oneshot.errors import ModelError
-from oneshot.layers import is_conv1d
+from oneshot.layers import is_conv1d, layer_part, leaf_of, weight_leaves
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def empirical_fisher(
     """
     device = device or next(model.parameters()).device
     with computed_on(model, device) as home:
-        weights: list[torch.Tensor] = [module.weight for module in layers.values()]  # type: ignore[misc]
+        weights = [leaf for leaf, _ in weight_leaves(dict(layers))]  # experts: their fused parameters
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
         with gradients_only_for(model, weights):
             for ids, mask in _samples(calib, device, "fisher", quiet):
@@ -134,10 +134,8 @@ def empirical_fisher(
         for acc in sums:
             ranks.all_reduce(acc)
         nsamples = sum(ranks.all_gather_object(nsamples))
-    return {
-        name: (acc.T if is_conv1d(module) else acc) / nsamples
-        for (name, module), acc in zip(layers.items(), sums, strict=True)
-    }
+    by_leaf = {id(w): acc for w, acc in zip(weights, sums, strict=True)}
+    return {name: layer_part(module, by_leaf[id(leaf_of(module))]) / nsamples for name, module in layers.items()}
 
 
 def block_output_gradients(

@@ -185,3 +185,39 @@ def from_matrix(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
                 raise ValueError("layer has no bias to write into")
             target_bias = _tensor(module, "bias")
             target_bias.copy_(bias.to(target_bias.device, target_bias.dtype))
+
+
+def weight_leaves(layers: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The parameters holding the layers' weights, each once, with the part the layers cover (None: all of it).
+
+    A linear layer's weight is its own parameter; experts' projections share their experts module's
+    fused parameters, and ``layers`` may hold only some of the experts: the boolean region marks
+    their entries. What gradients and optimizers act on (the views themselves are not leaves).
+    """
+    leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for module in layers.values():
+        if isinstance(module, ExpertProjection):
+            fused = leaf_of(module)
+            blank = torch.zeros(fused.shape, dtype=torch.bool, device=fused.device)
+            _, region = leaves.setdefault(id(fused), (fused, blank))
+            assert region is not None
+            module.select(region).fill_(True)
+        else:
+            weight = leaf_of(module)
+            leaves.setdefault(id(weight), (weight, None))
+    return [(p, None if r is not None and bool(r.all()) else r) for p, r in leaves.values()]
+
+
+def leaf_of(module: nn.Module) -> torch.Tensor:
+    """The parameter holding a layer's weight (an expert's: its experts module's fused parameter)."""
+    if isinstance(module, ExpertProjection):
+        fused: torch.Tensor = getattr(module.__dict__["experts"], module.fused_name)
+        return fused
+    return _tensor(module, "weight")
+
+
+def layer_part(module: nn.Module, leaf_shaped: torch.Tensor) -> torch.Tensor:
+    """A layer's ``[out, in]`` part of a tensor shaped like its weight's leaf (a gradient, a sum of squares)."""
+    if isinstance(module, ExpertProjection):
+        return module.select(leaf_shaped)
+    return leaf_shaped.T if is_conv1d(module) else leaf_shaped

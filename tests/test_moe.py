@@ -339,3 +339,44 @@ def test_expert_removal_is_refused_where_it_cannot_be_expressed(tiny_model: Call
                       quiet=True)  # fmt: skip
     with pytest.raises(ConfigError, match="use it with --target experts"):
         oneshot.PruneConfig(method="structured", ratio=0.5, score="reap")
+
+
+OPTIONS = {
+    "fisher": {"method": "fisher"},
+    "obs": {"method": "obs"},
+    "ria": {"method": "ria"},
+    "magnitude": {"method": "magnitude"},
+    "dsnot": {"method": "wanda", "refine": "dsnot"},
+    "refine-block": {"method": "sparsegpt", "refine": "block", "batch_size": 4},
+    "owl": {"method": "wanda", "owl": True},
+    "sensitivity-fisher": {"method": "wanda", "allocate": "sensitivity", "allocate_error": "fisher"},
+}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_method_and_option_prunes_the_experts(
+    tiny_model: Callable[[str], nn.Module], family: str, option: str
+) -> None:
+    """Gradient scores reach the fused parameters' slices, the block refit steps them and keeps every
+    expert's mask (an expert left out by --skip untouched), allocations give experts their own targets."""
+    model = tiny_model(family)
+    before = expert_slices(model)
+    skip = ("*.experts.1.*",)
+    report = oneshot.prune(model, method=OPTIONS[option]["method"], sparsity=0.5, calibration=IDS, quiet=True,
+                           skip_layers=skip, **{k: v for k, v in OPTIONS[option].items() if k != "method"})  # fmt: skip
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=0.01)
+    for key, weight in expert_slices(model).items():
+        if ".experts.1." in key:
+            assert torch.equal(weight, before[key]), key
+        elif option in ("owl", "sensitivity-fisher"):
+            assert 0.3 < float((weight == 0).float().mean()) < 0.7, key
+        else:
+            assert float((weight == 0).float().mean()) == pytest.approx(0.5), key
+    if option == "refine-block":  # the refit moved the experts' kept weights, and lowered each block's error
+        plain = tiny_model(family)
+        oneshot.prune(plain, method="sparsegpt", sparsity=0.5, calibration=IDS, quiet=True, skip_layers=skip)
+        first = "model.layers.0.mlp.experts.0.down_proj"
+        assert not torch.equal(expert_slices(plain)[first], expert_slices(model)[first])
+        refits = report.extra["block_refit"]
+        assert refits and all(r["errors"][-1] < r["errors"][0] for r in refits)

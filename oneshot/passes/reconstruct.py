@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from oneshot.engine import RefitBatches
 from oneshot.gradients import gradients_only_for
-from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype
+from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype, weight_leaves
 from oneshot.methods.quantspec import QuantResult
 from oneshot.quantized import QuantizedLayer, compress
 
@@ -91,12 +91,16 @@ def refit_block(
     ``errors[0]`` is the error before the refit, then one entry per accepted pass (each lower than
     the one before). Other parameters of the block (norms, biases) are left as they are.
     """
-    weights: list[torch.Tensor] = [module.weight for module in linears.values()]  # type: ignore[misc]
-    keep = [w.detach() != 0 for w in weights]
+    leaves = weight_leaves(linears)  # experts: the fused parameters, with the entries of the given experts
+    weights = [leaf for leaf, _ in leaves]
+    keep = [(w.detach() != 0) if region is None else (w.detach() != 0) | ~region for w, region in leaves]
+    frozen = [None if region is None else (~region, w.detach()[~region].clone()) for w, region in leaves]
 
     def masked() -> None:
-        for w, k in zip(weights, keep, strict=True):
+        for w, k, rest in zip(weights, keep, frozen, strict=True):
             w.mul_(k)
+            if rest is not None:  # entries of experts not refitted: as they were
+                w[rest[0]] = rest[1]
 
     with in_float32(block), gradients_only_for(block, weights, clear=True):
         return _fit(weights, batches, epochs=epochs, lr=lr, after_step=masked)
