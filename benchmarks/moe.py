@@ -42,12 +42,14 @@ DEFAULT_ROWS = (
     "dense:wanda@0.5,moe:wanda@0.5,dense:sparsegpt@0.5,moe:sparsegpt@0.5,"
     "dense:wanda@2:4,moe:wanda@2:4,dense:sparsegpt@2:4,moe:sparsegpt@2:4,"
     "moe:sparsegpt/expert_calibration=weighted@0.5,moe:sparsegpt/expert_calibration=all@0.5,"
-    "moe:sparsegpt/expert_min_tokens=1@0.5"
+    "moe:sparsegpt/expert_min_tokens=1@0.5,"
+    "moe:structured/target=experts/ratio=0.25,moe:structured/target=experts/ratio=0.25/score=frequency,"
+    "moe:structured/target=experts/ratio=0.5,moe:structured/target=experts/ratio=0.5/score=frequency"
 )
 
 
 def upcycle(dense: nn.Module, experts: int, noise: float, router_std: float, seed: int) -> nn.Module:
-    """A Mixtral whose every expert is ``dense``'s MLP of that layer plus noise (attention, norms, embeddings copied)."""
+    """A Mixtral whose experts are each ``dense``'s MLP plus noise (attention, norms, embeddings copied)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     c = dense.config
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         report = None
         t0 = time.perf_counter()
         if method != "dense":
-            shape = {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
+            shape: dict[str, Any] = {}
+            if pattern != "-":
+                shape = {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
             report = oneshot.prune(model, tok, method=method, calibration=calib, quiet=True, **shape, **options)
         seconds = time.perf_counter() - t0
         ppl = oneshot.evaluate_perplexity(model, tok, text=text, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -169,6 +173,8 @@ def _record(
     if report is not None:
         data = report.to_dict()
         row["achieved_sparsity"] = data["achieved_sparsity"]
+        if data.get("structured"):
+            row["parameter_reduction"] = data["structured"]["parameter_reduction"]
         row["block_parameters"] = data.get("block_parameters")
         counts = [r["routed_tokens"] for r in data["layers"] if r.get("routed_tokens") is not None
                   and r["name"].endswith("down_proj")]  # fmt: skip

@@ -27,7 +27,17 @@ from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, prunable_module
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
 from oneshot.experts import experts_modules
-from oneshot.layers import LAYER, OTHER, ROUTER, VECTOR, find_blocks, is_conv1d, is_expert, parameter_roles
+from oneshot.layers import (
+    LAYER,
+    OTHER,
+    ROUTER,
+    VECTOR,
+    find_blocks,
+    find_routers,
+    is_conv1d,
+    is_expert,
+    parameter_roles,
+)
 from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dtype
 from oneshot.memory import allocator_state, default_budget, peak_device_memory, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
@@ -803,7 +813,9 @@ def block_parameters(model: nn.Module, layers: list[LayerRecord]) -> dict[str, A
     total = 0
     by_role: dict[str, int] = {}
     other: list[str] = []
+    routers: set[str] = set()
     for i, block in enumerate(blocks):
+        routers.update(f"{blocks_name}.{i}.{name}" for name in find_routers(block))
         params = dict(block.named_parameters())
         for name, role in parameter_roles(block).items():
             by_role[role] = by_role.get(role, 0) + params[name].numel()
@@ -811,6 +823,7 @@ def block_parameters(model: nn.Module, layers: list[LayerRecord]) -> dict[str, A
             if role == OTHER:
                 other.append(f"{blocks_name}.{i}.{name}")
     pruned = sum(r.shape[0] * r.shape[1] for r in layers)
+    pruned_routers = sum(r.shape[0] * r.shape[1] for r in layers if r.name in routers)  # named by a sparsity map
     removed = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in layers)
     if other:
         log.warning(
@@ -818,8 +831,8 @@ def block_parameters(model: nn.Module, layers: list[LayerRecord]) -> dict[str, A
             "block_parameters", len(other), other[0]
         )  # fmt: skip
     dense = {
-        "skipped": by_role.get(LAYER, 0) - pruned,
-        "router": by_role.get(ROUTER, 0),
+        "skipped": by_role.get(LAYER, 0) - (pruned - pruned_routers),
+        "router": by_role.get(ROUTER, 0) - pruned_routers,
         "vector": by_role.get(VECTOR, 0),
         "other": by_role.get(OTHER, 0),
     }

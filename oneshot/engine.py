@@ -39,7 +39,7 @@ from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks, guarded
 from oneshot.errors import ModelError
 from oneshot.experts import ALL, CalibrationRule, ExpertProjection, routed_through_layers
-from oneshot.layers import find_blocks, find_linears, input_width, output_width
+from oneshot.layers import find_blocks, find_linears, find_routers, input_width, output_width
 from oneshot.memory import release_scratch
 from oneshot.methods.base import STAT_COL_NORM, STAT_HESSIAN, STAT_MEANVAR, LayerStats
 from oneshot.methods.linalg import all_finite
@@ -748,10 +748,18 @@ def layer_stats(accs: dict[str, Accumulator]) -> LayerStats:
 
 
 def block_linears(blocks_name: str, index: int, block: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
-    """The block's linear layers by block-relative name, without those matching ``config.skip_layers``."""
+    """The block's linear layers by block-relative name, without those matching ``config.skip_layers``.
+
+    Mixture-of-experts routers are left dense unless the sparsity map gives them a sparsity by name.
+    """
+    found = find_linears(block)
+    targeted = [glob for glob, value in config.sparsity_map if value != "skip"]
+    for name, router in find_routers(block).items():
+        if any(fnmatch.fnmatchcase(f"{blocks_name}.{index}.{name}", glob) for glob in targeted):
+            found[name] = router
     return {
         name: module
-        for name, module in find_linears(block).items()
+        for name, module in found.items()
         if not _skipped(f"{blocks_name}.{index}.{name}", config.skip_layers)
     }
 

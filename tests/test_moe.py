@@ -380,3 +380,34 @@ def test_every_method_and_option_prunes_the_experts(
         assert not torch.equal(expert_slices(plain)[first], expert_slices(model)[first])
         refits = report.extra["block_refit"]
         assert refits and all(r["errors"][-1] < r["errors"][0] for r in refits)
+
+
+def test_a_router_is_pruned_only_when_a_sparsity_map_names_it(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("mixtral")
+    report = oneshot.prune(model, method="wanda", sparsity=0.5, calibration=IDS, quiet=True)
+    assert not any(r.name.endswith("mlp.gate") for r in report.layers)
+    assert bool(model.model.layers[0].mlp.gate.weight.ne(0).all())
+    dense = report.extra["block_parameters"]["dense"]
+    assert dense["router"] == 2 * 4 * 64 and dense["skipped"] == 0 and dense["other"] == 0
+    model = tiny_model("mixtral")
+    report = oneshot.prune(model, method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
+                           sparsity_map={"*.0.mlp.gate": 0.5})  # fmt: skip
+    assert [r.name for r in report.layers if r.name.endswith("mlp.gate")] == ["model.layers.0.mlp.gate"]
+    assert float((model.model.layers[0].mlp.gate.weight == 0).float().mean()) == 0.5
+    params = report.extra["block_parameters"]
+    assert params["dense"]["router"] == 4 * 64  # block 1's router
+    assert params["pruned_layers"] + sum(params["dense"].values()) == params["total"]
+
+
+def test_the_report_accounts_for_every_block_parameter(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = tiny_model("gpt_oss")
+    report = oneshot.prune(model, method="wanda", sparsity=0.5, calibration=IDS, quiet=True,
+                           skip_layers=("*.experts.0.*",))  # fmt: skip
+    params = report.extra["block_parameters"]
+    _, blocks = find_blocks(model)
+    assert params["total"] == sum(p.numel() for b in blocks for p in b.parameters())
+    assert params["pruned_layers"] + sum(params["dense"].values()) == params["total"]
+    expert = 3 * 32 * 64  # one expert's gate, up and down
+    assert params["dense"]["skipped"] == 2 * expert
+    assert params["block_sparsity"] == pytest.approx(0.5 * params["pruned_layers"] / params["total"])
+    assert "block parameters" in report.summary() and "experts: routed calibration tokens" in report.summary()
