@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine, machine_line, shared_file, write_results
-from benchmarks.synthetic import checkpoint_bytes, llama_config, write_checkpoint, write_tokenizer
+from benchmarks.synthetic import checkpoint_bytes, llama_config, qwen3_moe_config, write_checkpoint, write_tokenizer
 
 PEAK = (
     "import resource, subprocess, sys\n"
@@ -34,25 +34,29 @@ PEAK = (
 DEFAULT_SHAPES = "2048x5,2048x10,2048x22,2048x44,2048x88,5120x48"
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """``"2048x44"`` -> (hidden 2048, 44 blocks)."""
-    hidden, _, layers = text.partition("x")
-    return int(hidden), int(layers)
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"2048x44"`` -> (hidden 2048, 44 blocks, 0 experts); ``"2048x8x64"`` -> a Qwen3-MoE with 64 experts."""
+    hidden, layers, *experts = text.split("x")
+    return int(hidden), int(layers), int(experts[0]) if experts else 0
 
 
-def shape_config(hidden: int, layers: int) -> Any:
-    """A LLaMA config: head_dim 128, 4 query heads per KV head, vocab 32k (untied head)."""
+def shape_config(hidden: int, layers: int, experts: int = 0) -> Any:
+    """A LLaMA (or, with ``experts``, Qwen3-MoE) config: head_dim 128, 4 query heads per KV head, vocab 32k."""
     heads = hidden // 128
+    if experts:
+        return qwen3_moe_config(hidden, layers, experts, heads=heads, kv_heads=max(1, heads // 4), vocab=32000)
     return llama_config(hidden, layers, heads=heads, kv_heads=max(1, heads // 4), vocab=32000)
 
 
-def ensure_checkpoint(workdir: Path, hidden: int, layers: int, dtype: torch.dtype) -> Path:
+def ensure_checkpoint(workdir: Path, hidden: int, layers: int, dtype: torch.dtype, experts: int = 0) -> Path:
     """The cached synthetic checkpoint of this shape (written once, with a tokenizer)."""
-    folder = workdir / f"llama-{hidden}x{layers}-{str(dtype).removeprefix('torch.')}"
+    family = f"qwen3moe{experts}e" if experts else "llama"
+    folder = workdir / f"{family}-{hidden}x{layers}-{str(dtype).removeprefix('torch.')}"
+    config = shape_config(hidden, layers, experts)
     if not (folder / "config.json").exists():
         shutil.rmtree(folder, ignore_errors=True)
-        print(f"writing {folder.name} ({checkpoint_bytes(shape_config(hidden, layers), dtype) / 1e9:.1f} GB)")
-        write_checkpoint(folder, shape_config(hidden, layers), dtype)
+        print(f"writing {folder.name} ({checkpoint_bytes(config, dtype) / 1e9:.1f} GB)")
+        write_checkpoint(folder, config, dtype)
         write_tokenizer(folder)
     return folder
 
@@ -171,7 +175,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="hidden x blocks, comma-separated")
+    parser.add_argument(
+        "--shapes", default=DEFAULT_SHAPES, help="hidden x blocks (x experts: a Qwen3-MoE), comma-separated"
+    )
     parser.add_argument("--methods", default="wanda,sparsegpt")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
@@ -192,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(args.include.read_text())
         rows = list(data["rows"] if isinstance(data, dict) else data)
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    for n, (hidden, layers) in enumerate(shapes):
-        folder = ensure_checkpoint(args.workdir, hidden, layers, torch.bfloat16)
+    for n, (hidden, layers, experts) in enumerate(shapes):
+        folder = ensure_checkpoint(args.workdir, hidden, layers, torch.bfloat16, experts)
         for method in args.methods.split(","):
-            if f"{method}@{hidden}x{layers}" in skip:
+            if f"{method}@{args.shapes.split(',')[n]}" in skip:
                 continue
             counts = [args.nsamples] + ([int(t) for t in args.tokens_sweep.split(",") if t] if n == 0 else [])
             for nsamples in counts:
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep_checkpoints and n < len(shapes) - 1:
             shutil.rmtree(folder)
     text = (
-        f"# Streaming at scale (synthetic LLaMA, bf16, 50% unstructured)\n\n"
+        f"# Streaming at scale (synthetic LLaMA / Qwen3-MoE, bf16, 50% unstructured)\n\n"
         f"Command: `python -m benchmarks.scale {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"Machine: {machine_line()}\n\n" + table(rows) + "\nSeconds per block by phase (`other`: the median "
         "block's wall time minus the phases' means; phases absent from older rows count as 0):\n\n" + phase_table(rows)

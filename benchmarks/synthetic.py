@@ -39,14 +39,37 @@ def llama_config(
     )
 
 
+def qwen3_moe_config(
+    hidden: int, layers: int, experts: int, *, moe_intermediate: int | None = None, heads: int = 16,
+    kv_heads: int = 4, vocab: int = 8192, top_k: int = 8,
+) -> Any:  # fmt: skip
+    """A Qwen3-MoE config: ``experts`` routed experts per layer (width ≈ 0.375 × hidden, as Qwen3-30B-A3B), top-8."""
+    from transformers import Qwen3MoeConfig
+
+    inter = moe_intermediate or max(128, round(hidden * 0.375 / 128) * 128)
+    return Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter * 4, moe_intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        num_experts=experts, num_experts_per_tok=min(top_k, experts), max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """Every parameter's name and shape, in ``state_dict`` order, without allocating weights."""
+    """Every checkpoint tensor's name and shape, in ``state_dict`` order, without allocating weights.
+
+    The names are those ``save_pretrained`` writes (a mixture of experts' per-expert tensors, from
+    transformers' conversion mapping), so the folder is a checkpoint as the hub ships it.
+    """
     from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from oneshot.checkpoint import checkpoint_names
 
     with init_empty_weights():
-        model = LlamaForCausalLM(config)
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        model = AutoModelForCausalLM.from_config(config)
+    named = checkpoint_names(model, dict(model.named_parameters()))
+    return [(name, tuple(p.shape)) for name, p in named.items()]
 
 
 def checkpoint_bytes(config: Any, dtype: torch.dtype) -> int:

@@ -392,8 +392,6 @@ def _check_distributed(config: PruneConfig) -> None:
     single = "run it as one process (without torchrun)"
     if config.refine == "block":
         raise ConfigError(f"--refine block takes optimizer steps over one process's samples: {single}")
-    if config.allocate == "sensitivity":
-        raise ConfigError(f"--allocate sensitivity probes each block on one process's samples: {single}")
     if config.resume:
         raise ConfigError(
             f"a run over several ranks does not keep each rank's activations for a resume: {single}, "
@@ -688,7 +686,7 @@ def _owl_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
 
 def _sensitivity_pass(job: _Job, io: SweepIO | None) -> dict[str, Any]:
     assert job.calib is not None  # the probes read data
-    found = sensitivity_allocation(job.model, job.calib, job.config, io=io)
+    found = sensitivity_allocation(job.model, job.calib, job.config, io=io, ranks=job.ranks)
     return {
         "lambda": job.config.allocate_lambda,
         "error": job.config.allocate_error,

@@ -199,6 +199,7 @@ def sweep(
     refit: BlockRefit | None = None,
     ranks: Ranks | None = None,
     owned: bool = False,
+    refit_reduces: bool = False,
 ) -> str:
     """Run the calibration set through ``model`` block by block, calling ``visit`` on every linear layer.
 
@@ -211,7 +212,8 @@ def sweep(
     process group, :mod:`oneshot.distributed`) ``calib`` is this rank's share: statistics are
     reduced before any visitor sees them, and with ``owned`` each layer group is visited by one
     owner rank and its weights broadcast (else every rank visits every layer, on the same
-    statistics). Returns the blocks' qualified name.
+    statistics; a ``refit`` must then reduce what it measures itself: ``refit_reduces``). Returns the
+    blocks' qualified name.
     """
     times = times if times is not None else PhaseTimes()
     io = io or SweepIO()
@@ -219,7 +221,7 @@ def sweep(
     blocks_name, blocks = find_blocks(model)
     home = _home(blocks)
     _check_sweep(calib is not None, needs, observer is not None, refit is not None, single_pass)
-    if refit is not None and ranks is not None:
+    if refit is not None and ranks is not None and not refit_reduces:
         raise RuntimeError("a block refit takes optimizer steps on one process's samples: not with several ranks")
     shared = _Shared(ranks, owned, needs)
     step: _BlockStep | _DataFreeStep = _DataFreeStep(visit, block_visit, times, device, shared)

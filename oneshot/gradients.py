@@ -145,21 +145,28 @@ def block_output_gradients(
     *,
     quiet: bool = True,
     device: torch.device | None = None,
+    ranks: Ranks | None = None,
 ) -> list[float]:
     """Per block, the mean over real tokens of ``‖∂L/∂y‖²``, ``y`` the block's output hidden state.
 
     ``L`` is :func:`own_loss` on one calibration sample at a time (the same loss as the empirical
-    Fisher); the samples' sums are pooled. No weight gets a gradient: the graph starts at the input
-    embeddings' output. Needs the whole model in memory; runs on ``device`` (default: where it sits).
+    Fisher); the samples' sums are pooled (with ``ranks``: over every rank's share). No weight gets a
+    gradient: the graph starts at the input embeddings' output. Needs the whole model in memory;
+    runs on ``device`` (default: where it sits).
     """
     device = device or next(model.parameters()).device
     with computed_on(model, device):
-        return _block_output_gradients(model, calib, blocks, quiet, device)
+        sums, tokens = _block_output_gradients(model, calib, blocks, quiet, device)
+    if ranks is not None:
+        pooled = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)])
+        ranks.all_reduce(pooled)
+        sums, tokens = pooled[:-1], int(pooled[-1])
+    return [float(v) / max(tokens, 1) for v in sums]
 
 
 def _block_output_gradients(
     model: nn.Module, calib: CalibrationSet, blocks: nn.ModuleList, quiet: bool, device: torch.device
-) -> list[float]:
+) -> tuple[torch.Tensor, int]:
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
     if embeddings is None:
         raise ModelError(f"{type(model).__name__} has no input embeddings to start a gradient from")
@@ -193,7 +200,7 @@ def _block_output_gradients(
         for handle in handles:
             handle.remove()
         outputs.clear()
-    return [float(v) / max(tokens, 1) for v in sums]
+    return sums, tokens
 
 
 def load_optimizer_state(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:

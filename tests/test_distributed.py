@@ -123,6 +123,28 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+SENSITIVITY_RUNS: dict[str, dict[str, Any]] = {
+    "relative": {"method": "wanda", "sparsity": 0.6, "allocate": "sensitivity", "batch_size": 2},
+    "fisher": {"method": "wanda", "sparsity": 0.6, "allocate": "sensitivity", "allocate_error": "fisher",
+               "batch_size": 2},
+}  # fmt: skip
+
+
+def test_sensitivity_allocation_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """The probe errors' sums (and the Fisher weights' gradient sums) are reduced over the ranks: every
+    rank allocates what one process allocates, and the pruned tensors are the same."""
+    launch({"family": "llama", "runs": SENSITIVITY_RUNS}, tmp_path)
+    for run in SENSITIVITY_RUNS:
+        ref = load(tmp_path, run, one=True)["report"]["sensitivity"]
+        for rank in range(2):
+            got = load(tmp_path, run, rank)["report"]["sensitivity"]
+            assert [b["sparsity"] for b in got["blocks"]] == [b["sparsity"] for b in ref["blocks"]]
+            for mine, theirs in zip(got["blocks"], ref["blocks"], strict=True):
+                assert mine["errors"] == pytest.approx(theirs["errors"], rel=1e-6)
+        assert len({b["sparsity"] for b in ref["blocks"]}) > 1  # the allocation is not uniform
+        assert_close(tmp_path, run)
+
+
 MOE_RUNS: dict[str, dict[str, Any]] = {
     "wanda": {"method": "wanda", "sparsity": 0.5, "batch_size": 2},
     "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2},
@@ -361,10 +383,11 @@ def test_several_ranks_refuse_what_they_cannot_do() -> None:
     from oneshot.api import _check_distributed
     from oneshot.errors import ConfigError
 
-    for options in ({"refine": "block"}, {"allocate": "sensitivity"}, {"resume": True, "stream": True}):
+    for options in ({"refine": "block"}, {"resume": True, "stream": True}):
         with pytest.raises(ConfigError, match="one process"):
             _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, **options))
     _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, owl=True))
+    _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, allocate="sensitivity"))
 
 
 def test_prune_refuses_before_any_collective(monkeypatch: pytest.MonkeyPatch, tiny_model: Any) -> None:

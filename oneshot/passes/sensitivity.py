@@ -24,11 +24,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet
 from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
+from oneshot.distributed import Ranks
 from oneshot.engine import PhaseTimes, RefitBatches, SweepIO, layer_stats, resolve_device, sweep
 from oneshot.errors import ConfigError
 from oneshot.gradients import block_output_gradients
@@ -52,15 +54,20 @@ class SensitivityAllocation:
 
 
 def sensitivity_allocation(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, io: SweepIO | None = None, ranks: Ranks | None = None
 ) -> SensitivityAllocation:
-    """Probe every block at a few sparsities with the run's method, then allocate (see the module docstring)."""
+    """Probe every block at a few sparsities with the run's method, then allocate (see the module docstring).
+
+    With ``ranks`` (``calib`` is this rank's share) every rank solves the probes from the reduced
+    statistics and the probe errors' numerators and denominators are summed over the ranks, so
+    every rank picks the same allocation.
+    """
     spec = METHODS[config.method]
     assert spec.run is not None
     options = config.method_options()
     target = float(config.sparsity or 0.0)
     probes = probe_sparsities(target, config.allocate_lambda)
-    weights, seconds = _error_weights(model, calib, config)
+    weights, seconds = _error_weights(model, calib, config, ranks)
     pending: dict[str, tuple[nn.Module, LayerStats]] = {}
     curves: dict[int, list[float]] = {}
     energies: dict[int, float] = {}
@@ -81,7 +88,7 @@ def sensitivity_allocation(
                 for sparsity in probes:
                     for name, (module, stats) in pending.items():
                         from_matrix(module, spec.run(dense[name], stats, sparsity, options).weight)
-                    num, den = output_error_sums(batches)
+                    num, den = _summed(output_error_sums(batches), ranks)
                     errors.append(num / max(den, 1e-30))
                     energies[i] = den
                 curves[i] = errors
@@ -91,7 +98,8 @@ def sensitivity_allocation(
                     from_matrix(module, dense[name])
                 pending.clear()
 
-    sweep(model, calib, config, config.stat_needs(), visit, times=times, desc="sensitivity", io=io, refit=probe)
+    sweep(model, calib, config, config.stat_needs(), visit, times=times, desc="sensitivity", io=io, refit=probe,
+          ranks=ranks, refit_reduces=True)  # fmt: skip
     order = sorted(curves)
     costs = [curves[b] for b in order]  # relative: e_b(s) as measured
     if weights is not None:  # fisher: ‖Δy‖² = e_b(s)·‖y‖², times the block's gradient weight
@@ -112,7 +120,18 @@ def sensitivity_allocation(
     return SensitivityAllocation(sparsities, blocks, probes, cost, times, seconds)
 
 
-def _error_weights(model: nn.Module, calib: CalibrationSet, config: PruneConfig) -> tuple[list[float] | None, float]:
+def _summed(sums: tuple[float, float], ranks: Ranks | None) -> tuple[float, float]:
+    """A probe's error numerator and denominator over every rank's samples."""
+    if ranks is None:
+        return sums
+    pooled = torch.tensor(sums, dtype=torch.float64)
+    ranks.all_reduce(pooled)
+    return float(pooled[0]), float(pooled[1])
+
+
+def _error_weights(
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, ranks: Ranks | None = None
+) -> tuple[list[float] | None, float]:
     """Each block's Fisher weight (``--allocate-error fisher``) and the seconds it took; None for relative."""
     if config.allocate_error != "fisher":
         return None, 0.0
@@ -123,5 +142,6 @@ def _error_weights(model: nn.Module, calib: CalibrationSet, config: PruneConfig)
         )
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
-    weights = block_output_gradients(model, calib, blocks, quiet=config.quiet, device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    weights = block_output_gradients(model, calib, blocks, quiet=config.quiet, device=device, ranks=ranks)
     return weights, time.perf_counter() - t0
