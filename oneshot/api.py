@@ -390,8 +390,11 @@ def _facts(
 def _check_distributed(config: PruneConfig) -> None:
     """Refuse, before any work, what a run over several ranks does not do yet (each with the way out)."""
     single = "run it as one process (without torchrun)"
-    if config.refine == "block":
-        raise ConfigError(f"--refine block takes optimizer steps over one process's samples: {single}")
+    if config.refine == "block" and config.quantizes:
+        raise ConfigError(
+            f"--refine block of a quantized run tunes the grids each layer's owner rank holds: {single}, or "
+            "refine the pruned weights over several ranks without a quantizer"
+        )
     if config.resume:
         raise ConfigError(
             f"a run over several ranks does not keep each rank's activations for a resume: {single}, "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from oneshot.distributed import Ranks
 from oneshot.engine import RefitBatches
 from oneshot.gradients import gradients_only_for
 from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype, weight_leaves
@@ -65,10 +66,19 @@ def _squared(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return diff.float().square().sum()
 
 
-def output_error(batches: RefitBatches) -> float:
-    """The block's relative output error ``Σ‖f(x) − target‖² / Σ‖target‖²`` over every batch."""
-    num, den = output_error_sums(batches)
+def output_error(batches: RefitBatches, ranks: Ranks | None = None) -> float:
+    """The block's relative output error ``Σ‖f(x) − target‖² / Σ‖target‖²`` over every batch (of every rank)."""
+    num, den = summed(output_error_sums(batches), ranks)
     return num / max(den, 1e-30)
+
+
+def summed(values: tuple[float, float], ranks: Ranks | None) -> tuple[float, float]:
+    """Two sums over every rank's samples (as they are without ranks)."""
+    if ranks is None:
+        return values
+    pooled = torch.tensor(values, dtype=torch.float64)
+    ranks.all_reduce(pooled)
+    return float(pooled[0]), float(pooled[1])
 
 
 def output_error_sums(batches: RefitBatches) -> tuple[float, float]:
@@ -84,7 +94,13 @@ def output_error_sums(batches: RefitBatches) -> tuple[float, float]:
 
 
 def refit_block(
-    block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches, *, epochs: int, lr: float
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    batches: RefitBatches,
+    *,
+    epochs: int,
+    lr: float,
+    ranks: Ranks | None = None,
 ) -> list[float]:
     """Refit the kept weights of ``linears`` (masks = their nonzeros now) in place; returns the errors.
 
@@ -103,7 +119,7 @@ def refit_block(
                 w[rest[0]] = rest[1]
 
     with in_float32(block), gradients_only_for(block, weights, clear=True):
-        return _fit(weights, batches, epochs=epochs, lr=lr, after_step=masked)
+        return _fit(weights, batches, epochs=epochs, lr=lr, after_step=masked, ranks=ranks)
 
 
 def _fit(
@@ -113,28 +129,39 @@ def _fit(
     epochs: int,
     lr: float,
     after_step: Callable[[], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> list[float]:
     """Adam on ``params`` (leaves the block's forward reads) toward the batches' targets, one step per batch.
 
     ``after_step`` runs after each step, without autograd (a projection, e.g. back onto the masks).
     A pass that does not lower the whole calibration error is undone and the learning rate halved;
-    returns the error before, then after each accepted pass.
+    returns the error before, then after each accepted pass. With ``ranks`` step ``k`` takes the
+    ``k``-th batch of every rank: the gradients are summed over the ranks (the loss is normalised
+    by the global target energy) before each step, so every rank holds the same weights, and a pass
+    is accepted on the global error.
     """
-    denominator = sum(float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True))
+    local = sum(float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True))
+    denominator, _ = summed((local, 0.0), ranks)
+    steps = len(batches.targets) if ranks is None else max(ranks.all_gather_object(len(batches.targets)))
     optimizer = torch.optim.Adam(params, lr=lr)
-    errors = [output_error(batches)]
+    errors = [output_error(batches, ranks)]
     best = [p.detach().clone() for p in params]
     for _ in range(epochs):
-        for b, target in enumerate(batches.targets):
+        for b in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            out = batches.run(b)
-            loss = _squared(out - target.to(out.device, torch.float32), batches.token_masks[b]) / denominator
-            loss.backward()
+            if b < len(batches.targets):  # a rank with fewer batches adds nothing to this step
+                out = batches.run(b)
+                target = batches.targets[b].to(out.device, torch.float32)
+                (_squared(out - target, batches.token_masks[b]) / denominator).backward()
+            if ranks is not None:
+                for p in params:
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                    ranks.all_reduce(p.grad)
             optimizer.step()
             if after_step is not None:
                 with torch.no_grad():
                     after_step()
-        error = output_error(batches)
+        error = output_error(batches, ranks)
         if error < errors[-1]:
             errors.append(error)
             best = [p.detach().clone() for p in params]
@@ -273,6 +300,7 @@ class BlockRefitter:
     records: list[RefitRecord]
     quantized: dict[str, QuantizedLayer]  # the sweep's saved forms, by qualified name
     grids: dict[nn.Module, tuple[str, QuantResult]] = field(default_factory=dict)
+    ranks: Ranks | None = None  # several processes: every rank refits on its samples, gradients summed
 
     def __call__(self, i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
         """Refit block ``i`` and record its errors."""
@@ -285,5 +313,5 @@ class BlockRefitter:
             for name, (full, _) in mine.items():
                 self.quantized[full] = compress(tuned[name], weight_dtype(linears[name]))
         else:
-            errors = refit_block(block, linears, batches, epochs=self.epochs, lr=self.lr)
+            errors = refit_block(block, linears, batches, epochs=self.epochs, lr=self.lr, ranks=self.ranks)
         self.records.append(RefitRecord(i, errors, time.perf_counter() - t0))

@@ -185,16 +185,20 @@ class _Pruner:
         self.result.times.report += time.perf_counter() - t1
         log.debug("%s: sparsity %.4f, rel. error %s", full, record.achieved_sparsity, record.relative_error)
 
-    def refit_changed(self, refit: BlockRefit) -> BlockRefit:
+    def refit_changed(self, refit: BlockRefit, ranks: Ranks | None = None) -> BlockRefit:
         """``refit`` on the layers this run changed only (not those a sparsity map skips); their records'
-        zero fractions are then taken again from the refitted weights."""
+        zero fractions are then taken again from the refitted weights. With ``ranks`` the layers any
+        rank changed (each layer is solved by its owner)."""
 
         def run(i: int, block: nn.Module, linears: dict[str, nn.Module], batches: RefitBatches) -> None:
-            mine = {name: module for name, module in linears.items() if module in self.changed}
+            changed = [name for name, module in linears.items() if module in self.changed]
+            if ranks is not None:
+                changed = [name for part in ranks.all_gather_object(changed) for name in part]
+            mine = {name: module for name, module in linears.items() if name in changed}
             if not mine:
                 return
             refit(i, block, mine, batches)
-            names = {self.changed[module]: module for module in mine.values()}
+            names = {self.changed[module]: module for module in mine.values() if module in self.changed}  # my records
             for k, record in enumerate(self.result.layers):
                 if record.name in names:  # zeros counted on the weight as it is (a float32 copy would add 4 B/weight)
                     weight = names[record.name].weight
@@ -320,9 +324,10 @@ def prune_sequential(
         io=io,
         single_pass=single_pass,
         visit_group=pruner.group if stacked else None,
-        refit=None if refit is None else pruner.refit_changed(refit),
+        refit=None if refit is None else pruner.refit_changed(refit, ranks),
         ranks=ranks,
         owned=True,
+        refit_reduces=True,  # the refitter sums its gradients and errors over the ranks
     )
     return result
 
@@ -345,7 +350,7 @@ def _pruner(
     grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
     refit = None
     if config.refine == "block" and own:
-        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized)
+        refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized, ranks=ranks)
     then = config.then if own else None
     device, target = resolve_device(config.device), float(config.sparsity or 0.0)
     pruner = _Pruner(
