@@ -54,6 +54,18 @@ def test_the_routed_forward_equals_the_familys_own(tiny_model: Callable[[str], n
     assert experts_modules(model)
 
 
+def test_an_experts_module_is_known_by_its_interface_and_fused_weights() -> None:
+    from oneshot.experts import is_experts
+
+    plain = nn.Module()
+    plain.down_proj = nn.Parameter(torch.zeros(4, 8, 16))  # 3-D, but not behind the ExpertsInterface
+    assert not is_experts(plain)
+    plain.has_gate, plain.is_transposed, plain.num_experts = True, False, 4
+    assert is_experts(plain)
+    plain.down_proj = nn.Parameter(torch.zeros(8, 16))  # the interface's attributes on a 2-D weight
+    assert not is_experts(plain)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_a_projection_is_a_view_that_writes_through(tiny_model: Callable[[str], nn.Module], family: str) -> None:
     model = tiny_model(family)
