@@ -41,6 +41,8 @@ DEFAULT_ROWS = (
     "dense:dense,moe:dense,"
     "dense:wanda@0.5,moe:wanda@0.5,dense:sparsegpt@0.5,moe:sparsegpt@0.5,"
     "dense:wanda@2:4,moe:wanda@2:4,dense:sparsegpt@2:4,moe:sparsegpt@2:4,"
+    "dense:gptq/group_size=64,moe:gptq/group_size=64,"
+    "dense:sparsegpt/then=gptq/group_size=64@0.5,moe:sparsegpt/then=gptq/group_size=64@0.5,"
     "moe:sparsegpt/expert_calibration=weighted@0.5,moe:sparsegpt/expert_calibration=all@0.5,"
     "moe:sparsegpt/expert_min_tokens=1@0.5,"
     "moe:structured/target=experts/ratio=0.25,moe:structured/target=experts/ratio=0.25/score=frequency,"

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from oneshot.calibration.data import CalibrationSet, build_calibration
-from oneshot.checkpoint import Checkpoint, has_safetensors, saved_quantization
+from oneshot.checkpoint import Checkpoint, expert_weight_keys, has_safetensors, saved_quantization
 from oneshot.config import DTYPES, TOKENS, CalibrationConfig, PruneConfig, read_recipe
 from oneshot.distributed import Ranks, guarded
 from oneshot.engine import PhaseTimes, SweepIO, prunable_layers, prunable_modules, resolve_device, single_pass_bytes
 from oneshot.errors import ConfigError, ModelError
 from oneshot.evaluation import evaluate_perplexity, resolve_seqlen
-from oneshot.experts import experts_modules
+from oneshot.experts import experts_modules, projections
 from oneshot.layers import (
     LAYER,
     OTHER,
@@ -434,13 +434,7 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
     Returns ``config`` with its group size set: the default is the largest of 128 / 64 / 32 that fits.
     """
     check_loader()
-    experts = [name for name, module in prunable_modules(model, config).items() if is_expert(module)]
-    if experts:
-        raise ConfigError(
-            f"quantized experts are not written in the compressed-tensors format yet ({len(experts)} expert "
-            f"projections, e.g. {experts[0]}): leave them dense with --skip '*.experts.*' (the attention and "
-            "dense layers are then quantized), or prune them without a quantizer"
-        )
+    _check_quantizable_experts(model, {n: m for n, m in prunable_modules(model, config).items() if is_expert(m)})
     conv = [name for name, module in model.named_modules() if name in layers and is_conv1d(module)]
     if conv:
         raise ConfigError(
@@ -455,6 +449,35 @@ def _check_quantizable(model: nn.Module, config: PruneConfig, layers: dict[str, 
     if not spec.symmetric:
         log.warning(ASYMMETRIC_LOAD_WARNING)
     return config
+
+
+def _check_quantizable_experts(model: nn.Module, experts: dict[str, nn.Module]) -> None:
+    """Quantized experts are saved one 2-D weight per expert, the way vLLM and transformers load them.
+
+    Refused: a family whose checkpoint stores its experts fused (no per-expert weight to pack), and
+    an experts module quantized in part (a serving kernel runs one scheme over all of a layer's experts).
+    """
+    if not experts:
+        return
+    keys = expert_weight_keys(model, experts)
+    fused = [name for name in experts if name not in keys]
+    if fused:
+        raise ConfigError(
+            f"this model's checkpoint stores its experts as fused 3-D tensors ({fused[0]} has no weight of its own), "
+            "and the compressed-tensors format packs one 2-D weight per expert: leave the experts dense with "
+            "--skip '*.experts.*' (the other layers are then quantized), or prune them without a quantizer"
+        )
+    modules: dict[str, list[str]] = {}
+    for name in experts:
+        modules.setdefault(name.rsplit(".", 2)[0], []).append(name)
+    for module_name, names in modules.items():
+        whole = len(projections(experts[names[0]].__dict__["experts"]))
+        if len(names) != whole:
+            raise ConfigError(
+                f"{len(names)} of the {whole} expert projections of {module_name} are quantized: a quantized "
+                "mixture-of-experts layer is served with one scheme for all its experts; quantize all of them or "
+                f"none (--skip '{module_name}.*')"
+            )
 
 
 def _output_path(out: str | os.PathLike[str] | None, config: PruneConfig, overwrite: bool) -> Path | None:

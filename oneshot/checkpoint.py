@@ -271,6 +271,52 @@ def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return reverted
 
 
+def expert_checkpoint_keys(model: nn.Module, experts_name: str, experts: nn.Module) -> dict[str, str]:
+    """Each expert projection's own weight key in the checkpoint, by layer name (``{experts_name}.3.gate_proj``).
+
+    Found by running transformers' reverse conversion (:func:`checkpoint_names`) over marker
+    tensors shaped like the fused parameters with an input width of one, each projection's rows
+    holding its number: a per-expert key whose values are all one number is that projection's
+    (Mixtral's ``block_sparse_moe.experts.3.w1.weight``). A family whose checkpoint stores the
+    experts fused (GPT-OSS) has no such keys: the result is empty.
+    """
+    from oneshot.experts import projections
+
+    made = projections(experts)
+    ordered = list(made)
+    markers: dict[str, torch.Tensor] = {}
+    for number, projection in enumerate(made.values()):
+        fused: torch.Tensor = getattr(experts, projection.fused_name)
+        marker = markers.get(projection.fused_name)
+        if marker is None:
+            shape = list(fused.shape)
+            shape[1 if getattr(experts, "is_transposed", False) else 2] = 1  # the input dimension
+            marker = markers[projection.fused_name] = torch.full(shape, -1.0, dtype=torch.float64)
+        projection.select(marker).fill_(float(number))
+    prefix = f"{experts_name}." if experts_name else ""
+    reverted = checkpoint_names(model, {prefix + name: marker for name, marker in markers.items()})
+    found: dict[str, str] = {}
+    for key, tensor in reverted.items():
+        values = tensor.unique()
+        if values.numel() == 1 and values.item() >= 0:
+            found[prefix + ordered[int(values.item())]] = key
+    return found if len(found) == len(ordered) else {}
+
+
+def expert_weight_keys(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The checkpoint weight key of each of ``names`` that is an expert projection with one (see
+    :func:`expert_checkpoint_keys`); other names are left out."""
+    from oneshot.experts import experts_modules
+
+    wanted = set(names)
+    found: dict[str, str] = {}
+    for experts_name, experts in experts_modules(model).items():
+        if any(name.startswith(f"{experts_name}.") for name in wanted):
+            keys = expert_checkpoint_keys(model, experts_name, experts)
+            found.update({name: key for name, key in keys.items() if name in wanted})
+    return found
+
+
 def from_checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors under the model's parameter names: transformers' conversion mapping, as loading applies it.
 
@@ -312,12 +358,12 @@ def check_loadable(folder: Path) -> None:
     skeleton = build_skeleton(folder, checkpoint.dtype())
     params = dict(skeleton.named_parameters())
     named = checkpoint_names(skeleton, dict(params))
-    if set(named) != set(params):  # a conversion mapping: every tensor it names saved with its shape
-        _check_converted(named, checkpoint)
-        return
-    keys = checkpoint_keys(skeleton, checkpoint, packed=True)
     group = saved_quantization(folder).get("config_groups", {}).get("group_0", {})
     bits = int(group.get("weights", {}).get("num_bits", 0))
+    if set(named) != set(params):  # a conversion mapping: every tensor it names saved with its shape
+        _check_converted(named, checkpoint, bits)
+        return
+    keys = checkpoint_keys(skeleton, checkpoint, packed=True)
     for name, param in skeleton.named_parameters():
         shape = tuple(param.shape)
         if name in keys and keys[name].endswith("_packed"):  # codes packed along the input: [out, ⌈in·bits/32⌉]
@@ -329,18 +375,27 @@ def check_loadable(folder: Path) -> None:
             )
 
 
-def _check_converted(named: dict[str, torch.Tensor], checkpoint: Checkpoint) -> None:
-    """Every tensor a conversion mapping names is in ``checkpoint`` with its shape (ModelError otherwise)."""
-    missing = [name for name in named if name not in checkpoint.tensors]
+def _check_converted(named: dict[str, torch.Tensor], checkpoint: Checkpoint, bits: int) -> None:
+    """Every tensor a conversion mapping names is in ``checkpoint`` with its shape (ModelError otherwise).
+
+    A quantized weight ``X.weight`` is saved as ``X.weight_packed``, its codes packed along the input.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in named.items():
+        shape = tuple(tensor.shape)
+        packed = f"{name}_packed"
+        if name not in checkpoint.tensors and packed in checkpoint.tensors and len(shape) == 2:
+            name, shape = packed, (shape[0], -(-shape[1] * bits // 32))
+        shapes[name] = shape
+    missing = [name for name in shapes if name not in checkpoint.tensors]
     if missing:
         raise ModelError(
             f"{len(missing)} tensors are not in the checkpoint at {checkpoint.folder} (e.g. {', '.join(missing[:3])})"
         )
-    for name, tensor in named.items():
-        if tuple(tensor.shape) != checkpoint.tensors[name].shape:
+    for name, shape in shapes.items():
+        if shape != checkpoint.tensors[name].shape:
             raise ModelError(
-                f"saved {name} has shape {checkpoint.tensors[name].shape} but the saved config builds "
-                f"{tuple(tensor.shape)}"
+                f"saved {name} has shape {checkpoint.tensors[name].shape} but the saved config builds {shape}"
             )
 
 

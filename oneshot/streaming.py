@@ -33,6 +33,7 @@ from oneshot.checkpoint import (
     build_skeleton,
     checkpoint_keys,
     checkpoint_names,
+    expert_weight_keys,
     from_checkpoint_names,
     materialise,
     release,
@@ -40,7 +41,7 @@ from oneshot.checkpoint import (
 from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
-from oneshot.layers import find_blocks
+from oneshot.layers import find_blocks, find_linears
 from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
@@ -349,21 +350,23 @@ class StreamingRun:
         ``quantized``); the tensors stay referenced until written, after the block is released.
         """
         prefix = self.source.block_prefix(index)
-        modules = dict(block.named_modules())
+        modules = {**dict(block.named_modules()), **find_linears(block)}  # expert projections are not submodules
+        mine = [n for n in quantized if n.startswith(prefix)]
+        expert_keys = expert_weight_keys(self.model, mine)
         compressed = set()
         tensors: list[tuple[str, torch.Tensor]] = []
         names: list[str] = []
-        for name in [n for n in quantized if n.startswith(prefix)]:
+        for name in mine:
             layer = quantized.pop(name)
             check_layer(name, layer, modules[name[len(prefix) :]].weight)
-            key = self.source.keys.get(f"{name}.weight", f"{name}.weight").removesuffix("weight")
-            tensors.extend((key + suffix, tensor) for suffix, tensor in layer.tensors.items())
-            compressed.add(f"{name}.weight")
+            weight_key = expert_keys.get(name) or self.source.keys.get(f"{name}.weight", f"{name}.weight")
+            tensors.extend(
+                (weight_key.removesuffix("weight") + suffix, tensor) for suffix, tensor in layer.tensors.items()
+            )
+            compressed.add(weight_key)
             names.append(name)
         for name, param in block.named_parameters():
-            full = prefix + name
-            if full not in compressed:
-                tensors.extend(self.source.saved_tensors(full, param.data))
+            tensors.extend(kv for kv in self.source.saved_tensors(prefix + name, param.data) if kv[0] not in compressed)
         return tensors, names
 
     def save_progress(self, store_state: dict[str, Any] | None = None) -> None:

@@ -21,8 +21,9 @@ import numpy
 import torch
 from torch import nn
 
-from oneshot.checkpoint import check_loadable, checkpoint_names
+from oneshot.checkpoint import check_loadable, checkpoint_names, expert_weight_keys
 from oneshot.errors import ModelError, OutputError
+from oneshot.layers import find_linears, find_routers
 from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
 from oneshot.shards import SavedTensor, iter_saved, replace_durably, tensor_bytes
@@ -67,12 +68,33 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
 
 
 def saved_state(model: nn.Module, quantized: Mapping[str, QuantizedLayer] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors a save writes: the model's state dict, each quantized layer's weight in its compressed form."""
+    """The tensors a save writes, under the checkpoint's names (:func:`checkpoint_names`).
+
+    Each quantized layer's weight is replaced by its compressed form: ``X.weight`` by
+    ``X.weight_packed``, ``X.weight_scale``... An expert's projection, a slice of a fused
+    parameter, is written under its own per-expert key (``experts.3.gate_proj.weight_packed``),
+    the names vLLM and transformers' loader read a quantized mixture of experts from.
+    """
+    quantized = quantized or {}
     state = model.state_dict()
-    for name, layer in (quantized or {}).items():
+    experts: dict[str, QuantizedLayer] = {}
+    for name, layer in quantized.items():
+        if f"{name}.weight" not in state:
+            experts[name] = layer
+            continue
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": tensor for key, tensor in layer.tensors.items()})
-    return state
+    named = checkpoint_names(model, state)
+    keys = expert_weight_keys(model, experts)
+    for name, layer in experts.items():
+        key = keys.get(name)
+        if key is None:
+            raise OutputError(
+                f"{name} has no tensor of its own in the checkpoint's format; its quantized form cannot be saved"
+            )
+        del named[key]
+        named.update({key.removesuffix("weight") + suffix: tensor for suffix, tensor in layer.tensors.items()})
+    return named
 
 
 def verify_saved_model(model: nn.Module, folder: Path, quantized: Mapping[str, QuantizedLayer] | None = None) -> int:
@@ -83,7 +105,7 @@ def verify_saved_model(model: nn.Module, folder: Path, quantized: Mapping[str, Q
     :func:`saved_state`), every model tensor must be saved (or tied to a saved one), and the saved
     config must build the saved shapes. Raises :class:`OutputError` otherwise.
     """
-    state = checkpoint_names(model, saved_state(model, quantized))
+    state = saved_state(model, quantized)
     saved_ptrs: set[int] = set()
     total = 0
     for saved in iter_saved(folder):
@@ -154,13 +176,24 @@ def add_quantization_config(folder: Path, spec: QuantSpec, ignore: list[str]) ->
 
 
 def unquantized_linears(model: nn.Module, quantized: Mapping[str, Any]) -> list[str]:
-    """The ``nn.Linear`` layers a quantized model keeps in full precision (the config's ``ignore`` list)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
+    """The layers a quantized model keeps in full precision: the config's ``ignore`` list.
+
+    Every ``nn.Linear`` not quantized and every mixture-of-experts router (vLLM builds a router as
+    a linear layer), under the checkpoint's names (Mixtral's ``block_sparse_moe.gate``).
+    """
+    routers = find_routers(model)
+    kept = {
+        name: module
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or name in routers) and name not in quantized
+    }
+    weights = {f"{name}.weight": module.weight for name, module in kept.items()}
+    return [key.removesuffix(".weight") for key in checkpoint_names(model, weights)]
 
 
 def check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedLayer]) -> None:
     """Every quantized layer, dequantized by the compressed-tensors package, equals the model's weight bit for bit."""
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), **find_linears(model)}  # expert projections are not submodules
     for name, layer in quantized.items():
         check_layer(name, layer, modules[name].weight)
 
@@ -195,7 +228,13 @@ def save_pruned(
         model.eval()
         saver: Any = model
         state = saved_state(model, quantized) if quantized else None
-        saver.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
+        saver.save_pretrained(  # a quantized state is under the checkpoint's names already
+            tmp,
+            safe_serialization=True,
+            max_shard_size=max_shard_size,
+            state_dict=state,
+            save_original_format=not state,
+        )
         if quantized:
             spec = next(iter(quantized.values())).spec
             add_quantization_config(tmp, spec, unquantized_linears(model, quantized))

@@ -8,6 +8,7 @@ fused 3-D parameters behind transformers' ExpertsInterface.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,15 +263,92 @@ def test_every_block_parameter_has_a_role(tiny_model: Callable[[str], nn.Module]
     assert all(role == "layer" for name, role in roles.items() if "experts" in name and "bias" not in name)
 
 
-def test_quantizing_experts_is_refused_with_the_way_out(tiny_model: Callable[[str], nn.Module]) -> None:
-    with pytest.raises(ConfigError, match=r"--skip '\*\.experts\.\*'"):
-        oneshot.prune(tiny_model("mixtral"), method="gptq", calibration=IDS, quiet=True, group_size=32)
+def test_each_projection_has_its_own_checkpoint_key(tiny_model: Callable[[str], nn.Module]) -> None:
+    """Mixtral's checkpoint names an expert's gate w1, its down w2 and its up w3; GPT-OSS keeps them fused."""
+    from oneshot.checkpoint import expert_checkpoint_keys
+
     model = tiny_model("mixtral")
+    (name, experts), *_ = experts_modules(model).items()
+    keys = expert_checkpoint_keys(model, name, experts)
+    assert len(keys) == 3 * model.config.num_local_experts
+    moe = name.replace(".mlp.experts", ".block_sparse_moe.experts")
+    for e in range(model.config.num_local_experts):
+        for part, w in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
+            assert keys[f"{name}.{e}.{part}_proj"] == f"{moe}.{e}.{w}.weight"
+    oss = tiny_model("gpt_oss")
+    (name, experts), *_ = experts_modules(oss).items()
+    assert expert_checkpoint_keys(oss, name, experts) == {}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_quantized_experts_are_saved_per_expert_and_reload_with_stock_transformers(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path, family: str
+) -> None:
+    """SparseGPT 50% + GPTQ 4-bit on every expert: each expert projection saved as packed codes under
+    its own checkpoint key; stock transformers reloads the model with every weight bit for bit."""
+    import transformers as tf
+
+    from oneshot.checkpoint import expert_weight_keys
+
+    model = tiny_model(family)
+    out = tmp_path / "w4"
+    report = oneshot.prune(model, char_tokenizer(), method="sparsegpt", sparsity=0.5, then="gptq", group_size=16,
+                           calibration=IDS, out=out, quiet=True)  # fmt: skip
+    slices = expert_slices(model)
+    assert set(slices) <= set(report.quantized)
+    saved = saved_tensors(out)
+    keys = expert_weight_keys(model, slices)
+    for name, weight in slices.items():
+        key = keys[name].removesuffix("weight")
+        assert f"{key}weight" not in saved and saved[f"{key}weight_packed"].shape == (
+            weight.shape[0],
+            weight.shape[1] // 8,
+        )
+        assert saved[f"{key}weight_scale"].shape == (weight.shape[0], weight.shape[1] // 16)
+        assert all(row.unique().numel() <= 17 for row in weight[:, :16])  # 16 levels and the pruned zeros
+    routers = find_routers(model)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    moe = ".block_sparse_moe." if family == "mixtral" else ".mlp."  # the checkpoint's (and vLLM's) module names
+    assert routers and {r.replace(".mlp.", moe) for r in routers} <= set(config["ignore"])  # served dense
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        reloaded(IDS[:1])  # the loader decompresses the quantized linear layers on the first forward
+    state = reloaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_quantizing_experts_that_cannot_be_saved_is_refused_with_the_way_out(
+    tiny_model: Callable[[str], nn.Module],
+) -> None:
+    """GPT-OSS's checkpoint has no per-expert weight to pack; a half-quantized experts layer cannot be
+    served. Both refused before any work, with the --skip that leaves the experts dense."""
+    with pytest.raises(ConfigError, match=r"fused 3-D tensors.*--skip '\*\.experts\.\*'"):
+        oneshot.prune(tiny_model("gpt_oss"), method="gptq", calibration=IDS, quiet=True, group_size=16)
+    with pytest.raises(ConfigError, match=r"quantize all of them or none"):
+        oneshot.prune(tiny_model("mixtral"), method="rtn", calibration=IDS, quiet=True, group_size=16,
+                      skip_layers=("*.experts.0.*",))  # fmt: skip
+    model = tiny_model("gpt_oss")
     before = expert_slices(model)
-    report = oneshot.prune(model, method="gptq", calibration=IDS, quiet=True, group_size=32,
+    report = oneshot.prune(model, method="gptq", calibration=IDS, quiet=True, group_size=16,
                            skip_layers=("*.experts.*",))  # fmt: skip
     assert report.quantized and all(".experts." not in name for name in report.quantized)
     assert all(torch.equal(w, before[k]) for k, w in expert_slices(model).items())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_streaming_quantized_experts_equals_quantizing_in_memory(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, family: str
+) -> None:
+    folder = tiny_checkpoint(family)
+    for stream in (True, False):
+        oneshot.prune(folder, method="rtn", group_size=16, calibration=IDS, stream=stream,
+                      out=tmp_path / str(stream), quiet=True)  # fmt: skip
+    streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
+    assert streamed.keys() == in_memory.keys()
+    assert any(".experts.1." in key and key.endswith("weight_packed") for key in in_memory)
+    for key, tensor in in_memory.items():
+        assert torch.equal(streamed[key], tensor), key
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
