@@ -54,6 +54,12 @@ class CapturedInputs:
 
     token_masks: list[torch.Tensor | None] = field(default_factory=list)  # per batch [B, T]
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
+    kind: tuple[str, int] | None = None  # what a block returns: ("tensor", 1) or ("tuple", length)
+
+    def block_output(self, hidden: torch.Tensor) -> Any:
+        """``hidden`` as a block of this model returns it (a tensor, or a tuple led by it)."""
+        kind, length = self.kind or ("tensor", 1)
+        return (hidden,) + (None,) * (length - 1) if kind == "tuple" else hidden
 
 
 def to_device(
@@ -161,7 +167,9 @@ def capture_inputs(
         probe = _Recorder(CapturedInputs(), lambda b, h: None, storage, len(blocks) - 1)
         _record_calls(model, blocks, one, 1, device, probe)
         kind = probe.kind
-    _record_calls(model, blocks, calib, batch_size, device, _Recorder(captured, sink, storage, len(blocks) - 1, kind))
+    recorder = _Recorder(captured, sink, storage, len(blocks) - 1, kind)
+    _record_calls(model, blocks, calib, batch_size, device, recorder)
+    captured.kind = recorder.kind
     return captured
 
 

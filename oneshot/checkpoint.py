@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,17 +142,19 @@ class Checkpoint:
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Read the named tensors (each shard opened once, and closed before returning)."""
+        return dict(self.iter_read(keys))
+
+    def iter_read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The named tensors one at a time, by shard (each opened once): the caller keeps only what it needs."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.tensors[key].file, []).append(key)
-        out: dict[str, torch.Tensor] = {}
         for name, names in by_file.items():
             with safe_open(str(self.folder / name), framework="pt") as f:
                 for key in names:
-                    out[key] = f.get_tensor(key)
-        return out
+                    yield key, f.get_tensor(key)
 
 
 def model_prefix(model: nn.Module) -> str:

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -83,7 +84,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+def move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Move every real parameter and buffer of ``model`` that is not inside ``blocks`` to ``device``."""
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for module in model.modules():
@@ -131,6 +132,7 @@ class SweepIO:
     store: ActivationStore | None = None
     start: int = 0
     after_block: Callable[[int, nn.Module], None] | None = None
+    scratch: Path | None = None  # a folder a pass may keep files in (a streamed backward's activations)
 
 
 #: Called once per block after its statistics forward and before propagation:
@@ -162,13 +164,13 @@ class RefitBatches:
 BlockRefit = Callable[[int, nn.Module, dict[str, nn.Module], RefitBatches], None]
 
 
-def _capture(
+def capture_calls(
     model: nn.Module, blocks: nn.ModuleList, calib: CalibrationSet, config: PruneConfig, io: SweepIO, batch_size: int
 ) -> tuple[CapturedInputs, ActivationStore]:
     """Record every block's call arguments; block 0's inputs go into the store (unless resuming)."""
     device = resolve_device(config.device)
     store = io.store if io.store is not None else MemoryStore(pin=device.type == "cuda")
-    _move_outside(model, blocks, device)
+    move_outside(model, blocks, device)
     io.source.load(0, blocks[0])
     blocks[0].to(device)
     sink = store.put if io.start == 0 else (lambda b, h: None)
@@ -219,7 +221,7 @@ def sweep(
     io = io or SweepIO()
     device = resolve_device(config.device)
     blocks_name, blocks = find_blocks(model)
-    home = _home(blocks)
+    home = blocks_home(blocks)
     _check_sweep(calib is not None, needs, observer is not None, refit is not None, single_pass)
     if refit is not None and ranks is not None and not refit_reduces:
         raise RuntimeError("a block refit takes optimizer steps on one process's samples: not with several ranks")
@@ -228,7 +230,7 @@ def sweep(
     if calib is not None:
         t0 = time.perf_counter()
         size = calib.nsamples if single_pass else config.batch_size
-        captured, store = _capture(model, blocks, calib, config, io, size)
+        captured, store = capture_calls(model, blocks, calib, config, io, size)
         store = _TimedStore(store, times)
         times.capture += time.perf_counter() - t0
         kind = _SinglePassStep if single_pass else _BlockStep
@@ -241,7 +243,7 @@ def sweep(
             for i in tqdm(range(io.start, len(blocks)), desc=desc, unit="block", disable=config.quiet or None):
                 loop.block(i)
     finally:
-        _move_outside(model, blocks, home)
+        move_outside(model, blocks, home)
     return blocks_name
 
 
@@ -297,7 +299,7 @@ class _Loop:
         self.times.per_block[-1] = time.perf_counter() - start
 
 
-def _home(blocks: nn.ModuleList) -> torch.device:
+def blocks_home(blocks: nn.ModuleList) -> torch.device:
     """Where the blocks live between their turns (the CPU for a skeleton on the meta device)."""
     home = next(blocks[0].parameters()).device
     return torch.device("cpu") if home.type == "meta" else home

@@ -33,6 +33,7 @@ from oneshot.checkpoint import (
     build_skeleton,
     checkpoint_keys,
     checkpoint_names,
+    expert_checkpoint_keys,
     expert_weight_keys,
     from_checkpoint_names,
     materialise,
@@ -41,6 +42,7 @@ from oneshot.checkpoint import (
 from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
+from oneshot.experts import ExpertProjection, experts_modules, projections
 from oneshot.layers import find_blocks, find_linears
 from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
@@ -82,6 +84,7 @@ class StreamingSource:
         self.converted: dict[str, list[str]] = {}  # a fused parameter -> the checkpoint tensors it is built from
         self.keys = checkpoint_keys(model, checkpoint, converted=self.converted)  # parameter name -> checkpoint key
         self.model = model
+        self._untied_head: nn.Parameter | None = None  # the head's own (meta) weight while it shares the embeddings'
 
     def block_prefix(self, index: int) -> str:
         """Qualified-name prefix of block ``index``'s parameters."""
@@ -92,12 +95,48 @@ class StreamingSource:
         prefix = self.block_prefix(index)
         wanted = {name: key for name, key in self.keys.items() if name.startswith(prefix)}
         fused = {key for name, keys in self.converted.items() if name.startswith(prefix) for key in keys}
-        values = self.checkpoint.read(set(wanted.values()) | fused)
+        values = self.checkpoint.read(set(wanted.values()))
         if fused:  # per-expert tensors into the fused parameters, as from_pretrained builds them
-            built = from_checkpoint_names(self.model, {key: values.pop(key) for key in fused})
+            built = self._fuse(prefix, block, fused)
             values.update(built)
             wanted.update({name: name for name in built})
         materialise(block, prefix, values, wanted)
+
+    def _fuse(self, prefix: str, block: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
+        """The block's fused expert parameters built from the per-expert tensors ``keys``, by name.
+
+        Each tensor is read and copied into its projection's view of the fused parameter one at a
+        time, so the block takes its own bytes in memory once (transformers' conversion mapping
+        reads every per-expert tensor, stacks and concatenates: three copies of the experts at the
+        peak). Where a checkpoint tensor is not one projection's weight as the model holds it, the
+        conversion mapping itself builds the parameters.
+        """
+        built: dict[str, torch.Tensor] = {}
+        targets: dict[str, tuple[str, ExpertProjection]] = {}  # checkpoint key -> (fused parameter, projection)
+        for name, experts in experts_modules(block).items():
+            made = projections(experts)
+            for layer, key in expert_checkpoint_keys(self.model, prefix + name, experts).items():
+                projection = made[layer.removeprefix(f"{prefix}{name}.")]
+                fused_name = f"{prefix}{name}.{projection.fused_name}"
+                if fused_name not in built:
+                    param = getattr(experts, projection.fused_name)
+                    built[fused_name] = torch.empty(param.shape, dtype=param.dtype)
+                targets[key] = (fused_name, projection)
+        sources: dict[str, set[str]] = {}
+        for key, (fused_name, _) in targets.items():
+            sources.setdefault(fused_name, set()).add(key)
+        fits = all(set(self.converted.get(name, ())) == keys_of for name, keys_of in sources.items()) and all(
+            self.checkpoint.tensors[k].shape == tuple(p.select(built[f]).shape) for k, (f, p) in targets.items()
+        )
+        if not fits:
+            return from_checkpoint_names(self.model, self.checkpoint.read(keys))
+        for key, tensor in self.checkpoint.iter_read(sorted(keys & set(targets))):
+            fused_name, projection = targets[key]
+            projection.select(built[fused_name]).copy_(tensor)
+        rest = keys - set(targets)  # renamed, not fused (Mixtral's router): the conversion mapping names them
+        if rest:
+            built.update(from_checkpoint_names(self.model, self.checkpoint.read(rest)))
+        return built
 
     def saved_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """A parameter's tensors as the checkpoint stores them, by key (a fused one: per expert)."""
@@ -114,6 +153,42 @@ class StreamingSource:
         inside = {key for name, key in self.keys.items() if name.startswith(f"{self.blocks_name}.")}
         inside.update(key for keys in self.converted.values() for key in keys)
         return [k for k in self.checkpoint.tensors if k not in inside]
+
+    def _head(self, model: nn.Module) -> nn.Module | None:
+        getter: Any = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        return head if isinstance(head, nn.Module) else None
+
+    def load_head(self, model: nn.Module) -> None:
+        """Materialise the output head (a loss needs it; :meth:`load_stem` leaves it out).
+
+        A head the checkpoint does not store (tied word embeddings) shares the input embeddings'
+        weight until :meth:`unload_head`.
+        """
+        head = self._head(model)
+        if head is None:
+            return
+        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        wanted = {names[id(p)]: self.keys[names[id(p)]] for p in head.parameters() if names[id(p)] in self.keys}
+        materialise(model, "", self.checkpoint.read(set(wanted.values())), wanted)
+        weight = getattr(head, "weight", None)
+        embeddings: Any = getattr(model, "get_input_embeddings", lambda: None)()
+        if isinstance(weight, nn.Parameter) and weight.device.type == "meta" and isinstance(embeddings, nn.Module):
+            self._untied_head = weight
+            head.weight = embeddings.weight
+
+    def unload_head(self, model: nn.Module) -> None:
+        """Free the output head again (a head sharing the input embeddings' weight gets its own back)."""
+        head = self._head(model)
+        if head is None:
+            return
+        if self._untied_head is not None:
+            head.weight, self._untied_head = self._untied_head, None
+            return
+        embeddings: Any = getattr(model, "get_input_embeddings", lambda: None)()
+        shared = {id(p) for p in embeddings.parameters()} if isinstance(embeddings, nn.Module) else set()
+        if not {id(p) for p in head.parameters()} <= shared:
+            release(head)
 
     def load_stem(self, model: nn.Module) -> None:
         """Materialise every parameter outside the blocks except an untied output head (capture needs none)."""
@@ -285,7 +360,7 @@ class StreamingRun:
         """Sweep plumbing for the pruning sweep: blocks from the shards, each written as it finishes."""
         assert self.store is not None
         if not self.writes:
-            return SweepIO(source=self.source, store=self.store)
+            return SweepIO(source=self.source, store=self.store, scratch=self.scratch)
 
         def after_block(index: int, block: nn.Module) -> None:
             """Write the block, its outputs and the progress record; behind the sweep when the store is in memory.
@@ -323,14 +398,16 @@ class StreamingRun:
 
         if self.start == 0:
             self.save_progress()
-        return SweepIO(source=self.source, store=self.store, start=self.start, after_block=after_block)
+        return SweepIO(
+            source=self.source, store=self.store, start=self.start, after_block=after_block, scratch=self.partial
+        )
 
     def read_only_io(self, name: str) -> SweepIO:
         """Sweep plumbing for a statistics-only sweep (OWL): blocks streamed, nothing written."""
         folder = (self.partial if self.scratch is None else self.scratch) / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        return SweepIO(source=self.source, store=DiskStore(folder, self._activation_dtype()))
+        return SweepIO(source=self.source, store=DiskStore(folder, self._activation_dtype()), scratch=folder)
 
     def restore(self, result: SweepResult) -> None:
         """Put the records of blocks finished before a resume into ``result``."""

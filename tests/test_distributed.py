@@ -288,10 +288,12 @@ def test_bert_and_a_quantized_output_on_two_ranks(tmp_path: Path) -> None:
     assert report["quantization"]["layers"] == 21 and report["distributed"]["world_size"] == 2
 
 
-def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any) -> None:
+@pytest.mark.parametrize("method", ["wanda", "fisher"])
+def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any, method: str) -> None:
+    """Fisher streamed: each rank's backward on its share, the squared-gradient sums all-reduced."""
     from conftest import saved_tensors
 
-    run = {"method": "wanda", "sparsity": 0.5, "batch_size": 2, "stream": True, "out": "o"}
+    run = {"method": method, "sparsity": 0.5, "batch_size": 2, "stream": True, "out": "o"}
     launch({"family": "llama", "checkpoint": str(tiny_checkpoint("llama")), "runs": {"s": run}}, tmp_path)
     got, ref = saved_tensors(tmp_path / "ranks" / "o"), saved_tensors(tmp_path / "one" / "o")
     assert got.keys() == ref.keys()

@@ -137,9 +137,88 @@ def test_optimizer_state_refusals(tiny_model: Callable[[str], nn.Module], tmp_pa
     assert not oneshot.PruneConfig(method="fisher", sparsity=0.5, optimizer_state="x.pt").uses_data
 
 
-def test_streamed_fisher_is_refused(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
-    folder = tiny_checkpoint("llama")
-    with pytest.raises(ConfigError, match="drop --stream, or pass --optimizer-state"):
-        oneshot.prune(str(folder), method="fisher", sparsity=0.5, stream=True, out=tmp_path / "o", quiet=True,
-                      calibration=CalibrationSet(_ids(2)[0]))  # fmt: skip
-    assert not (tmp_path / "o").exists()
+def _streamed(folder: Path, dtype: torch.dtype, ids: torch.Tensor, mask: torch.Tensor, scratch: Path) -> object:
+    """The streamed backward of the checkpoint at ``folder``, its every prunable layer."""
+    from oneshot.checkpoint import Checkpoint, build_skeleton
+    from oneshot.engine import prunable_modules
+    from oneshot.passes.backward import streamed_backward
+    from oneshot.streaming import StreamingSource
+
+    skeleton = build_skeleton(folder, dtype)
+    source = StreamingSource(Checkpoint(folder), skeleton)
+    source.load_stem(skeleton)
+    config = oneshot.PruneConfig(method="fisher", sparsity=0.5)
+    layers = prunable_modules(skeleton, config)
+    calib = CalibrationSet(ids, mask)
+    return streamed_backward(skeleton, calib, config, layers, source, scratch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
+def test_a_streamed_backward_equals_the_whole_models(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path, family: str
+) -> None:
+    """Block by block from saved inputs, the chain rule per sample: every weight's E[g²] and every
+    block's mean ‖∂L/∂y‖² equal the in-memory backward's (float64, padded samples, an untied head
+    for LLaMA, GPT-2's tuple outputs and learned positions, Qwen3-MoE's fused experts)."""
+    from oneshot.engine import prunable_modules
+    from oneshot.gradients import block_output_gradients
+
+    dtype = torch.float32 if family == "qwen3_moe" else torch.float64  # grouped_mm experts: no float64 kernel
+    model = tiny_model(family).to(dtype)
+    if family == "llama":
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask = _ids(3)
+    config = oneshot.PruneConfig(method="fisher", sparsity=0.5)
+    layers = prunable_modules(model, config)
+    want = empirical_fisher(model, CalibrationSet(ids, mask), layers)
+    _, blocks = find_blocks(model)
+    outputs = block_output_gradients(model, CalibrationSet(ids, mask), blocks)
+    found = _streamed(tmp_path / "ckpt", dtype, ids, mask, tmp_path / "scratch")
+    assert set(found.grad_sq) == set(want) and len(want) > 0
+    rtol = 1e-6 if dtype == torch.float64 else 1e-3
+    for name, tensor in want.items():
+        scale = float(tensor.abs().max())
+        assert torch.allclose(found.grad_sq[name].double(), tensor.double(), rtol=rtol, atol=rtol * scale * 1e-3), name
+    assert found.block_output_sq == pytest.approx(outputs, rel=1e-6 if dtype == torch.float64 else 1e-4)
+    assert not list((tmp_path / "scratch").glob("inputs-*"))  # each block's saved inputs freed on the way down
+
+
+def test_block_output_gradients_equal_transformers_own(tiny_model: Callable[[str], nn.Module], tmp_path: Path) -> None:
+    """The streamed ‖∂L/∂y‖² of each block against autograd through the stock model's hidden states."""
+    model = tiny_model("llama").to(torch.float64)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask = _ids(2)
+    sums = torch.zeros(len(model.model.layers), dtype=torch.float64)
+    for b in range(2):
+        out = model(input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], output_hidden_states=True)
+        logits, real = out.logits[0, :-1], (mask[b, 1:] & mask[b, :-1]).bool()
+        loss = F.cross_entropy(logits[real], ids[b, 1:][real])
+        hidden = out.hidden_states[1:]  # each block's output (the last one after the final norm: not a block's)
+        grads = torch.autograd.grad(loss, hidden[:-1] + (out.hidden_states[-1],), allow_unused=True)
+        for i, g in enumerate(grads[:-1]):
+            sums[i] += g[0][mask[b].bool()].square().sum()
+    found = _streamed(tmp_path / "ckpt", torch.float64, ids, mask, tmp_path / "scratch")
+    tokens = int(mask.sum())
+    assert found.block_output_sq[:-1] == pytest.approx((sums[:-1] / tokens).tolist(), rel=1e-6)  # the loss: float32
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_fisher_streamed_prunes_as_in_memory(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, family: str
+) -> None:
+    """--method fisher --stream: the streamed backward's scores give the in-memory run's masks and folder."""
+    from conftest import saved_tensors
+
+    folder = tiny_checkpoint(family)
+    calib = CalibrationSet(_ids(4)[0])
+    for stream in (True, False):
+        oneshot.prune(str(folder), method="fisher", sparsity=0.5, stream=stream, out=tmp_path / str(stream),
+                      quiet=True, calibration=calib)  # fmt: skip
+    streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
+    assert streamed.keys() == in_memory.keys()
+    for key, tensor in in_memory.items():
+        assert torch.equal(streamed[key] == 0, tensor == 0), key
+        assert torch.equal(streamed[key], tensor), key
+    assert not [p for p in (tmp_path / "True").iterdir() if p.is_dir()]  # the backward's scratch is gone

@@ -353,10 +353,21 @@ def test_streaming_quantized_experts_equals_quantizing_in_memory(
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_streaming_a_moe_checkpoint_equals_pruning_it_in_memory(
-    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, family: str
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Per-expert checkpoint tensors are fused block by block as from_pretrained fuses them, and
-    written back under the checkpoint's names: the streamed folder equals the in-memory one."""
+    """Per-expert checkpoint tensors are fused block by block as from_pretrained fuses them (each read
+    into its projection's view of the fused parameter, never through the conversion's stacked
+    copies), and written back under the checkpoint's names: the streamed folder equals the
+    in-memory one."""
+    import oneshot.streaming
+
+    convert = oneshot.streaming.from_checkpoint_names
+
+    def renamed_only(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert not any(".experts." in key for key in tensors), "experts went through the conversion's copies"
+        return convert(model, tensors)  # a renamed router (Mixtral's block_sparse_moe.gate)
+
+    monkeypatch.setattr(oneshot.streaming, "from_checkpoint_names", renamed_only)
     folder = tiny_checkpoint(family)
     for stream in (True, False):
         oneshot.prune(folder, method="sparsegpt", sparsity=0.5, calibration=IDS, stream=stream,
@@ -365,6 +376,26 @@ def test_streaming_a_moe_checkpoint_equals_pruning_it_in_memory(
     assert streamed.keys() == in_memory.keys() == saved_tensors(folder).keys()
     for key, tensor in in_memory.items():
         assert torch.equal(streamed[key], tensor), key
+
+
+def test_streaming_fuses_through_the_conversion_mapping_where_a_tensor_is_not_a_projection(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the per-expert keys cannot be matched to projections, transformers' own conversion builds
+    the fused parameters: the same folder."""
+    import oneshot.streaming
+
+    folder = tiny_checkpoint("qwen3_moe")
+    oneshot.prune(
+        folder, method="wanda", sparsity=0.5, calibration=IDS, out=tmp_path / "direct", stream=True, quiet=True
+    )
+    monkeypatch.setattr(oneshot.streaming, "expert_checkpoint_keys", lambda *args: {})
+    oneshot.prune(
+        folder, method="wanda", sparsity=0.5, calibration=IDS, out=tmp_path / "mapped", stream=True, quiet=True
+    )
+    direct, mapped = saved_tensors(tmp_path / "direct"), saved_tensors(tmp_path / "mapped")
+    assert direct.keys() == mapped.keys()
+    assert all(torch.equal(direct[key], tensor) for key, tensor in mapped.items())
 
 
 def _mixtral_saliency(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,12 +198,26 @@ def test_fisher_error_weights_each_block_by_energy_and_gradient(
     assert found["blocks"][-1]["sparsity"] == pytest.approx(0.5)
 
 
-def test_fisher_error_needs_the_model_in_memory(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="drop --stream, or use --allocate-error relative"):
-        oneshot.prune(str(tiny_checkpoint("llama")), method="wanda", sparsity=0.6, allocate="sensitivity",
-                      allocate_error="fisher", stream=True, out=tmp_path / "o", quiet=True,
-                      calibration=CalibrationSet(torch.randint(4, VOCAB, (2, 12))))  # fmt: skip
-    assert not (tmp_path / "o").exists()
+def test_fisher_error_streamed_equals_in_memory(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    """--allocate-error fisher --stream: the block-output gradients from a backward streamed block by
+    block give the in-memory run's allocation and folder."""
+    from conftest import saved_tensors
+
+    folder = tiny_checkpoint("llama")
+    calib = CalibrationSet(torch.randint(4, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7)))
+    found = {}
+    for stream in (True, False):
+        report = oneshot.prune(str(folder), method="wanda", sparsity=0.6, allocate="sensitivity",
+                               allocate_error="fisher", stream=stream, out=tmp_path / str(stream), quiet=True,
+                               calibration=calib)  # fmt: skip
+        found[stream] = report.extra["sensitivity"]
+    weights = {s: [b["gradient_weight"] for b in found[s]["blocks"]] for s in found}
+    assert weights[True] == pytest.approx(weights[False], rel=1e-5) and weights[True][0] > 0
+    assert [b["sparsity"] for b in found[True]["blocks"]] == pytest.approx(
+        [b["sparsity"] for b in found[False]["blocks"]]
+    )
+    streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
+    assert all(torch.equal(streamed[k], t) for k, t in in_memory.items())
     with pytest.raises(ConfigError, match="--allocate-error only matters with --allocate sensitivity"):
         oneshot.PruneConfig(method="wanda", sparsity=0.6, allocate_error="fisher")
 

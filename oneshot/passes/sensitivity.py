@@ -32,12 +32,12 @@ from oneshot.calibration.stats import Accumulator
 from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
 from oneshot.engine import PhaseTimes, RefitBatches, SweepIO, layer_stats, resolve_device, sweep
-from oneshot.errors import ConfigError
 from oneshot.gradients import block_output_gradients
 from oneshot.layers import as_matrix, find_blocks, from_matrix
 from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
 from oneshot.methods.base import LayerStats
 from oneshot.methods.registry import METHODS
+from oneshot.passes.backward import HeadSource, streamed_backward
 from oneshot.passes.reconstruct import in_float32, output_error_sums
 
 
@@ -67,7 +67,7 @@ def sensitivity_allocation(
     options = config.method_options()
     target = float(config.sparsity or 0.0)
     probes = probe_sparsities(target, config.allocate_lambda)
-    weights, seconds = _error_weights(model, calib, config, ranks)
+    weights, seconds = _error_weights(model, calib, config, ranks, io)
     pending: dict[str, tuple[nn.Module, LayerStats]] = {}
     curves: dict[int, list[float]] = {}
     energies: dict[int, float] = {}
@@ -130,18 +130,21 @@ def _summed(sums: tuple[float, float], ranks: Ranks | None) -> tuple[float, floa
 
 
 def _error_weights(
-    model: nn.Module, calib: CalibrationSet, config: PruneConfig, ranks: Ranks | None = None
+    model: nn.Module, calib: CalibrationSet, config: PruneConfig, ranks: Ranks | None = None, io: SweepIO | None = None
 ) -> tuple[list[float] | None, float]:
-    """Each block's Fisher weight (``--allocate-error fisher``) and the seconds it took; None for relative."""
+    """Each block's Fisher weight (``--allocate-error fisher``) and the seconds it took; None for relative.
+
+    A streamed model's come from a backward streamed block by block (kept in ``io.scratch``).
+    """
     if config.allocate_error != "fisher":
         return None, 0.0
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ConfigError(
-            "--allocate-error fisher takes gradients through the whole model, which a streamed run never holds: "
-            "drop --stream, or use --allocate-error relative"
-        )
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
+            raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
+        found = streamed_backward(model, calib, config, {}, io.source, io.scratch / "backward", ranks=ranks)
+        return found.block_output_sq, time.perf_counter() - t0
     device = resolve_device(config.device)
     weights = block_output_gradients(model, calib, blocks, quiet=config.quiet, device=device, ranks=ranks)
     return weights, time.perf_counter() - t0

@@ -41,6 +41,7 @@ from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneRes
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.quantspec import QuantResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
+from oneshot.passes.backward import HeadSource, streamed_backward
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 from oneshot.quantized import QuantizedLayer, compress
 
@@ -259,19 +260,23 @@ def _reference(model: nn.Module, config: PruneConfig) -> ReferenceWeights:
 
 
 def _grad_sq(
-    model: nn.Module, calib: CalibrationSet | None, config: PruneConfig, ranks: Ranks | None = None
-) -> dict[str, torch.Tensor]:
-    """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``."""
+    model: nn.Module,
+    calib: CalibrationSet | None,
+    config: PruneConfig,
+    ranks: Ranks | None = None,
+    io: SweepIO | None = None,
+) -> Mapping[str, torch.Tensor]:
+    """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``
+    (a streamed model's through a backward streamed block by block, kept in ``io.scratch``)."""
     layers = prunable_modules(model, config)
     if config.optimizer_state is not None:
         return layer_grad_sq(load_optimizer_state(config.optimizer_state, model), layers, model_prefix(model))
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ConfigError(
-            f"--method {config.method} takes gradients through the whole model, which a streamed run never holds: "
-            "drop --stream, or pass --optimizer-state"
-        )
     if calib is None:
         raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
+            raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
+        return streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks).grad_sq
     return empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=resolve_device(config.device))
 
 
@@ -304,7 +309,7 @@ def prune_sequential(
         raise ConfigError(f"{spec.name} removes whole units: use prune_structured()")
     result = result if result is not None else SweepResult(blocks_name="")
     pruner, refit = _pruner(
-        model, calib, config, spec, own=method is None, sparsities=sparsities, result=result, ranks=ranks
+        model, calib, config, spec, own=method is None, sparsities=sparsities, result=result, ranks=ranks, io=io
     )
     needs = config.stat_needs() if method is None else spec.needs
     if not needs and refit is None and observer is None:
@@ -342,12 +347,13 @@ def _pruner(
     sparsities: Mapping[str, float | None] | None,
     result: SweepResult,
     ranks: Ranks | None,
+    io: SweepIO | None = None,
 ) -> tuple[_Pruner, BlockRefitter | None]:
     """The layer visitors of a sweep and its block refitter (``own``: the run's own method, with its
     refinement and quantizer; else an explicit method alone, as a sensitivity probe runs it)."""
     refine = REFINERS.get(config.refine or "") if own else None
     reference = _reference(model, config) if spec.reference else None
-    grad_sq = _grad_sq(model, calib, config, ranks) if spec.gradients else None
+    grad_sq = _grad_sq(model, calib, config, ranks, io) if spec.gradients else None
     refit = None
     if config.refine == "block" and own:
         refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized, ranks=ranks)
