@@ -42,6 +42,7 @@ from oneshot.loading import load_model, load_tokenizer, local_folder, resolve_dt
 from oneshot.memory import allocator_state, default_budget, peak_device_memory, peak_rss, tune_allocator
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
+from oneshot.modes import TORCHRUN, refusal
 from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
@@ -388,18 +389,10 @@ def _facts(
 
 
 def _check_distributed(config: PruneConfig) -> None:
-    """Refuse, before any work, what a run over several ranks does not do yet (each with the way out)."""
-    single = "run it as one process (without torchrun)"
-    if config.refine == "block" and config.quantizes:
-        raise ConfigError(
-            f"--refine block of a quantized run tunes the grids each layer's owner rank holds: {single}, or "
-            "refine the pruned weights over several ranks without a quantizer"
-        )
-    if config.resume:
-        raise ConfigError(
-            f"a run over several ranks does not keep each rank's activations for a resume: {single}, "
-            "or start over without --resume"
-        )
+    """Refuse, before any work, what a run over several ranks does not do (each with the way out)."""
+    why = refusal(config, TORCHRUN)
+    if why is not None:
+        raise ConfigError(why)
 
 
 def check_layers(model: nn.Module, config: PruneConfig) -> PruneConfig:

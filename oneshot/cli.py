@@ -292,5 +292,13 @@ def methods() -> None:
         click.echo(f"{spec.name:<10} {spec.summary} [{needs}]")
 
 
+@main.command()
+def modes() -> None:
+    """Which option works in memory, streamed, under torchrun and on a GPU (the table of docs/modes.md)."""
+    from oneshot.modes import markdown
+
+    click.echo(markdown(), nl=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -39,6 +39,9 @@ TOKENS = "tokens"
 PASSES = ("auto", "single", "two")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
+#: Why ``--resume`` with ``--no-stream`` is refused (an in-memory run keeps no partial folder).
+RESUME_IN_MEMORY = "--resume continues a streaming run; drop --no-stream"
+
 
 def parse_memory(value: str | int | None) -> int | None:
     """Parse a memory size such as ``"20GB"``, ``"512MiB"`` or a number of bytes.
@@ -416,7 +419,7 @@ class PruneConfig:
                 "--passes single forwards all calibration samples as one batch, so --batch-size does nothing; drop one"
             )
         if self.resume and self.stream is False:
-            raise ConfigError("--resume continues a streaming run; drop --no-stream")
+            raise ConfigError(RESUME_IN_MEMORY)
 
     def _check_knobs(self) -> None:
         """Numeric and named knobs within their ranges."""

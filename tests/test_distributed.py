@@ -120,6 +120,8 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
     "sparsegpt_single": {"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4", "passes": "single"},
     "obs": {"method": "obs", "sparsity": 0.5, "batch_size": 2},
     "structured": {"method": "structured", "ratio": 0.5, "target": "both", "batch_size": 2},
+    "ria": {"method": "ria", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
+    "dsnot": {"method": "wanda", "refine": "dsnot", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
 }
 
 
@@ -199,7 +201,7 @@ def llama_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl", "fisher", "skip"])
+@pytest.mark.parametrize("run", ["wanda", "wanda_single", "magnitude", "owl", "fisher", "skip", "ria", "dsnot"])
 def test_two_ranks_give_the_single_process_tensors(llama_runs: Path, run: str) -> None:
     assert_identical(llama_runs, run)
 
@@ -269,7 +271,8 @@ def test_bert_and_a_quantized_output_on_two_ranks(tmp_path: Path) -> None:
         "passes": "two",
         "out": "saved",
     }
-    launch({"family": "llama", "runs": {"gptq": quant}}, tmp_path / "llama")
+    alone = {"method": "gptq", "bits": 4, "group_size": 16, "batch_size": 2, "passes": "two"}
+    launch({"family": "llama", "runs": {"gptq": quant, "alone": alone}}, tmp_path / "llama")
     folders = {where: tmp_path / "llama" / where / "saved" for where in ("ranks", "one")}
     got, ref = saved_tensors(folders["ranks"]), saved_tensors(folders["one"])
     assert got.keys() == ref.keys() and any(k.endswith("weight_packed") for k in ref)
@@ -283,6 +286,12 @@ def test_bert_and_a_quantized_output_on_two_ranks(tmp_path: Path) -> None:
     }
     assert len(errors["ranks"]) == len(errors["one"]) == 21
     mean = {where: sum(values) / len(values) for where, values in errors.items()}
+    assert abs(mean["ranks"] - mean["one"]) < 0.05 * mean["one"], mean
+    alone = {  # quantizing alone (--method gptq): the same
+        where: load(tmp_path / "llama", "alone", one=where == "one")["report"]["layers"] for where in ("ranks", "one")
+    }
+    assert len(alone["ranks"]) == len(alone["one"]) == 21 and all(r["bits"] == 4 for r in alone["ranks"])
+    mean = {where: sum(r["relative_error"] for r in rows) / len(rows) for where, rows in alone.items()}
     assert abs(mean["ranks"] - mean["one"]) < 0.05 * mean["one"], mean
     report = json.loads((folders["ranks"] / "oneshot_report.json").read_text())
     assert report["quantization"]["layers"] == 21 and report["distributed"]["world_size"] == 2
