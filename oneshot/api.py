@@ -122,14 +122,19 @@ class Report:
 
         ``setup`` is what no other phase holds (loading the model and tokenizer, tokenizing the
         calibration text, the checks before any work), so the phases add up to ``seconds``.
-        ``communicate`` (several ranks) overlaps the phase each collective happens in and is not summed.
+        ``communicate`` (several ranks) overlaps the phase each collective happens in, and
+        ``gradients_forward`` (a streamed backward's first forward) is part of ``gradients``: neither
+        is summed.
         """
-        phases = {k: v for k, v in dataclasses.asdict(self.times).items() if k not in ("per_block", "communicate")}
+        apart = ("per_block", "communicate", "gradients_forward")
+        phases = {k: v for k, v in dataclasses.asdict(self.times).items() if k not in apart}
         phases["allocation"] = sum(float(self.extra.get(name, {}).get("seconds", 0.0)) for name in ALLOCATIONS)
         phases["save"] = float(self.extra.get("write_seconds", 0.0))
         phases["setup"] = max(0.0, self.seconds - sum(phases.values()))
         if self.times.communicate:
             phases["communicate"] = self.times.communicate
+        if self.times.gradients_forward:
+            phases["gradients_forward"] = self.times.gradients_forward
         return phases
 
     def to_dict(self) -> dict[str, Any]:

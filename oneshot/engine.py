@@ -74,6 +74,8 @@ class PhaseTimes:
     load: float = 0.0  # a block's weights read (streamed from the shards) and moved to the device
     write: float = 0.0  # a block moved back and handed to the writer (streaming: written, flushed, recorded)
     communicate: float = 0.0  # in collectives (several ranks); also counted in the phase they happen in
+    gradients: float = 0.0  # the empirical Fisher's forwards and backwards (--method fisher), before the sweep
+    gradients_forward: float = 0.0  # of which a streamed backward's first forward (saving each block's inputs)
     per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
 

@@ -213,9 +213,13 @@ def test_fisher_streamed_prunes_as_in_memory(
 
     folder = tiny_checkpoint(family)
     calib = CalibrationSet(_ids(4)[0])
+    phases = {}
     for stream in (True, False):
-        oneshot.prune(str(folder), method="fisher", sparsity=0.5, stream=stream, out=tmp_path / str(stream),
-                      quiet=True, calibration=calib)  # fmt: skip
+        report = oneshot.prune(str(folder), method="fisher", sparsity=0.5, stream=stream, out=tmp_path / str(stream),
+                               quiet=True, calibration=calib)  # fmt: skip
+        phases[stream] = report.phase_seconds()
+    assert 0 < phases[True]["gradients_forward"] < phases[True]["gradients"]  # the backward after its forward
+    assert phases[False]["gradients"] > 0 and "gradients_forward" not in phases[False]
     streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
     assert streamed.keys() == in_memory.keys()
     for key, tensor in in_memory.items():

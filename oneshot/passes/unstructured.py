@@ -265,6 +265,7 @@ def _grad_sq(
     config: PruneConfig,
     ranks: Ranks | None = None,
     io: SweepIO | None = None,
+    times: PhaseTimes | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """Each prunable weight's E[g²]: from ``--optimizer-state``, else the empirical Fisher over ``calib``
     (a streamed model's through a backward streamed block by block, kept in ``io.scratch``)."""
@@ -273,11 +274,20 @@ def _grad_sq(
         return layer_grad_sq(load_optimizer_state(config.optimizer_state, model), layers, model_prefix(model))
     if calib is None:
         raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
+    t0 = time.perf_counter()
     if any(p.device.type == "meta" for p in model.parameters()):
         if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
             raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
-        return streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks).grad_sq
-    return empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=resolve_device(config.device))
+        found = streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks)
+        if times is not None:
+            times.gradients += time.perf_counter() - t0
+            times.gradients_forward += found.seconds["forward"]
+        return found.grad_sq
+    device = resolve_device(config.device)
+    fisher = empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=device)
+    if times is not None:
+        times.gradients += time.perf_counter() - t0
+    return fisher
 
 
 def prune_sequential(
@@ -353,7 +363,7 @@ def _pruner(
     refinement and quantizer; else an explicit method alone, as a sensitivity probe runs it)."""
     refine = REFINERS.get(config.refine or "") if own else None
     reference = _reference(model, config) if spec.reference else None
-    grad_sq = _grad_sq(model, calib, config, ranks, io) if spec.gradients else None
+    grad_sq = _grad_sq(model, calib, config, ranks, io, result.times) if spec.gradients else None
     refit = None
     if config.refine == "block" and own:
         refit = BlockRefitter(config.recon_epochs, config.refit_lr(), result.refits, result.quantized, ranks=ranks)
