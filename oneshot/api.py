@@ -299,6 +299,7 @@ def prune(
     config, calib, recorded = _prepare(model, tokenizer, calibration, config, run)
     was_training = model.training
     model.eval()
+    failed = False
     try:
         facts, calib = _facts(model, calib, run, ranks, auto_group)
         job = _Job(model, calib, config, facts, run, ranks)
@@ -307,15 +308,14 @@ def prune(
         report.config = resolved_config(config, model, recorded, report.extra)
         return _finish(report, model, tokenizer, out_path, overwrite, start, run, ranks)
     except BaseException:
-        if run is not None and ranks is not None:
-            run.discard()  # a run over several ranks cannot be resumed: leave nothing behind
-        elif run is not None and run.resumable:
+        failed = True
+        if run is not None and run.writes and run.resumable:
             log.error("the finished blocks are kept in %s: rerun with --resume to continue", run.partial)
         raise
     finally:
         model.train(was_training)
         if run is not None:
-            run.close()
+            run.close(keep=failed and run.resumable)  # a reading rank's activations, for the resume
 
 
 def _with_recipe(
@@ -551,7 +551,7 @@ def _open(
         return model, tokenizer or loaded, None
     if out is None:
         raise ConfigError("a streaming run writes the pruned model block by block: pass out= (--out)")
-    run = StreamingRun(folder, config, out, overwrite, dtype, writes=ranks is None or ranks.writes)
+    run = StreamingRun(folder, config, out, overwrite, dtype, ranks=ranks)
     return run.model, tokenizer or load_tokenizer(folder), run
 
 

@@ -25,17 +25,11 @@ _ONE = "run it as one process (without torchrun)"
 
 def refusal(config: PruneConfig, mode: str) -> str | None:
     """Why ``config`` cannot run in ``mode`` (a one-line error with the way out), or None."""
-    if mode == TORCHRUN:
-        if config.refine == "block" and config.quantizes:
-            return (
-                f"--refine block of a quantized run tunes the grids each layer's owner rank holds: {_ONE}, or "
-                "refine the pruned weights over several ranks without a quantizer"
-            )
-        if config.resume:
-            return (
-                f"a run over several ranks does not keep each rank's activations for a resume: {_ONE}, "
-                "or start over without --resume"
-            )
+    if mode == TORCHRUN and config.refine == "block" and config.quantizes:
+        return (
+            f"--refine block of a quantized run tunes the grids each layer's owner rank holds: {_ONE}, or "
+            "refine the pruned weights over several ranks without a quantizer"
+        )
     if mode == MEMORY and config.resume:
         return RESUME_IN_MEMORY
     return None
@@ -117,7 +111,8 @@ ROWS: tuple[Row, ...] = (
         MEMORY: "tests/test_quant_refit.py::test_quantized_run_tunes_every_block_and_saves_the_tuned_grid",
         STREAMING: _STREAM}),
     Row("--resume", {"method": "wanda", **_SPARSE, "resume": True}, {
-        STREAMING: "tests/test_streaming.py::test_sigkill_then_resume_is_identical"}),
+        STREAMING: "tests/test_streaming.py::test_sigkill_then_resume_is_identical",
+        TORCHRUN: _DIST + "test_a_killed_rank_resumes_where_the_record_says"}),
 )  # fmt: skip
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from oneshot.checkpoint import (
     release,
 )
 from oneshot.config import RUN_ONLY, PruneConfig
+from oneshot.distributed import Ranks, guarded
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.experts import ExpertProjection, experts_modules, projections
@@ -53,6 +53,8 @@ from oneshot.writer import REPORT_FILE, add_quantization_config, publish, unquan
 
 log = logging.getLogger(__name__)
 
+#: A reading rank's record of its activations, in its ``rank-R/`` folder of the partial folder.
+RANK_STATE = "state.json"
 PROGRESS_FILE = "progress.json"
 MAX_SHARD_BYTES = 2 * 10**9
 
@@ -213,10 +215,18 @@ class StreamingRun:
     """
 
     def __init__(
-        self, folder: Path, config: PruneConfig, out: Path, overwrite: bool, dtype: torch.dtype, writes: bool = True
+        self,
+        folder: Path,
+        config: PruneConfig,
+        out: Path,
+        overwrite: bool,
+        dtype: torch.dtype,
+        ranks: Ranks | None = None,
     ) -> None:
         self.folder = folder
-        self.writes = writes
+        self.ranks = ranks
+        self.writes = ranks is None or ranks.writes
+        self.world = 1 if ranks is None else ranks.world
         self.scratch: Path | None = None
         self.config = config
         self.out = out
@@ -239,12 +249,44 @@ class StreamingRun:
     # -- starting -----------------------------------------------------------------------------
 
     def begin(self, calib: CalibrationSet | None) -> None:
-        """Create the partial folder, or reopen it with ``config.resume`` after checking it matches."""
-        if not self.writes:  # this rank's activations only, in a scratch folder of its own
-            self.scratch = Path(tempfile.mkdtemp(prefix="oneshot-rank-"))
-            self.store = self._new_store(self.scratch)
-            self.source.load_stem(self.model)
+        """Create the partial folder, or reopen it with ``config.resume`` after checking it matches.
+
+        Over several ranks rank 0 opens the folder first; every other rank then keeps its own
+        activations in ``rank-R/`` inside it (resumed from the block rank 0's progress names).
+        """
+        if self.ranks is None:
+            self._begin_writer(calib)
             return
+        with guarded(self.ranks, "opening the partial folder"):
+            if self.writes:
+                self._begin_writer(calib)
+        progress: dict[str, Any] = self.ranks.all_gather_object(self.progress if self.writes else {})[0]
+        with guarded(self.ranks, "opening this rank's activations"):
+            if not self.writes:
+                self._begin_reader(progress)
+
+    def _begin_reader(self, progress: dict[str, Any]) -> None:
+        """A reading rank: its activations in ``rank-R/``, fresh or at rank 0's next block (``progress``)."""
+        assert self.ranks is not None
+        self.scratch = self.partial / f"rank-{self.ranks.rank}"
+        start = int(progress.get("next_block", 0))
+        if start:
+            path = self.scratch / RANK_STATE
+            states = json.loads(path.read_text())["states"] if path.exists() else {}
+            if str(start) not in states:
+                raise OutputError(
+                    f"rank {self.ranks.rank} has no activations for block {start} in {self.scratch}: resume on the "
+                    "machines the run started on, or --overwrite to start over"
+                )
+            self.store = self._new_store(self.scratch, states[str(start)])
+            self.progress = {k: v for k, v in progress.items() if k not in ("writer", "store")}
+        else:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch.mkdir(parents=True)
+            self.store = self._new_store(self.scratch)
+        self.source.load_stem(self.model)
+
+    def _begin_writer(self, calib: CalibrationSet | None) -> None:
         identity = {
             "checkpoint": self.checkpoint.fingerprint(),
             "config": _semantic(self.config),
@@ -276,6 +318,7 @@ class StreamingRun:
             name = next((n for n, k in self.source.keys.items() if k == key), None)
             self.writer.add(key, value.to(self._param_dtype[name]) if name is not None else value)
         self.progress = {"version": 1, **identity, "room": room, "next_block": 0, "layers": [], "skipped": []}
+        self.progress["world_size"] = self.world
 
     def _publish_if_finished(self) -> None:
         """Publish a partial folder whose finish was interrupted after its last check, and say so (an error).
@@ -310,6 +353,12 @@ class StreamingRun:
             raise OutputError(
                 f"cannot resume {self.partial}: the configuration changed ({', '.join(changed)}); use the "
                 "original options, or --overwrite to start over"
+            )
+        if int(progress.get("world_size", 1)) != self.world:
+            raise OutputError(
+                f"cannot resume {self.partial}: it ran on {progress.get('world_size', 1)} processes, this run has "
+                f"{self.world} (each keeps its share of the activations); resume with the same number, or "
+                "--overwrite to start over"
             )
         self.progress = progress
         self.prior_seconds = float(progress.get("elapsed", 0.0))
@@ -360,7 +409,13 @@ class StreamingRun:
         """Sweep plumbing for the pruning sweep: blocks from the shards, each written as it finishes."""
         assert self.store is not None
         if not self.writes:
-            return SweepIO(source=self.source, store=self.store, scratch=self.scratch)
+            return SweepIO(
+                source=self.source,
+                store=self.store,
+                start=self.start,
+                after_block=self._record_reader,
+                scratch=self.scratch,
+            )
 
         def after_block(index: int, block: nn.Module) -> None:
             """Write the block, its outputs and the progress record; behind the sweep when the store is in memory.
@@ -390,7 +445,12 @@ class StreamingRun:
                 self.progress.update(update)
                 self.save_progress(store_state)
 
-            if self.store.in_memory:
+            if self.ranks is not None:  # every rank's activations durable before the record names the next block
+                with guarded(self.ranks, "recording each rank's activations"):
+                    pass
+                self.wait()
+                job()
+            elif self.store.in_memory:
                 self._submit(job)  # the next block computes while this one is written
             else:  # the next block writes into the file the last record points at: not before it is replaced
                 self.wait()
@@ -401,6 +461,17 @@ class StreamingRun:
         return SweepIO(
             source=self.source, store=self.store, start=self.start, after_block=after_block, scratch=self.partial
         )
+
+    def _record_reader(self, index: int, block: nn.Module) -> None:
+        """A reading rank after block ``index``: its next inputs flushed and their state recorded (the last
+        two kept: rank 0's record may still name this block), before rank 0 records the next block."""
+        assert self.store is not None and self.scratch is not None and self.ranks is not None
+        with guarded(self.ranks, "recording each rank's activations"):
+            self.store.take_pending()()
+            path = self.scratch / RANK_STATE
+            states = json.loads(path.read_text())["states"] if path.exists() else {}
+            states = {k: v for k, v in states.items() if int(k) == index} | {str(index + 1): self.store.state()}
+            replace_durably(path, json.dumps({"states": states}))
 
     def read_only_io(self, name: str) -> SweepIO:
         """Sweep plumbing for a statistics-only sweep (OWL): blocks streamed, nothing written."""
@@ -467,10 +538,10 @@ class StreamingRun:
         if self.writes:
             shutil.rmtree(self.partial, ignore_errors=True)
 
-    def close(self) -> None:
-        """Finish writing behind (errors only logged), remove a reading rank's scratch folder."""
+    def close(self, keep: bool = False) -> None:
+        """Finish writing behind (errors only logged), remove a reading rank's folder (``keep``: for a resume)."""
         self.wait(raise_error=False)
-        if self.scratch is not None:
+        if self.scratch is not None and not keep:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
 
@@ -483,8 +554,11 @@ class StreamingRun:
 
     @property
     def resumable(self) -> bool:
-        """Whether the partial folder can be continued with ``--resume`` (it has its progress record)."""
-        return self.writes and (self.partial / PROGRESS_FILE).exists()
+        """Whether the partial folder can be continued with ``--resume`` (it has its progress record; a
+        reading rank: its activations' record)."""
+        if not self.writes:
+            return self.scratch is not None and (self.scratch / RANK_STATE).exists()
+        return (self.partial / PROGRESS_FILE).exists()
 
     def _write_metadata(self, tokenizer: Any) -> None:
         """The model config (with a quantized run's ``quantization_config``), generation config and tokenizer."""

@@ -313,6 +313,38 @@ def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any,
     assert not list(tmp_path.glob("ranks/.o.oneshot-partial"))
 
 
+def test_a_killed_rank_resumes_where_the_record_says(tmp_path: Path, tiny_checkpoint: Any) -> None:
+    """SIGKILL rank 1 in block 1 of a streamed 2-rank run: the partial folder keeps rank 0's record and
+    rank 1's activations (rank-1/); the same command with --resume continues from block 1 and gives the
+    tensors of an uninterrupted run; another number of processes is refused with the reason."""
+    from conftest import saved_tensors
+
+    checkpoint = str(tiny_checkpoint("llama"))
+    run: dict[str, Any] = {"method": "wanda", "sparsity": 0.5, "batch_size": 2, "stream": True, "out": "o"}
+    spec: dict[str, Any] = {"family": "llama", "checkpoint": checkpoint, "runs": {"r": run}}
+    (code0, log0), (code1, _) = launch({**spec, "fail": {"rank": 1, "block": 1, "how": "kill"}}, tmp_path, False)
+    assert code0 != 0 and code1 == -9 and "--resume" in log0
+    partial = tmp_path / "ranks" / ".o.oneshot-partial"
+    assert json.loads((partial / "progress.json").read_text())["next_block"] == 1
+    assert (partial / "rank-1" / "state.json").exists()
+    import oneshot
+    from oneshot.errors import OutputError
+
+    ids = torch.randint(4, 128, (8, 32), generator=torch.Generator().manual_seed(1))  # the workers' calibration
+    options = {k: v for k, v in run.items() if k != "out"}
+    with pytest.raises(OutputError, match="it ran on 2 processes, this run has 1"):
+        oneshot.prune(checkpoint, calibration=ids, out=tmp_path / "ranks" / "o", resume=True, quiet=True, **options)
+    resumed = {**run, "resume": True}
+    launch({**spec, "runs": {"r": resumed}}, tmp_path)  # and one process, uninterrupted (nothing to resume)
+    got, ref = saved_tensors(tmp_path / "ranks" / "o"), saved_tensors(tmp_path / "one" / "o")
+    assert got.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(got[key], value), key
+    report = json.loads((tmp_path / "ranks" / "o" / "oneshot_report.json").read_text())
+    assert report["resumed_from_block"] == 1 and report["distributed"]["world_size"] == 2
+    assert not partial.exists()
+
+
 @pytest.mark.parametrize(
     ("how", "stream", "passes"),
     [("kill", True, "two"), ("raise", False, "two"), ("raise-solve", False, "two"), ("raise-solve", False, "single")],
@@ -417,7 +449,7 @@ def test_several_ranks_refuse_what_they_cannot_do() -> None:
     from oneshot.api import _check_distributed
     from oneshot.errors import ConfigError
 
-    for options in ({"refine": "block", "then": "gptq"}, {"resume": True, "stream": True}):
+    for options in ({"refine": "block", "then": "gptq"},):
         with pytest.raises(ConfigError, match="one process"):
             _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, **options))
     _check_distributed(PruneConfig(method="sparsegpt", sparsity=0.5, refine="block"))
