@@ -27,7 +27,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,7 +104,7 @@ class StreamedGradients:
 
     grad_sq: BlockFiles  # each layer's E[g²], float32 [out, in]
     block_output_sq: list[float]  # per block, the mean over real tokens of ‖∂L/∂y‖² (y: the block's output)
-    seconds: dict[str, float] = field(default_factory=dict)  # forward, loss, backward
+    forward_seconds: float = 0.0  # the first forward (every block's inputs saved); the rest is the backward
 
 
 def streamed_backward(
@@ -130,7 +130,6 @@ def streamed_backward(
     home = blocks_home(blocks)
     dtype = next(p.dtype for p in blocks[0].parameters() if p.is_floating_point())
     io = SweepIO(source=source, store=DiskStore(folder, dtype))
-    seconds = {"forward": 0.0, "loss": 0.0, "backward": 0.0}
     t0 = time.perf_counter()
     try:
         captured, store = capture_calls(model, blocks, calib, config, io, 1)  # block 0 stays loaded
@@ -144,20 +143,16 @@ def streamed_backward(
                 hidden = {b: captured.calls[b][i].run(block, h, device).cpu() for b, h in hidden.items()}
             block.to(home)
             source.unload(i, block)
-        seconds["forward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        forward = time.perf_counter() - t0
         samples = calib.batches(1)  # as the capture ran them: each sample's padding cut off
         grads = _head_gradients(model, blocks, samples, captured, hidden, source, device)
-        seconds["loss"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         files = BlockFiles(folder, blocks_name, list(layers))
         sums = _backward(
             blocks, blocks_name, layers, captured, grads, samples, files, source, device, home, config, ranks
         )
-        seconds["backward"] = time.perf_counter() - t0
     finally:
         move_outside(model, blocks, home)
-    return StreamedGradients(files, sums, seconds)
+    return StreamedGradients(files, sums, forward)
 
 
 def _inputs(folder: Path, index: int) -> Path:

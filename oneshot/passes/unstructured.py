@@ -281,7 +281,7 @@ def _grad_sq(
         found = streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks)
         if times is not None:
             times.gradients += time.perf_counter() - t0
-            times.gradients_forward += found.seconds["forward"]
+            times.gradients_forward += found.forward_seconds
         return found.grad_sq
     device = resolve_device(config.device)
     fisher = empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=device)
