@@ -333,7 +333,7 @@ class PruneConfig:
         "relative",
         "Sensitivity allocation: what a block's probe error is. relative: ‖Δy‖² / ‖y‖² of the block's "
         "output y. fisher: ‖Δy‖² weighted by the mean ‖∂loss/∂y‖² of the dense model on the calibration "
-        "samples (one backward per sample; needs the model in memory), an estimate of the model's loss "
+        "samples (one backward per sample; streamed block by block with --stream), an estimate of the model's loss "
         "increase that sees how later blocks amplify an error.",
         type=str,
         choices=("relative", "fisher"),

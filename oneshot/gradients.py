@@ -4,7 +4,8 @@
 each sample's squared gradient of the model's own loss: next-token cross-entropy for a causal LM,
 and for any other model with logits (a fine-tuned encoder) the cross-entropy against its own
 predictions (no labels are needed). Only the prunable linear weights get gradients; the model is
-used as it is (whole, on its device), so this needs the model in memory, not streamed.
+used as it is (whole, on its device); a streamed checkpoint's gradients come from
+:mod:`oneshot.passes.backward`, block by block.
 
 ``load_optimizer_state`` reads ``E[g²]`` saved by training instead: a safetensors file or a
 ``torch.save``'d dict ``{parameter name: exp_avg_sq}``, or a torch optimizer ``state_dict`` with one
@@ -151,7 +152,8 @@ def block_output_gradients(
 
     ``L`` is :func:`own_loss` on one calibration sample at a time (the same loss as the empirical
     Fisher); the samples' sums are pooled (with ``ranks``: over every rank's share). No weight gets a
-    gradient: the graph starts at the input embeddings' output. Needs the whole model in memory;
+    gradient: the graph starts at the input embeddings' output. Needs the whole model in memory (a
+    streamed model: :func:`oneshot.passes.backward.streamed_backward`);
     runs on ``device`` (default: where it sits).
     """
     device = device or next(model.parameters()).device
