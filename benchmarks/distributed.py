@@ -7,8 +7,14 @@ table gives each run's wall seconds, the pruning seconds and phases from its rep
 communication (bytes per block, seconds, share of the run), and how far the 2-rank output is from
 the 1-process output (identical tensors, mask agreement).
 
+With ``--modes`` the same run is also streamed (``stream``: one process with ``--stream``;
+``stream-ranks``: two ranks streaming) and, with ``--eval-windows``, each output's WikiText-2
+perplexity is measured: the modes' quality side by side.
+
     .venv/bin/python -m benchmarks.distributed                          # wanda + sparsegpt, 64 x 512
     .venv/bin/python -m benchmarks.distributed --runs sparsegpt/passes=two --nsamples 32
+    .venv/bin/python -m benchmarks.distributed --runs sparsegpt/refine=block --sparsity 0.7 \
+        --modes memory,stream,ranks --eval-windows 40 --nsamples 32 --name modes_refine_block
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from typing import Any
 import torch
 
 import oneshot
-from benchmarks.common import machine, machine_line, parse_method, shared_file, smollm2_gguf, write_results
+from benchmarks.common import (
+    machine,
+    machine_line,
+    parse_method,
+    shared_file,
+    smollm2_gguf,
+    wikitext_test_text,
+    write_results,
+)
 from oneshot.shards import saved_files
 
 
@@ -50,11 +64,22 @@ def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
     return {"identical_tensors": same / len(b), "mask_agreement": masks / total, "max_abs_diff": worst}
 
 
+#: What each ``--modes`` entry runs: (ranks, extra flags).
+MODES = {"memory": (1, ["--no-stream"]), "ranks": (2, ["--no-stream"]), "stream": (1, ["--stream"]),
+         "stream-ranks": (2, ["--stream"])}  # fmt: skip
+
+
 def run_prune(
-    folder: Path, out: Path, method: str, options: dict[str, Any], args: argparse.Namespace, ranks: int
+    folder: Path,
+    out: Path,
+    method: str,
+    options: dict[str, Any],
+    args: argparse.Namespace,
+    ranks: int,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """One ``oneshot prune`` command (under torch.distributed.run for several ranks); its report and wall time."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()] + (extra or [])
     command = [
         str(folder), "--method", method, "--sparsity", str(args.sparsity), "--calib", str(args.calib),
         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out), "--quiet", *flags,
@@ -79,7 +104,13 @@ def run_prune(
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(launcher + command)} failed:\n{done.stderr[-3000:]}")
     report = json.loads((out / "oneshot_report.json").read_text())
-    return {"ranks": ranks, "threads": int(threads), "wall_seconds": wall, "report": report}
+    found = {"ranks": ranks, "threads": int(threads), "wall_seconds": wall, "report": report}
+    if args.eval_windows:
+        model, tokenizer = oneshot.load_model(out)
+        found["perplexity"] = oneshot.evaluate_perplexity(
+            model, tokenizer, text=wikitext_test_text(), seqlen=args.seqlen, max_windows=args.eval_windows, quiet=True
+        )
+    return found
 
 
 def row(name: str, run: dict[str, Any], base: dict[str, Any], agree: dict[str, float] | None) -> str:
@@ -98,6 +129,7 @@ def row(name: str, run: dict[str, Any], base: dict[str, Any], agree: dict[str, f
         f"{run['wall_seconds'] / base['wall_seconds']:.2f}x | {report['seconds']:.1f} | "
         f"{phases['forward'] + phases['statistics']:.1f} | {phases['solve']:.1f} | {phases['propagate']:.1f} | "
         f"{sum(blocks) / len(blocks) / 1e6:.1f} | {comm:.1f} ({comm / report['seconds']:.1%}) | {agree_text} |"
+        + (f" {run['perplexity']:.3f} |" if "perplexity" in run else "")
     )
 
 
@@ -110,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=2, help="threads of the 1-process run; split among ranks")
     parser.add_argument("--calib", type=Path, default=shared_file("austen", "emma.txt"))
     parser.add_argument("--name", default="distributed_smollm2")
+    parser.add_argument("--modes", default="memory,ranks", help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--eval-windows", type=int, default=0, help="measure each output's perplexity (0: not)")
     args = parser.parse_args(argv)
 
     rows, payload = [], {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
@@ -119,19 +153,27 @@ def main(argv: list[str] | None = None) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
+        modes = args.modes.split(",")
         for entry in args.runs.split(","):
             method, options = parse_method(entry)
-            one = run_prune(folder, Path(tmp) / f"{entry}-1".replace("/", "_"), method, options, args, 1)
-            two = run_prune(folder, Path(tmp) / f"{entry}-2".replace("/", "_"), method, options, args, 2)
-            agree = agreement(saved(Path(two["report"]["out_dir"])), saved(Path(one["report"]["out_dir"])))
-            rows += [row(entry, one, one, None), row(entry, two, one, agree)]
-            payload["runs"].append({"entry": entry, "one": one, "two": two, "agreement": agree})
-            print(rows[-2], rows[-1], sep="\n", flush=True)
+            found: dict[str, dict[str, Any]] = {}
+            for mode in modes:
+                ranks, extra = MODES[mode]
+                out = Path(tmp) / f"{entry}-{mode}".replace("/", "_")
+                found[mode] = run_prune(folder, out, method, options, args, ranks, extra)
+                base = found[modes[0]]
+                agree = None if mode == modes[0] else agreement(saved(out), saved(Path(base["report"]["out_dir"])))
+                rows.append(row(f"{entry} ({mode})", found[mode], base, agree))
+                payload["runs"].append({"entry": entry, "mode": mode, **found[mode], "agreement": agree})
+                print(rows[-1], flush=True)
     header = (
         f"SmolLM2-135M, {args.sparsity:.0%}, {args.nsamples} x {args.seqlen} Emma tokens; {machine_line()}\n\n"
-        "| run | ranks x threads | passes | wall s | vs 1 process | prune s (report) | forward + stats s | solve s | "
-        "propagate s | MB per block (rank 0) | communication s (share) | vs 1 process: identical tensors / same "
-        "mask / max abs diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        f"| run | ranks x threads | passes | wall s | vs {modes[0]} | prune s (report) | forward + stats s | solve s | "
+        f"propagate s | MB per block (rank 0) | communication s (share) | vs {modes[0]}: identical tensors / same "
+        "mask / max abs diff |"
+        + (f" WikiText-2 ppl ({args.eval_windows} windows) |" if args.eval_windows else "")
+        + "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if args.eval_windows else "")
     )
     write_results(args.name, payload, header + "\n" + "\n".join(rows))
 
