@@ -301,7 +301,10 @@ def expert_checkpoint_keys(model: nn.Module, experts_name: str, experts: nn.Modu
     for key, tensor in reverted.items():
         values = tensor.unique()
         if values.numel() == 1 and values.item() >= 0:
-            found[prefix + ordered[int(values.item())]] = key
+            number = int(values.item())
+            want = made[ordered[number]].select(markers[made[ordered[number]].fused_name]).shape
+            if tensor.shape == want:  # [out, 1]: the checkpoint's weight as the projection holds it, not transposed
+                found[prefix + ordered[number]] = key
     return found if len(found) == len(ordered) else {}
 
 

@@ -42,7 +42,7 @@ from oneshot.config import RUN_ONLY, PruneConfig
 from oneshot.distributed import Ranks, guarded
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
-from oneshot.experts import ExpertProjection, experts_modules, projections
+from oneshot.experts import ExpertProjection, experts_modules, is_experts, projections
 from oneshot.layers import find_blocks, find_linears
 from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
@@ -141,10 +141,24 @@ class StreamingSource:
         return built
 
     def saved_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """A parameter's tensors as the checkpoint stores them, by key (a fused one: per expert)."""
-        if name in self.converted:
-            return list(checkpoint_names(self.model, {name: tensor}).items())
-        return [(self.keys.get(name, name), tensor)]
+        """A parameter's tensors as the checkpoint stores them, by key (a fused one: per expert).
+
+        An experts module's fused parameter gives each expert's projection as a view of ``tensor``
+        (no copy of the block while it waits to be written); where the keys do not map to the
+        projections, transformers' reverse conversion makes them.
+        """
+        if name not in self.converted:
+            return [(self.keys.get(name, name), tensor)]
+        module_name, _, attr = name.rpartition(".")
+        experts = self.model.get_submodule(module_name)
+        if is_experts(experts):
+            made = projections(experts)
+            keys = expert_checkpoint_keys(self.model, module_name, experts)
+            views = [(keys[f"{module_name}.{n}"], p.select(tensor)) for n, p in made.items() if p.fused_name == attr
+                     if f"{module_name}.{n}" in keys]  # fmt: skip
+            if {key for key, _ in views} == set(self.converted[name]):
+                return views
+        return list(checkpoint_names(self.model, {name: tensor}).items())
 
     def unload(self, index: int, block: nn.Module) -> None:
         """Free block ``index``'s weights (back to the meta device)."""

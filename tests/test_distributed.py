@@ -297,12 +297,20 @@ def test_bert_and_a_quantized_output_on_two_ranks(tmp_path: Path) -> None:
     assert report["quantization"]["layers"] == 21 and report["distributed"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("method", ["wanda", "fisher"])
-def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any, method: str) -> None:
-    """Fisher streamed: each rank's backward on its share, the squared-gradient sums all-reduced."""
+STREAMED_RUNS: dict[str, dict[str, Any]] = {
+    "wanda": {"method": "wanda", "sparsity": 0.5},
+    "fisher": {"method": "fisher", "sparsity": 0.5},
+    "allocate-fisher": {"method": "wanda", "sparsity": 0.6, "allocate": "sensitivity", "allocate_error": "fisher"},
+}
+
+
+@pytest.mark.parametrize("options", list(STREAMED_RUNS.values()), ids=list(STREAMED_RUNS))
+def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any, options: dict[str, Any]) -> None:
+    """Fisher streamed: each rank's backward on its share, the squared-gradient sums (and, for the
+    allocation, the output-gradient sums and token counts) all-reduced."""
     from conftest import saved_tensors
 
-    run = {"method": method, "sparsity": 0.5, "batch_size": 2, "stream": True, "out": "o"}
+    run = {**options, "batch_size": 2, "stream": True, "out": "o"}
     launch({"family": "llama", "checkpoint": str(tiny_checkpoint("llama")), "runs": {"s": run}}, tmp_path)
     got, ref = saved_tensors(tmp_path / "ranks" / "o"), saved_tensors(tmp_path / "one" / "o")
     assert got.keys() == ref.keys()
@@ -311,6 +319,10 @@ def test_streaming_on_two_ranks_equals_one(tmp_path: Path, tiny_checkpoint: Any,
     report = json.loads((tmp_path / "ranks" / "o" / "oneshot_report.json").read_text())
     assert report["mode"] == "streaming" and report["distributed"]["world_size"] == 2
     assert not list(tmp_path.glob("ranks/.o.oneshot-partial"))
+    if "allocate" in options:
+        one = json.loads((tmp_path / "one" / "o" / "oneshot_report.json").read_text())["sensitivity"]["blocks"]
+        weights = [b["gradient_weight"] for b in report["sensitivity"]["blocks"]]
+        assert weights == pytest.approx([b["gradient_weight"] for b in one], rel=1e-5) and len(set(weights)) > 1
 
 
 def test_a_killed_rank_resumes_where_the_record_says(tmp_path: Path, tiny_checkpoint: Any) -> None:
