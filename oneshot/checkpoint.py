@@ -108,6 +108,7 @@ class Checkpoint:
             )
         self.tensors: dict[str, TensorInfo] = {}
         self.headers: dict[str, dict[str, Any]] = {}
+        self._starts: dict[str, int] = {}  # where each shard's tensor data begins
         for name in files:
             path = self.folder / name
             if not path.exists():
@@ -145,16 +146,58 @@ class Checkpoint:
         return dict(self.iter_read(keys))
 
     def iter_read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The named tensors one at a time, by shard (each opened once): the caller keeps only what it needs."""
-        from safetensors import safe_open
+        """The named tensors one at a time, by shard (each opened once): the caller keeps only what it needs.
 
+        Each tensor is read with plain file reads into a tensor of its own, not through a memory
+        map (a map's pages stay in the process's resident memory until the shard is closed: a
+        second copy of everything read from it).
+        """
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.tensors[key].file, []).append(key)
         for name, names in by_file.items():
-            with safe_open(str(self.folder / name), framework="pt") as f:
-                for key in names:
-                    yield key, f.get_tensor(key)
+            with (self.folder / name).open("rb") as f:
+                for key in sorted(names, key=lambda k: self._offsets(k)[0]):  # in file order
+                    info = self.tensors[key]
+                    out = torch.empty(info.shape, dtype=info.dtype)
+                    self._fill(f, key, out)
+                    yield key, out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read tensor ``key`` into ``out`` (its shape): straight into its memory when it is contiguous and of
+        the checkpoint's dtype, else through one temporary."""
+        info = self.tensors[key]
+        if tuple(out.shape) != info.shape:
+            raise ModelError(f"{key} in {self.folder} has shape {info.shape}, the model's {tuple(out.shape)}")
+        with (self.folder / info.file).open("rb") as f:
+            if out.dtype == info.dtype and out.is_contiguous() and out.device.type == "cpu":
+                self._fill(f, key, out)
+            else:
+                staged = torch.empty(info.shape, dtype=info.dtype)
+                self._fill(f, key, staged)
+                out.copy_(staged)
+
+    def _offsets(self, key: str) -> tuple[int, int]:
+        """Where ``key``'s bytes start and end in its shard."""
+        info = self.tensors[key]
+        begin, end = self.headers[info.file][key]["data_offsets"]
+        start = self._starts.get(info.file)
+        if start is None:
+            with (self.folder / info.file).open("rb") as f:
+                start = self._starts[info.file] = 8 + int.from_bytes(f.read(8), "little")
+        return start + int(begin), start + int(end)
+
+    def _fill(self, f: Any, key: str, out: torch.Tensor) -> None:
+        """Read ``key``'s bytes from the open shard ``f`` into the contiguous CPU tensor ``out``."""
+        begin, end = self._offsets(key)
+        if out.numel() == 0:
+            return
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        if len(view) != end - begin:
+            raise ModelError(f"{key} in {self.folder} holds {end - begin} bytes, its shape and dtype {len(view)}")
+        f.seek(begin)
+        if f.readinto(view) != len(view):
+            raise ModelError(f"shard {self.tensors[key].file} in {self.folder} ends inside {key}: re-download it")
 
 
 def model_prefix(model: nn.Module) -> str:

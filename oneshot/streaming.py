@@ -132,9 +132,9 @@ class StreamingSource:
         )
         if not fits:
             return from_checkpoint_names(self.model, self.checkpoint.read(keys))
-        for key, tensor in self.checkpoint.iter_read(sorted(keys & set(targets))):
+        for key in sorted(keys & set(targets)):
             fused_name, projection = targets[key]
-            projection.select(built[fused_name]).copy_(tensor)
+            self.checkpoint.read_into(key, projection.select(built[fused_name]))
         rest = keys - set(targets)  # renamed, not fused (Mixtral's router): the conversion mapping names them
         if rest:
             built.update(from_checkpoint_names(self.model, self.checkpoint.read(rest)))
