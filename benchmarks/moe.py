@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(_record(spec, which, method, options, pattern, ppl, dense_ppl.get(which), seconds, report,
                             forward_seconds[which]))  # fmt: skip
         print(_line(rows[-1]), flush=True)
-    _write(args, argv, rows, calib_path, eval_name, forward_seconds)
+        _write(
+            args, argv, rows, calib_path, eval_name, forward_seconds
+        )  # after every row: a stopped run keeps its rows
 
 
 def _calibration_forward(model: nn.Module, ids: torch.Tensor) -> float:
