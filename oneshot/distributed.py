@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 
 class DistributedError(OneshotError):
-    """Another rank failed or stopped: this rank stops too, and nothing is written."""
+    """Another rank failed or stopped: this rank stops too, and no output is published."""
 
 
 @dataclass
@@ -165,7 +165,9 @@ class Ranks:
             raise error
         if failed:
             rank, message = failed[0]
-            raise DistributedError(f"rank {rank} failed {where} ({message}); every rank stops and nothing is written")
+            raise DistributedError(
+                f"rank {rank} failed {where} ({message}); every rank stops and no output is published"
+            )
 
     @contextlib.contextmanager
     def guard(self, where: str) -> Iterator[None]:
@@ -229,7 +231,7 @@ class Ranks:
         except RuntimeError as exc:  # Gloo / NCCL: a peer closed its connection, or timed out
             raise DistributedError(
                 f"rank {self.rank} lost contact with the other ranks ({exc}); another rank stopped or failed "
-                "(see its log): every rank stops and nothing is written"
+                "(see its log): every rank stops and no output is published"
             ) from exc
         self.bytes += nbytes
         self.seconds += time.perf_counter() - t0
