@@ -663,7 +663,7 @@ def _prune_structured(job: _Job) -> Report:
         "parameter_reduction": 1.0 - structured.params_after / max(structured.params_before, 1),
         "removed_units": {
             kind: sum(len(u.removed) for u in structured.units if u.target == kind)
-            for kind in ("mlp", "attention", "experts")
+            for kind in (("experts",) if experts else ("mlp", "attention"))
         },
         "blocks": [dataclasses.asdict(u) for u in structured.units],
     }
