@@ -135,8 +135,16 @@ def empirical_fisher(
         for acc in sums:
             ranks.all_reduce(acc)
         nsamples = sum(ranks.all_gather_object(nsamples))
-    by_leaf = {id(w): acc for w, acc in zip(weights, sums, strict=True)}
-    return {name: layer_part(module, by_leaf[id(leaf_of(module))]) / nsamples for name, module in layers.items()}
+    return layer_means(layers, weights, sums, nsamples)
+
+
+def layer_means(
+    layers: Mapping[str, nn.Module], leaves: Sequence[torch.Tensor], sums: Sequence[torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
+    """Each layer's ``[out, in]`` part of its leaf's sum (``sums[k]`` for ``leaves[k]``, see
+    :func:`~oneshot.layers.weight_leaves`), divided by ``count``: the mean per layer (views of ``sums``)."""
+    by_leaf = {id(leaf): acc for leaf, acc in zip(leaves, sums, strict=True)}
+    return {name: layer_part(module, by_leaf[id(leaf_of(module))]) / count for name, module in layers.items()}
 
 
 def block_output_gradients(

@@ -72,6 +72,12 @@ def find_linears(block: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def modules_and_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule of ``module`` by qualified name, with every layer of :func:`find_linears` (an expert's
+    projection is a layer, not a submodule): where a layer's name is looked up, routers included."""
+    return {**dict(module.named_modules()), **find_linears(module)}
+
+
 def _is_router_name(child: str) -> bool:
     return child == "gate" or child.endswith("_gate") or "router" in child
 
@@ -135,6 +141,11 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ModelError(f"{type(module).__name__}.{name} is not a tensor")
     return value
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as it holds it (an expert projection's: its view of the fused parameter)."""
+    return _tensor(module, "weight")
 
 
 def input_width(module: nn.Module) -> int:

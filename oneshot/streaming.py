@@ -43,7 +43,7 @@ from oneshot.distributed import Ranks, guarded
 from oneshot.engine import SweepIO
 from oneshot.errors import OutputError
 from oneshot.experts import ExpertProjection, experts_modules, is_experts, projections
-from oneshot.layers import find_blocks, find_linears
+from oneshot.layers import find_blocks, modules_and_layers, weight_of
 from oneshot.memory import default_budget
 from oneshot.passes.reconstruct import RefitRecord
 from oneshot.passes.unstructured import LayerRecord, SweepResult
@@ -512,7 +512,7 @@ class StreamingRun:
         ``quantized``); the tensors stay referenced until written, after the block is released.
         """
         prefix = self.source.block_prefix(index)
-        modules = {**dict(block.named_modules()), **find_linears(block)}  # expert projections are not submodules
+        modules = modules_and_layers(block)
         mine = [n for n in quantized if n.startswith(prefix)]
         expert_keys = expert_weight_keys(self.model, mine)
         compressed = set()
@@ -520,7 +520,7 @@ class StreamingRun:
         names: list[str] = []
         for name in mine:
             layer = quantized.pop(name)
-            check_layer(name, layer, modules[name[len(prefix) :]].weight)
+            check_layer(name, layer, weight_of(modules[name[len(prefix) :]]))
             weight_key = expert_keys.get(name) or self.source.keys.get(f"{name}.weight", f"{name}.weight")
             tensors.extend(
                 (weight_key.removesuffix("weight") + suffix, tensor) for suffix, tensor in layer.tensors.items()

@@ -23,7 +23,7 @@ from torch import nn
 
 from oneshot.checkpoint import check_loadable, checkpoint_names, expert_weight_keys
 from oneshot.errors import ModelError, OutputError
-from oneshot.layers import find_linears, find_routers
+from oneshot.layers import find_routers, modules_and_layers, weight_of
 from oneshot.methods.quantspec import QuantSpec
 from oneshot.quantized import QuantizedLayer, check_layer, quantization_config
 from oneshot.shards import SavedTensor, iter_saved, replace_durably, tensor_bytes
@@ -193,9 +193,9 @@ def unquantized_linears(model: nn.Module, quantized: Mapping[str, Any]) -> list[
 
 def check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedLayer]) -> None:
     """Every quantized layer, dequantized by the compressed-tensors package, equals the model's weight bit for bit."""
-    modules = {**dict(model.named_modules()), **find_linears(model)}  # expert projections are not submodules
+    modules = modules_and_layers(model)
     for name, layer in quantized.items():
-        check_layer(name, layer, modules[name].weight)
+        check_layer(name, layer, weight_of(modules[name]))
 
 
 def save_pruned(

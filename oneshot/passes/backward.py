@@ -43,8 +43,8 @@ from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
 from oneshot.engine import SweepIO, blocks_home, capture_calls, move_outside, resolve_device
 from oneshot.errors import ModelError
-from oneshot.gradients import gradients_only_for, own_loss
-from oneshot.layers import find_blocks, layer_part, leaf_of, weight_leaves
+from oneshot.gradients import gradients_only_for, layer_means, own_loss
+from oneshot.layers import find_blocks, weight_leaves
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,23 @@ class StreamedGradients:
     grad_sq: BlockFiles  # each layer's E[g²], float32 [out, in]
     block_output_sq: list[float]  # per block, the mean over real tokens of ‖∂L/∂y‖² (y: the block's output)
     forward_seconds: float = 0.0  # the first forward (every block's inputs saved); the rest is the backward
+
+
+def streamed_gradients(
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: PruneConfig,
+    layers: Mapping[str, nn.Module],
+    io: SweepIO | None,
+    *,
+    ranks: Ranks | None = None,
+) -> StreamedGradients | None:
+    """:func:`streamed_backward` for a streamed model (in ``io.scratch / "backward"``); None for a model in memory."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return None
+    if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
+        raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
+    return streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks)
 
 
 def streamed_backward(
@@ -264,10 +281,7 @@ def _backward(
         if ranks is not None:
             for a in acc:
                 ranks.all_reduce(a)
-        by_leaf = {id(leaf): a for leaf, a in zip(leaves, acc, strict=True)}
-        results = {
-            name: (layer_part(m, by_leaf[id(leaf_of(m))]) / nsamples).contiguous().cpu() for name, m in mine.items()
-        }
+        results = {name: mean.contiguous().cpu() for name, mean in layer_means(mine, leaves, acc, nsamples).items()}
         save_file(results, str(files.path(i)))
         _inputs(files.folder, i).unlink()
         block.to(home)

@@ -37,7 +37,7 @@ from oneshot.layers import as_matrix, find_blocks, from_matrix
 from oneshot.methods.allocation import probe_sparsities, sensitivity_sparsities
 from oneshot.methods.base import LayerStats
 from oneshot.methods.registry import METHODS
-from oneshot.passes.backward import HeadSource, streamed_backward
+from oneshot.passes.backward import streamed_gradients
 from oneshot.passes.reconstruct import in_float32, output_error_sums
 
 
@@ -140,10 +140,8 @@ def _error_weights(
         return None, 0.0
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
-    if any(p.device.type == "meta" for p in model.parameters()):
-        if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
-            raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
-        found = streamed_backward(model, calib, config, {}, io.source, io.scratch / "backward", ranks=ranks)
+    found = streamed_gradients(model, calib, config, {}, io, ranks=ranks)
+    if found is not None:
         return found.block_output_sq, time.perf_counter() - t0
     device = resolve_device(config.device)
     weights = block_output_gradients(model, calib, blocks, quiet=config.quiet, device=device, ranks=ranks)

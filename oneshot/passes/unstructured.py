@@ -41,7 +41,7 @@ from oneshot.methods.base import LayerStats, MethodOptions, MethodSpec, PruneRes
 from oneshot.methods.gptq import quantize_stacked, quantize_stage
 from oneshot.methods.quantspec import QuantResult
 from oneshot.methods.registry import METHODS, REFINERS, Refiner
-from oneshot.passes.backward import HeadSource, streamed_backward
+from oneshot.passes.backward import streamed_gradients
 from oneshot.passes.reconstruct import BlockRefitter, RefitRecord
 from oneshot.quantized import QuantizedLayer, compress
 
@@ -275,10 +275,8 @@ def _grad_sq(
     if calib is None:
         raise ConfigError(f"--method {config.method} needs calibration data for its gradients")
     t0 = time.perf_counter()
-    if any(p.device.type == "meta" for p in model.parameters()):
-        if io is None or io.scratch is None or not isinstance(io.source, HeadSource):
-            raise RuntimeError("a streamed model's gradients need its streaming source and a scratch folder")
-        found = streamed_backward(model, calib, config, layers, io.source, io.scratch / "backward", ranks=ranks)
+    found = streamed_gradients(model, calib, config, layers, io, ranks=ranks)
+    if found is not None:
         if times is not None:
             times.gradients += time.perf_counter() - t0
             times.gradients_forward += found.forward_seconds
