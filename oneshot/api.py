@@ -371,7 +371,7 @@ def _model_of(
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
     if run is None:
-        tune_allocator()  # in memory: speed first (a streaming run keeps glibc's defaults: footprint first)
+        tune_allocator()  # a loaded model: speed first
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     return model, tokenizer, run, name
 
@@ -546,6 +546,8 @@ def _open(
     stream = should_stream(folder, config, dtype)
     if ranks is not None:
         stream = not ranks.all_true(not stream)
+    # before anything large is read: a heap's free chunks serve later requests whatever the thresholds
+    tune_allocator(footprint=stream)  # in memory: speed first; streaming: footprint first
     if not stream:
         model, loaded = load_model(folder, config.dtype)
         return model, tokenizer or loaded, None

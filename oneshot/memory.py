@@ -18,6 +18,8 @@ DEFAULT_SHARE = 0.7
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 256 << 20
+FOOTPRINT_MMAP_THRESHOLD = 4 << 20
+FOOTPRINT_TRIM_THRESHOLD = 128 << 10
 #: Environment settings that mean the user chose the allocator's behaviour themselves.
 _USER_ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -67,23 +69,34 @@ def release_freed_memory() -> None:
 _tuned: str | None = None
 
 
-def tune_allocator() -> str | None:
-    """Keep large CPU tensors in glibc's heap instead of mapping fresh pages for each one.
+def tune_allocator(footprint: bool = False) -> str | None:
+    """Set glibc's malloc thresholds for a run: speed first (in memory), or footprint first (streaming).
 
-    glibc serves every allocation above its mmap threshold (at most 32 MB) with a new mapping
-    and unmaps it on free, so each large activation of a block forward pays the kernel's page
-    faults and zeroing again; freed heap tops above 128 KB are trimmed the same way. Raising
-    the thresholds to 1 GiB (mmap) and 256 MiB (trim) made SmolLM2-135M's block forwards 20-30%
-    faster on the project's 2-core CPU (one batch of 64 x 512 tokens as fast as eight of 8).
-    The price is fragmentation: a streamed SparseGPT run of a 2-block synthetic LLaMA peaked
-    at 1.94 GB instead of 1.41 GB, so in-memory runs and evaluation tune, streaming runs (whose
-    point is the footprint) do not. Applied at most once per process (it cannot be undone);
-    returns what is set, or None where it is not: not glibc, disabled with
+    glibc serves every allocation above its mmap threshold with a new mapping and unmaps it on
+    free, and by default moves that threshold up to the largest buffer freed so far (at most
+    32 MB), after which such buffers live in the heap and fragment it.
+
+    - Speed (``footprint=False``): thresholds raised to 1 GiB (mmap) and 256 MiB (trim), so large
+      CPU tensors are reused from the heap instead of faulted in again: SmolLM2-135M's block
+      forwards 20-30% faster on the project's 2-core CPU. The price is fragmentation: a streamed
+      SparseGPT run of a 2-block synthetic LLaMA peaked at 1.94 GB instead of 1.41 GB.
+    - Footprint (``footprint=True``, streaming runs): the mmap threshold fixed at 4 MiB (trim
+      at glibc's 128 KiB), so every buffer of a block's size goes back to the system when freed.
+      With glibc's moving threshold the 2 GB streaming test checkpoint (44 blocks of 4-11 MB
+      float32 layers) peaked anywhere between 0.68 and 0.85 GB from run to run; fixed, at
+      0.59-0.60 GB, 20% slower on this CPU (each such buffer faulted in afresh). Layers over
+      32 MB (a 7B model's) are mapped either way. Set it before the checkpoint is read: free heap
+      chunks left by earlier large buffers serve later requests whatever the threshold says.
+
+    Returns what is set, or None where nothing is: not glibc, disabled with
     ``ONESHOT_TUNE_MALLOC=0``, or the user chose the allocator (``MALLOC_*_`` settings, or
-    jemalloc / tcmalloc / mimalloc preloaded).
+    jemalloc / tcmalloc / mimalloc preloaded). A later call with the other mode switches the
+    process over (glibc's moving threshold, once fixed, cannot be restored).
     """
     global _tuned
-    if _tuned is not None:
+    mmap, trim = (FOOTPRINT_MMAP_THRESHOLD, FOOTPRINT_TRIM_THRESHOLD) if footprint else (MMAP_THRESHOLD, TRIM_THRESHOLD)
+    setting = _setting(footprint)
+    if _tuned == setting:
         return _tuned
     if os.environ.get("ONESHOT_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -94,10 +107,20 @@ def tune_allocator() -> str | None:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return None
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, mmap) and libc.mallopt(_M_TRIM_THRESHOLD, trim)):
         return None
-    _tuned = f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    _tuned = setting
     return _tuned
+
+
+def _setting(footprint: bool) -> str:
+    """How :func:`allocator_state` names a mode's thresholds."""
+    mmap, trim = (FOOTPRINT_MMAP_THRESHOLD, FOOTPRINT_TRIM_THRESHOLD) if footprint else (MMAP_THRESHOLD, TRIM_THRESHOLD)
+    return f"glibc mmap threshold {_size(mmap)}, trim threshold {_size(trim)}"
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def allocator_state() -> str:
@@ -106,15 +129,16 @@ def allocator_state() -> str:
 
 
 def release_scratch() -> None:
-    """After a layer's solve or a block: :func:`release_freed_memory`, unless :func:`tune_allocator` ran.
+    """After a layer's solve or a block: :func:`release_freed_memory`, unless tuned for speed.
 
-    Untuned (streaming runs), glibc's fragments would let the peak creep with depth, so every
-    layer's scratch goes back (a 2 GB streamed checkpoint peaked at 856 MB, over its 40% test bound,
-    with trims only per block). Tuned (in-memory runs), the heap keeps it for the next layer and
-    the next block: each trim costs ~5 ms per layer and ~27 ms per block (0.8 s of a 30-block
-    SmolLM2 Wanda run), and the pages are faulted in again by the next forward.
+    Footprint first or untuned (streaming runs), the small buffers' fragments would let the peak
+    creep with depth, so every layer's scratch goes back (a 2 GB streamed checkpoint peaked at
+    856 MB, over its 40% test bound, with trims only per block). Tuned for speed (in-memory runs),
+    the heap keeps it for the next layer and the next block: each trim costs ~5 ms per layer and
+    ~27 ms per block (0.8 s of a 30-block SmolLM2 Wanda run), and the pages are faulted in again by
+    the next forward.
     """
-    if _tuned is None:
+    if _tuned != _setting(footprint=False):
         release_freed_memory()
 
 

@@ -18,23 +18,34 @@ from oneshot import memory
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 _PROBE = """
-import json, resource, torch
+import json, resource, sys, torch
 from oneshot.memory import allocator_state, tune_allocator
-setting = tune_allocator()
+footprint, numel = sys.argv[1] == "footprint", int(sys.argv[2])
+setting = tune_allocator(footprint) if sys.argv[1] != "none" else None
+t = torch.empty(8 << 20)  # 32 MB freed: glibc's moving mmap threshold rises to it
+t.fill_(1.0)
+del t
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
-    t = torch.empty(16 << 20)  # 64 MB: above glibc's default mmap threshold
+    t = torch.empty(numel)
     t.fill_(1.0)
     del t
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"setting": setting, "faults": faults, "again": tune_allocator() == setting, "state": allocator_state()}))
+again = tune_allocator(footprint) == setting if setting else None
+print(json.dumps({"setting": setting, "faults": faults, "again": again, "state": allocator_state()}))
 """
 
 
-def _probe(**env: str) -> dict[str, object]:
+def _probe(mode: str = "speed", numel: int = 16 << 20, **env: str) -> dict[str, object]:
+    """Fault count of 20 buffers of ``numel`` float32 allocated and freed after ``tune_allocator`` in ``mode``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "ONESHOT_TUNE_MALLOC"}
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", _PROBE, mode, str(numel)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -47,6 +58,18 @@ def test_tuned_allocator_reuses_large_buffers_instead_of_faulting_them_in_again(
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert int(default["faults"]) > 10 * pages  # a fresh mapping, faulted in page by page, each time
     assert int(tuned["faults"]) < 3 * pages  # the first buffer's pages, then reused from the heap
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_footprint_mode_hands_every_block_sized_buffer_back() -> None:
+    """Streaming's setting: an 8 MB buffer goes back to the system at free (faulted in again each time),
+    where glibc's moving threshold, raised by a 32 MB buffer freed before, keeps it in the heap."""
+    footprint, moving = _probe("footprint", 2 << 20), _probe("none", 2 << 20)
+    assert footprint["setting"] == "glibc mmap threshold 4 MiB, trim threshold 128 KiB" and footprint["again"]
+    assert footprint["state"] == footprint["setting"] and moving["state"] == "default"
+    pages = (8 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(footprint["faults"]) > 10 * pages
+    assert int(moving["faults"]) < 3 * pages
 
 
 @pytest.mark.parametrize(
@@ -89,16 +112,23 @@ class _CountingLibc:
         return 1
 
 
-@pytest.mark.parametrize("tuned", [None, "glibc mmap threshold 1024 MiB, trim threshold 256 MiB"])
-def test_scratch_goes_back_only_where_the_allocator_was_not_tuned(
-    monkeypatch: pytest.MonkeyPatch, tuned: str | None
+@pytest.mark.parametrize(
+    ("tuned", "trimmed"),
+    [
+        (None, True),
+        ("glibc mmap threshold 1024 MiB, trim threshold 256 MiB", False),
+        ("glibc mmap threshold 4 MiB, trim threshold 128 KiB", True),
+    ],
+)
+def test_scratch_goes_back_unless_the_allocator_was_tuned_for_speed(
+    monkeypatch: pytest.MonkeyPatch, tuned: str | None, trimmed: bool
 ) -> None:
     libc = _CountingLibc()
     monkeypatch.setattr(memory, "_libc", lambda: libc)
     monkeypatch.setattr(memory, "_tuned", tuned)
     memory.release_scratch()
     memory.release_freed_memory()  # unconditional
-    assert libc.trims == (2 if tuned is None else 1)
+    assert libc.trims == (2 if trimmed else 1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -70,7 +70,8 @@ def test_streaming_equals_in_memory(tmp_path: Path, dtype: torch.dtype, options:
     assert streamed.achieved_sparsity == pytest.approx(memory.achieved_sparsity)
     report = json.loads((tmp_path / "str" / REPORT_FILE).read_text())
     assert report["mode"] == "streaming" and len(report["seconds_per_block"]) == 3 and report["peak_rss_bytes"] > 0
-    assert report["host_allocator"] == allocator_state()  # a streaming run does not tune it itself
+    assert report["host_allocator"] == allocator_state()  # footprint first, where glibc is there to tune
+    assert allocator_state() in ("default", "glibc mmap threshold 4 MiB, trim threshold 128 KiB")
     if options["method"] != "magnitude":  # two sets of 8 x 32 x 64 activations fit half the budget, or not
         on_disk = options.get("max_memory") == "48KB"  # 2 sets of 32 KB > 24 KB; with 160 KB: <= 80 KB, > 53 KB
         assert report["activation_store"] == ("disk" if on_disk else "memory, written behind")
