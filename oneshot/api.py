@@ -43,6 +43,7 @@ from oneshot.memory import allocator_state, default_budget, peak_device_memory, 
 from oneshot.methods.allocation import apply_sparsity_map, uniform
 from oneshot.methods.registry import METHODS
 from oneshot.modes import TORCHRUN, refusal
+from oneshot.passes.cost import measure_block_costs
 from oneshot.passes.owl import owl_allocation
 from oneshot.passes.sensitivity import sensitivity_allocation
 from oneshot.passes.structured import prune_structured
@@ -769,10 +770,22 @@ def _single_pass(job: _Job) -> bool:
     single = single and not moe_ranks
     if job.ranks is not None:  # one forward of all samples only if every rank's share fits
         single = job.ranks.all_true(single)
+    costs = None
+    resumed = job.run is not None and "passes" in job.run.progress
+    if single and config.passes == "auto" and job.ranks is not None and job.ranks.world > 1 and not resumed:
+        measured = measure_block_costs(
+            job.model, config, METHODS[config.method], calib.nsamples * calib.seqlen, job.ranks.world, device
+        )
+        costs = job.ranks.all_gather_object(measured)[0]  # rank 0's measurement decides for all
+        single = costs.best() == "single"
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
         single = job.run.progress.setdefault("passes", "single" if single else "two") == "single"
     job.extra["passes"] = "single" if single else "two"
-    if config.passes == "auto" and config.refine == "block":
+    if costs is not None:
+        job.extra["passes_cost"] = costs.as_dict()
+        job.extra["passes_reason"] = costs.reason()
+        log.info("%s", costs.reason())
+    elif config.passes == "auto" and config.refine == "block":
         job.extra["passes_reason"] = "--refine block fits each block to the dense block's outputs: two passes"
     elif config.passes == "auto" and moe_ranks:
         job.extra["passes_reason"] = "a mixture of experts over several ranks: two passes (token counts reduced first)"

@@ -248,7 +248,8 @@ class PruneConfig:
         "auto",
         "single: prune each layer inside the block's one forward (later layers calibrated on the pruned ones, "
         "no second pass; the calibration set is one batch); two: a statistics forward, then a propagation "
-        "forward per block; auto: single when that batch fits the memory budget.",
+        "forward per block; auto: single when that batch fits the memory budget (on several ranks: the cheaper "
+        "of the two by a cost model measured on the device, in the report's passes_cost).",
         choices=PASSES,
         uses=SWEEPS_DATA,
     )

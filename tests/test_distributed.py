@@ -118,6 +118,7 @@ LLAMA_RUNS: dict[str, dict[str, Any]] = {
     },
     "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
     "sparsegpt_single": {"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4", "passes": "single"},
+    "sparsegpt_auto": {"method": "sparsegpt", "sparsity": 0.5},  # --passes auto: the measured cost model
     "obs": {"method": "obs", "sparsity": 0.5, "batch_size": 2},
     "structured": {"method": "structured", "ratio": 0.5, "target": "both", "batch_size": 2},
     "ria": {"method": "ria", "sparsity": 0.5, "batch_size": 2, "passes": "two"},
@@ -216,6 +217,23 @@ def test_layers_left_dense_are_reported_by_every_rank(llama_runs: Path) -> None:
 @pytest.mark.parametrize("run", ["sparsegpt", "sparsegpt_single", "obs"])
 def test_two_ranks_solve_like_one(llama_runs: Path, run: str) -> None:
     assert_close(llama_runs, run)
+
+
+def test_passes_auto_on_two_ranks_follows_the_measured_costs(llama_runs: Path) -> None:
+    """Every rank sweeps as rank 0's measurement says (the cheaper estimate), and the report shows it;
+    one process has nothing to spread, so it measures nothing."""
+    first = load(llama_runs, "sparsegpt_auto")["report"]
+    cost = first["passes_cost"]
+    assert cost["world_size"] == 2 and cost["forward_seconds"] > 0 and cost["solve_seconds"] > 0
+    cheaper = "two" if cost["two_seconds_per_block"] < cost["single_seconds_per_block"] else "single"
+    assert cost["chosen"] == cheaper and first["passes"] == cheaper
+    assert first["passes_reason"].endswith(cheaper) and "measured on this device" in first["passes_reason"]
+    second = load(llama_runs, "sparsegpt_auto", 1)["report"]
+    assert second["passes_cost"] == cost and second["passes"] == cheaper
+    one = load(llama_runs, "sparsegpt_auto", one=True)["report"]
+    assert "passes_cost" not in one and one["passes"] == "single"
+    if cheaper == "single":
+        assert_close(llama_runs, "sparsegpt_auto")
 
 
 def test_two_ranks_remove_the_same_units(llama_runs: Path) -> None:

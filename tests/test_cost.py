@@ -1,0 +1,105 @@
+"""The cost model behind ``--passes auto`` on several ranks: its formulas, what it counts, what it times."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from oneshot.config import PruneConfig
+from oneshot.layers import find_blocks, find_linears, input_width, output_width
+from oneshot.methods.registry import METHODS
+from oneshot.passes import cost
+from oneshot.passes.cost import BlockCosts, measure_block_costs
+
+
+@pytest.mark.parametrize(
+    ("forward", "solves", "world", "single", "two", "best"),
+    [
+        (1.0, 4.0, 2, 5.0, 4.0, "two"),  # 2 + 2 < 1 + 4
+        (1.0, 2.0, 2, 3.0, 3.0, "single"),  # a tie: the one forward
+        (1.0, 1.9, 2, 2.9, 2.95, "single"),
+        (1.0, 1.5, 4, 2.5, 2.375, "two"),  # more ranks spread the solves thinner
+        (2.0, 0.1, 8, 2.1, 4.0125, "single"),  # Wanda-like: the forward dominates
+    ],
+)
+def test_block_costs_compare_one_forward_with_every_solve_against_two_forwards_with_a_share(
+    forward: float, solves: float, world: int, single: float, two: float, best: str
+) -> None:
+    costs = BlockCosts(forward, solves, world)
+    assert costs.single == pytest.approx(single) and costs.two == pytest.approx(two)
+    assert costs.best() == best
+    record = costs.as_dict()
+    assert record["chosen"] == best and record["world_size"] == world
+    assert record["single_seconds_per_block"] == pytest.approx(single, abs=1e-4)
+    assert record["two_seconds_per_block"] == pytest.approx(two, abs=1e-4)
+    assert f"{world} ranks" in costs.reason() and costs.reason().endswith(best)
+
+
+def test_the_first_blocks_layers_are_counted_by_shape(
+    tiny_model: Callable[[str], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forward: 2 x (every layer's out x in, plus each distinct input's in² for the Hessians) x tokens at
+    the measured rate; solves: each layer's timed solve of its shape, once per layer of that shape."""
+    model = tiny_model("llama")
+    timed: list[tuple[int, int]] = []
+
+    def fake_solve(spec: Any, config: PruneConfig, shape: tuple[int, int], *args: Any) -> float:
+        timed.append(shape)
+        return shape[0] * shape[1] * 1e-6
+
+    rates: list[tuple[tuple[int, int], int]] = []
+
+    def fake_rate(shape: tuple[int, int], rows: int, *args: Any) -> float:
+        rates.append((shape, rows))
+        return 1e6
+
+    monkeypatch.setattr(cost, "solve_seconds", fake_solve)
+    monkeypatch.setattr(cost, "matmul_rate", fake_rate)
+    layers = list(find_linears(find_blocks(model)[1][0]).values())
+    shapes = [(output_width(m), input_width(m)) for m in layers]
+    widths = {input_width(m) for m in layers}
+    tokens = 100
+    for method, hessian in (("sparsegpt", True), ("wanda", False)):
+        timed.clear()
+        config = PruneConfig(method=method, sparsity=0.5)
+        got = measure_block_costs(model, config, METHODS[method], tokens, 3, torch.device("cpu"))
+        madds = sum(o * i for o, i in shapes) + (sum(w * w for w in widths) if hessian else 0)
+        assert got.forward == pytest.approx(2 * madds * tokens / 1e6)
+        assert got.solves == pytest.approx(sum(o * i for o, i in shapes) * 1e-6)
+        assert sorted(timed) == sorted(set(shapes))  # each shape timed once
+        assert got.world == 3
+    assert rates[-1] == (max(shapes, key=lambda s: s[0] * s[1]), tokens)
+
+
+def test_a_block_without_layers_costs_nothing(tiny_model: Callable[[str], nn.Module]) -> None:
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, skip_layers=("*",))
+    got = measure_block_costs(tiny_model("llama"), config, METHODS["sparsegpt"], 64, 2, torch.device("cpu"))
+    assert (got.forward, got.solves) == (0.0, 0.0) and got.best() == "single"
+
+
+def test_the_timed_pieces_run_the_real_kernels() -> None:
+    """A product's rate is positive; a solve runs the method (and a --then quantizer) on the shape."""
+    assert cost.matmul_rate((64, 32), 16, torch.float32, torch.device("cpu")) > 0
+    calls: list[tuple[tuple[int, ...], float]] = []
+    spec = METHODS["sparsegpt"]
+    original = spec.run
+    assert original is not None
+
+    def counting(weight: torch.Tensor, stats: Any, target: float, options: Any) -> Any:
+        calls.append((tuple(weight.shape), target))
+        assert stats.hessian is not None and stats.hessian.shape == (weight.shape[1], weight.shape[1])
+        assert bool(torch.linalg.eigvalsh(stats.hessian).min() > 0)
+        return original(weight, stats, target, options)
+
+    config = PruneConfig(method="sparsegpt", sparsity=0.6, then="gptq", bits=4, group_size=16)
+    quantized: list[str] = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cost, "quantize_stage", lambda p, s, o, method: quantized.append(method) or p)
+        probe = dataclasses.replace(spec, run=counting)
+        seconds = cost.solve_seconds(probe, config, (48, 32), 128, torch.float32, torch.device("cpu"))
+    assert seconds > 0 and calls == [((48, 32), 0.6)] and quantized == ["gptq"]
