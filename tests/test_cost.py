@@ -103,3 +103,45 @@ def test_the_timed_pieces_run_the_real_kernels() -> None:
         probe = dataclasses.replace(spec, run=counting)
         seconds = cost.solve_seconds(probe, config, (48, 32), 128, torch.float32, torch.device("cpu"))
     assert seconds > 0 and calls == [((48, 32), 0.6)] and quantized == ["gptq"]
+
+
+class _Clock:
+    """A clock that moves 0.1 s each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.1
+        return self.now
+
+
+def test_the_product_rate_and_a_solve_are_timed_between_two_clock_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three products at least (the clock is read again only after them): 2·rows·in·out·3 flops over the
+    0.2 s between the readings; a solve's seconds are the difference of its two readings."""
+    monkeypatch.setattr(cost.time, "perf_counter", _Clock())
+    assert cost.matmul_rate((48, 32), 16, torch.float32, torch.device("cpu")) == pytest.approx(
+        2 * 16 * 32 * 48 * 3 / 0.2
+    )
+    seconds = cost.solve_seconds(
+        METHODS["wanda"], PruneConfig(method="wanda", sparsity=0.5), (8, 16), 32, torch.float32, torch.device("cpu")
+    )
+    assert seconds == pytest.approx(0.1)
+
+
+def test_the_rate_is_measured_on_at_most_rate_rows_tokens(
+    tiny_model: Callable[[str], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[int] = []
+    monkeypatch.setattr(cost, "matmul_rate", lambda shape, n, *a: rows.append(n) or 1e9)
+    monkeypatch.setattr(cost, "solve_seconds", lambda *a: 0.0)
+    config = PruneConfig(method="wanda", sparsity=0.5)
+    for tokens in (cost.RATE_ROWS - 1, cost.RATE_ROWS, 10 * cost.RATE_ROWS):
+        measure_block_costs(tiny_model("llama"), config, METHODS["wanda"], tokens, 2, torch.device("cpu"))
+    assert rows == [cost.RATE_ROWS - 1, cost.RATE_ROWS, cost.RATE_ROWS] and cost.RATE_ROWS == 2048
+
+
+def test_the_report_rounds_to_a_tenth_of_a_millisecond() -> None:
+    record = BlockCosts(1.23456789, 0.00012345, 2).as_dict()
+    assert record["forward_seconds"] == 1.2346 and record["solve_seconds"] == 0.0001
+    assert record["single_seconds_per_block"] == 1.2347 and record["two_seconds_per_block"] == 2.4692
