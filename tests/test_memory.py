@@ -208,3 +208,39 @@ def test_to_device_casts_floating_tensors_only_and_copies_each_tensor_once() -> 
     memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     first = to_device((mask, [mask]), torch.device("meta"), memo=memo)
     assert first[0] is first[1][0] and first[0].device.type == "meta" and len(memo) == 1
+
+
+class _RefusingLibc:
+    """A C library whose ``mallopt`` takes the mmap threshold and refuses the trim threshold."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return int(param == memory._M_MMAP_THRESHOLD)
+
+    def malloc_trim(self, pad: int) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("footprint", [False, True])
+def test_a_threshold_the_library_refuses_leaves_the_state_untuned(
+    monkeypatch: pytest.MonkeyPatch, footprint: bool
+) -> None:
+    for key in ("ONESHOT_TUNE_MALLOC", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setattr(memory, "_tuned", None)
+    libc = _RefusingLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    assert memory.tune_allocator(footprint) is None and memory.allocator_state() == "default"
+    mmap = memory.FOOTPRINT_MMAP_THRESHOLD if footprint else memory.MMAP_THRESHOLD
+    trim = memory.FOOTPRINT_TRIM_THRESHOLD if footprint else memory.TRIM_THRESHOLD
+    assert libc.calls == [(memory._M_MMAP_THRESHOLD, mmap), (memory._M_TRIM_THRESHOLD, trim)]
+
+
+def test_sizes_are_named_in_the_largest_whole_unit() -> None:
+    assert [memory._size(n) for n in (128 << 10, (1 << 20) - 1024, 1 << 20, 4 << 20, 1 << 30)] == [
+        "128 KiB", "1023 KiB", "1 MiB", "4 MiB", "1024 MiB"
+    ]  # fmt: skip
