@@ -16,6 +16,7 @@ over dense perplexity. Rare-expert rules are compared with ``--rules``.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import time
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         which, method, options, pattern = _row(spec)
         model, tok, state = models[which]
         model.load_state_dict(state)
+        if method == "structured":  # removal makes the model physically smaller: prune a copy
+            model = copy.deepcopy(model)
         if which not in forward_seconds:
             forward_seconds[which] = _calibration_forward(model, calib.input_ids)
         report = None
