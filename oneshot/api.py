@@ -369,10 +369,10 @@ def _model_of(
         model, tokenizer, run = _open(model, tokenizer, config, out_path, overwrite, ranks)
     elif config.stream or config.resume:
         raise ConfigError("streaming reads a checkpoint from disk: pass its folder or hub name, not a loaded model")
+    else:
+        tune_allocator()  # a loaded model: speed first (a checkpoint's mode is set by _open, before it is read)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch module or a path / hub name, got {type(model).__name__}")
-    if run is None:
-        tune_allocator()  # a loaded model: speed first
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     return model, tokenizer, run, name
 
@@ -773,10 +773,12 @@ def _single_pass(job: _Job) -> bool:
     costs = None
     resumed = job.run is not None and "passes" in job.run.progress
     if single and config.passes == "auto" and job.ranks is not None and job.ranks.world > 1 and not resumed:
-        measured = measure_block_costs(
-            job.model, config, METHODS[config.method], calib.nsamples * calib.seqlen, job.ranks.world, device
-        )
+        measured = None  # rank 0 alone measures (ranks sharing a machine would slow each other's timing)
+        if job.ranks.rank == 0:
+            tokens = calib.nsamples * calib.seqlen
+            measured = measure_block_costs(job.model, config, METHODS[config.method], tokens, job.ranks.world, device)
         costs = job.ranks.all_gather_object(measured)[0]  # rank 0's measurement decides for all
+        assert costs is not None
         single = costs.best() == "single"
     if job.run is not None:  # a resumed run sweeps the way it started, whatever memory it has now
         single = job.run.progress.setdefault("passes", "single" if single else "two") == "single"

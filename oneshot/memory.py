@@ -94,7 +94,7 @@ def tune_allocator(footprint: bool = False) -> str | None:
     process over (glibc's moving threshold, once fixed, cannot be restored).
     """
     global _tuned
-    mmap, trim = (FOOTPRINT_MMAP_THRESHOLD, FOOTPRINT_TRIM_THRESHOLD) if footprint else (MMAP_THRESHOLD, TRIM_THRESHOLD)
+    mmap, trim = _thresholds(footprint)
     setting = _setting(footprint)
     if _tuned == setting:
         return _tuned
@@ -113,9 +113,14 @@ def tune_allocator(footprint: bool = False) -> str | None:
     return _tuned
 
 
+def _thresholds(footprint: bool) -> tuple[int, int]:
+    """A mode's glibc (mmap, trim) thresholds in bytes."""
+    return (FOOTPRINT_MMAP_THRESHOLD, FOOTPRINT_TRIM_THRESHOLD) if footprint else (MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
 def _setting(footprint: bool) -> str:
     """How :func:`allocator_state` names a mode's thresholds."""
-    mmap, trim = (FOOTPRINT_MMAP_THRESHOLD, FOOTPRINT_TRIM_THRESHOLD) if footprint else (MMAP_THRESHOLD, TRIM_THRESHOLD)
+    mmap, trim = _thresholds(footprint)
     return f"glibc mmap threshold {_size(mmap)}, trim threshold {_size(trim)}"
 
 

@@ -145,3 +145,23 @@ def test_the_report_rounds_to_a_tenth_of_a_millisecond() -> None:
     record = BlockCosts(1.23456789, 0.00012345, 2).as_dict()
     assert record["forward_seconds"] == 1.2346 and record["solve_seconds"] == 0.0001
     assert record["single_seconds_per_block"] == 1.2347 and record["two_seconds_per_block"] == 2.4692
+
+
+@pytest.mark.parametrize("method", ["fisher", "movement", "wanda", "ria"])
+def test_a_solve_is_timed_with_the_statistics_its_method_reads(method: str, tmp_path: Any) -> None:
+    """Gradient and base-weight methods get their ``[out, in]`` statistics; the others are not given them."""
+    spec = METHODS[method]
+    assert spec.run is not None
+    seen: list[Any] = []
+    run = spec.run
+
+    def recording(weight: torch.Tensor, stats: Any, target: float, options: Any) -> Any:
+        seen.append(stats)
+        return run(weight, stats, target, options)
+
+    extra = {"base": str(tmp_path)} if spec.reference else {}
+    config = PruneConfig(method=method, sparsity=0.5, **extra)
+    probe = dataclasses.replace(spec, run=recording)
+    assert cost.solve_seconds(probe, config, (24, 16), 64, torch.float32, torch.device("cpu")) > 0
+    (stats,) = seen
+    assert (stats.grad_sq is not None) == spec.gradients and (stats.reference is not None) == spec.reference

@@ -134,8 +134,8 @@ def solve_seconds(
         count=tokens,
         mean=torch.zeros(width, device=device),
         var=torch.ones(width, device=device),
-        reference=weight * 0.9,
-        grad_sq=torch.rand(out, width, generator=gen).to(device),
+        reference=weight * 0.9 if spec.reference else None,  # [out, in] each: only for the methods that read them
+        grad_sq=torch.rand(out, width, generator=gen).to(device) if spec.gradients else None,
     )
     target = float(config.sparsity or 0.0)
     _sync(device)
