@@ -165,3 +165,27 @@ def test_a_solve_is_timed_with_the_statistics_its_method_reads(method: str, tmp_
     assert cost.solve_seconds(probe, config, (24, 16), 64, torch.float32, torch.device("cpu")) > 0
     (stats,) = seen
     assert (stats.grad_sq is not None) == spec.gradients and (stats.reference is not None) == spec.reference
+
+
+def test_the_probe_draws_its_tensors_on_the_device_in_the_layer_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weight-sized tensor is drawn in float32 on the host and then moved: for a 7B model's
+    largest layer that would be a gigabyte of host memory at the run's start."""
+    draws: list[tuple[tuple[int, ...], Any, Any]] = []
+    real_randn, real_rand = torch.randn, torch.rand
+
+    def recording(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def draw(*size: int, **kwargs: Any) -> torch.Tensor:
+            draws.append((size, kwargs.get("device"), kwargs.get("dtype")))
+            return real(*size, **kwargs)
+
+        return draw
+
+    monkeypatch.setattr(cost.torch, "randn", recording(real_randn))
+    monkeypatch.setattr(cost.torch, "rand", recording(real_rand))
+    device = torch.device("cpu")
+    cost.matmul_rate((48, 32), 16, torch.bfloat16, device)
+    config = PruneConfig(method="fisher", sparsity=0.5)
+    cost.solve_seconds(METHODS["fisher"], config, (48, 32), 64, torch.bfloat16, device)
+    assert all(d == device for _, d, _ in draws), draws
+    weights = [dtype for size, _, dtype in draws if size in {(16, 32), (48, 32)}]
+    assert weights[:3] == [torch.bfloat16] * 3  # the rate's two operands, the solve's weight

@@ -105,9 +105,9 @@ def measure_block_costs(
 def matmul_rate(shape: tuple[int, int], rows: int, dtype: torch.dtype, device: torch.device) -> float:
     """Floating-point operations per second of ``[rows, in] @ [in, out]`` in ``dtype`` on ``device``."""
     out, width = shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(max(1, rows), width, generator=gen).to(device, dtype)
-    w = torch.randn(out, width, generator=gen).to(device, dtype)
+    gen = _generator(device)
+    x = torch.randn(max(1, rows), width, generator=gen, device=device, dtype=dtype)
+    w = torch.randn(out, width, generator=gen, device=device, dtype=dtype)
     x @ w.T  # warm-up: kernel selection, first-touch pages
     repeats, t0 = 0, time.perf_counter()
     while repeats < 3 or time.perf_counter() - t0 < 0.05:
@@ -124,9 +124,9 @@ def solve_seconds(
     """Seconds of ``spec`` (then ``config.then``'s quantizer) on one random ``[out, in]`` layer."""
     assert spec.run is not None
     out, width = shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    weight = torch.randn(out, width, generator=gen).to(device, dtype)
-    basis = torch.randn(width, 64, generator=gen).to(device)
+    gen = _generator(device)
+    weight = torch.randn(out, width, generator=gen, device=device, dtype=dtype)
+    basis = torch.randn(width, 64, generator=gen, device=device)
     hessian = basis @ basis.T / 64 + torch.eye(width, device=device)  # positive definite, as X Xᵀ / n
     stats = LayerStats(
         hessian=hessian,
@@ -135,7 +135,7 @@ def solve_seconds(
         mean=torch.zeros(width, device=device),
         var=torch.ones(width, device=device),
         reference=weight * 0.9 if spec.reference else None,  # [out, in] each: only for the methods that read them
-        grad_sq=torch.rand(out, width, generator=gen).to(device) if spec.gradients else None,
+        grad_sq=torch.rand(out, width, generator=gen, device=device) if spec.gradients else None,
     )
     target = float(config.sparsity or 0.0)
     _sync(device)
@@ -145,6 +145,13 @@ def solve_seconds(
         quantize_stage(pruned, stats, config.method_options("then"), config.then)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device``: the probe's tensors are drawn where they are timed, in their
+    own dtype (a 7B model's largest layer drawn in float32 on the host and then moved would add a
+    gigabyte of host memory to the run's peak for a moment)."""
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def _sync(device: torch.device) -> None:
