@@ -226,3 +226,29 @@ def test_fisher_streamed_prunes_as_in_memory(
         assert torch.equal(streamed[key] == 0, tensor == 0), key
         assert torch.equal(streamed[key], tensor), key
     assert not [p for p in (tmp_path / "True").iterdir() if p.is_dir()]  # the backward's scratch is gone
+
+
+def test_a_bf16_checkpoint_is_streamed_backward_in_float32_on_the_cpu(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path
+) -> None:
+    """bf16 products on a CPU without native bf16 instructions are many times slower (the backward's
+    above all): a half-precision block is computed in float32 there, its saved inputs kept in bf16.
+    The E[g²] is then the float32 backward's of the same bf16 weights, up to the inputs' rounding;
+    computed in bf16 it is off by twice as much."""
+    from oneshot.engine import prunable_modules
+    from oneshot.passes import backward
+
+    assert backward.backward_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert backward.backward_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    assert backward.backward_dtype(torch.float32, torch.device("cpu")) is None
+    assert backward.backward_dtype(torch.float64, torch.device("cpu")) is None
+    assert backward.backward_dtype(torch.bfloat16, torch.device("cuda")) is None
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask = _ids(3)
+    layers = prunable_modules(model.float(), oneshot.PruneConfig(method="fisher", sparsity=0.5))
+    want = empirical_fisher(model, CalibrationSet(ids, mask), layers)  # float32, the bf16 values
+    found = _streamed(tmp_path / "ckpt", torch.bfloat16, ids, mask, tmp_path / "scratch")
+    errors = [float((found.grad_sq[n] - w).norm() / w.norm()) for n, w in want.items()]
+    assert max(errors) < 0.009, max(errors)  # 0.006; computed in bf16: 0.014
