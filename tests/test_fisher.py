@@ -252,3 +252,28 @@ def test_a_bf16_checkpoint_is_streamed_backward_in_float32_on_the_cpu(
     found = _streamed(tmp_path / "ckpt", torch.bfloat16, ids, mask, tmp_path / "scratch")
     errors = [float((found.grad_sq[n] - w).norm() / w.norm()) for n, w in want.items()]
     assert max(errors) < 0.009, max(errors)  # 0.006; computed in bf16: 0.014
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_loss_head_is_cast_for_the_backward_and_back(tiny_model: Callable[[str], nn.Module], family: str) -> None:
+    """The output head and the final norm in float32 inside, the input embeddings (unless tied to the
+    head: GPT-2) and the blocks not; every parameter back in bf16, bit for bit, after."""
+    from oneshot.passes.backward import _head_in
+
+    model = tiny_model(family).to(torch.bfloat16)
+    if family == "llama":
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, blocks = find_blocks(model)
+    head, stem = model.get_output_embeddings(), model.get_input_embeddings()
+    with _head_in(model, blocks, torch.float32):
+        assert head.weight.dtype == torch.float32
+        assert stem.weight.dtype == (torch.float32 if family == "gpt2" else torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in blocks.parameters())
+        norms = [m for n, m in model.named_modules() if n in ("model.norm", "transformer.ln_f")]
+        assert len(norms) == 1 and norms[0].weight.dtype == torch.float32
+    with _head_in(model, blocks, None):
+        assert head.weight.dtype == torch.bfloat16
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], t) for n, t in before.items())

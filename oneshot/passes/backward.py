@@ -166,7 +166,7 @@ def streamed_backward(
             source.unload(i, block)
         forward = time.perf_counter() - t0
         samples = calib.batches(1)  # as the capture ran them: each sample's padding cut off
-        grads = _head_gradients(model, blocks, samples, captured, hidden, source, device)
+        grads = _head_gradients(model, blocks, samples, captured, hidden, source, (device, compute))
         files = BlockFiles(folder, blocks_name, list(layers))
         sums = _backward(
             blocks, blocks_name, layers, captured, grads, samples, files, source, (device, compute), home, config, ranks
@@ -181,10 +181,11 @@ def backward_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | No
     on the CPU, else (None) the block's own dtype.
 
     CPUs without native bf16 / fp16 matrix instructions run those products through slow paths, the
-    backward's weight-gradient products above all: on the project's 2-core CPU one LLaMA block of
-    width 1024 on 128 tokens ran its forward 4x and its forward and backward 42x slower in bf16 than
-    in float32. The block is cast for the computation and back (bf16 / fp16 values are exact in
-    float32); the saved inputs stay in the block's dtype. A GPU computes in the block's dtype.
+    backward's products above all: on the project's 2-core CPU one LLaMA block of width 1024 on 128
+    tokens ran its forward 4x and its forward and backward 42x slower in bf16 than in float32, and a
+    32000-token output head's backward as slowly. Each block, and the head for the loss, is cast for
+    the computation and back (bf16 / fp16 values are exact in float32); the saved inputs stay in the
+    block's dtype. A GPU computes in the block's dtype.
     """
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
 
@@ -205,9 +206,11 @@ def _head_gradients(
     captured: CapturedInputs,
     final: dict[int, torch.Tensor],
     source: HeadSource,
-    device: torch.device,
+    where: tuple[torch.device, torch.dtype | None],
 ) -> dict[int, torch.Tensor]:
-    """Per sample, ``∂L/∂y`` of the last block's output ``y`` (the model's own head and loss)."""
+    """Per sample, ``∂L/∂y`` of the last block's output ``y`` (the model's own head and loss), the head
+    computed in ``where``'s dtype (:func:`backward_dtype`)."""
+    device, compute = where
     source.load_head(model)
     head: Any = getattr(model, "get_output_embeddings", lambda: None)()
     if isinstance(head, nn.Module) and any(p.device.type == "meta" for p in head.parameters()):
@@ -217,15 +220,42 @@ def _head_gradients(
     grads: dict[int, torch.Tensor] = {}
     try:
         for b, y in final.items():
-            leaf = y.to(device).requires_grad_(True)
+            leaf = y.to(device, compute).requires_grad_(True)
             ids, mask = (None if t is None else t.to(device) for t in samples[b])
             assert ids is not None
-            with _blocks_replaced(blocks, captured, leaf), torch.enable_grad():
+            with _head_in(model, blocks, compute), _blocks_replaced(blocks, captured, leaf), torch.enable_grad():
                 (grads[b],) = torch.autograd.grad(own_loss(model, ids, mask), [leaf])
             grads[b] = grads[b].detach().cpu()
     finally:
         source.unload_head(model)
     return grads
+
+
+@contextlib.contextmanager
+def _head_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None) -> Iterator[None]:
+    """The real half-precision parameters outside ``blocks`` (the output head, the final norm) held in
+    ``dtype`` inside the ``with``; not the input embeddings' unless they are the head's (tied): the
+    loss is not differentiated through them. None: nothing is cast."""
+    if dtype is None:
+        yield
+        return
+    skip = {id(p) for p in blocks.parameters()}
+    stem, head = (getattr(model, f"get_{end}_embeddings", lambda: None)() for end in ("input", "output"))
+    if isinstance(stem, nn.Module):
+        skip |= {id(p) for p in stem.parameters()}
+    if isinstance(head, nn.Module):
+        skip -= {id(p) for p in head.parameters()}
+    half = (torch.bfloat16, torch.float16)
+    cast = [
+        (p, p.dtype) for p in model.parameters() if id(p) not in skip and p.device.type != "meta" and p.dtype in half
+    ]
+    for p, _ in cast:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, was in cast:
+            p.data = p.data.to(was)
 
 
 @contextlib.contextmanager
