@@ -128,7 +128,7 @@ def empirical_fisher(
             for ids, mask in _samples(calib, device, "fisher", quiet):
                 grads = torch.autograd.grad(own_loss(model, ids, mask), weights)
                 for acc, grad in zip(sums, grads, strict=True):
-                    acc.add_(grad.float().square())
+                    add_square(acc, grad)
         sums = [acc.to(home) for acc in sums]
     nsamples = calib.nsamples
     if ranks is not None:
@@ -136,6 +136,12 @@ def empirical_fisher(
             ranks.all_reduce(acc)
         nsamples = sum(ranks.all_gather_object(nsamples))
     return layer_means(layers, weights, sums, nsamples)
+
+
+def add_square(acc: torch.Tensor, grad: torch.Tensor) -> None:
+    """``acc += grad²`` in float32, fused (no squared temporary of a weight's size)."""
+    g = grad.float()
+    acc.addcmul_(g, g)
 
 
 def layer_means(

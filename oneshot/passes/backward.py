@@ -43,7 +43,7 @@ from oneshot.config import PruneConfig
 from oneshot.distributed import Ranks
 from oneshot.engine import SweepIO, blocks_home, capture_calls, move_outside, resolve_device
 from oneshot.errors import ModelError
-from oneshot.gradients import gradients_only_for, layer_means, own_loss
+from oneshot.gradients import add_square, gradients_only_for, layer_means, own_loss
 from oneshot.layers import find_blocks, weight_leaves
 from oneshot.passes.reconstruct import in_float32
 
@@ -219,13 +219,14 @@ def _head_gradients(
     move_outside(model, blocks, device)
     grads: dict[int, torch.Tensor] = {}
     try:
-        for b, y in final.items():
-            leaf = y.to(device, compute).requires_grad_(True)
-            ids, mask = (None if t is None else t.to(device) for t in samples[b])
-            assert ids is not None
-            with _head_in(model, blocks, compute), _blocks_replaced(blocks, captured, leaf), torch.enable_grad():
-                (grads[b],) = torch.autograd.grad(own_loss(model, ids, mask), [leaf])
-            grads[b] = grads[b].detach().cpu()
+        with _head_in(model, blocks, compute):
+            for b, y in final.items():
+                leaf = y.to(device, compute).requires_grad_(True)
+                ids, mask = (None if t is None else t.to(device) for t in samples[b])
+                assert ids is not None
+                with _blocks_replaced(blocks, captured, leaf), torch.enable_grad():
+                    (grads[b],) = torch.autograd.grad(own_loss(model, ids, mask), [leaf])
+                grads[b] = grads[b].detach().cpu()
     finally:
         source.unload_head(model)
     return grads
@@ -329,7 +330,7 @@ def _backward(
                     y = captured.calls[b][i].run(block, x, device, compute)
                     found = torch.autograd.grad(y, leaves + ([x] if i else []), grad_outputs=g)
                 for a, grad in zip(acc, found, strict=False):
-                    a.add_(grad.float().square())
+                    add_square(a, grad)
                 if i:
                     grads[b] = found[-1].detach().cpu()
         if ranks is not None:
