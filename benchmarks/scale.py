@@ -106,17 +106,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     gpu = any(r.get("peak_device_memory_bytes") for r in rows)  # a GPU run: its peak GPU memory too
     extra = " GPU peak GB |" if gpu else ""
     grads = any(r["phase_seconds"].get("gradients_forward") for r in rows)  # a streamed backward ran
-    extra += " backward / forward |" if grads else ""
+    extra += " backward / forward | blocks' backward / forward |" if grads else ""
     lines = [
         "| checkpoint | GB | blocks | method | tokens | wall s | s / block | peak RSS GB | RSS / size | GB written |"
         + extra,
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if grads else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + ("---|---|" if grads else ""),
     ]
     for r in rows:
         gb = r["checkpoint_bytes"] / 1e9
         cell = f" {(r.get('peak_device_memory_bytes') or 0) / 1e9:.2f} |" if gpu else ""
         if grads:
-            cell += f" {backward_over_forward(r):.2f} |" if r["phase_seconds"].get("gradients_forward") else " |"
+            streamed = r["phase_seconds"].get("gradients_forward")
+            cell += (
+                f" {backward_over_forward(r):.2f} | {backward_over_forward(r, blocks=True):.2f} |"
+                if streamed
+                else " | |"
+            )
         lines.append(
             f"| {r['checkpoint']} | {gb:.2f} | {r['blocks']} | {r['method']} | {r['tokens']} | {r['seconds']:.0f} | "
             f"{r['seconds_per_block']:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9 / gb:.3f} | "
@@ -125,10 +130,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def backward_over_forward(row: dict[str, Any]) -> float:
-    """A streamed backward's cost as a multiple of its first forward (which saves every block's inputs)."""
+def backward_over_forward(row: dict[str, Any], blocks: bool = False) -> float:
+    """A streamed backward's cost as a multiple of its first forward (which saves every block's inputs);
+    with ``blocks``, the blocks' part of it (the loss head's backward, ``gradients_head``, left out)."""
     phases = row["phase_seconds"]
-    return float(phases["gradients"] - phases["gradients_forward"]) / float(phases["gradients_forward"])
+    backward = (
+        phases["gradients"] - phases["gradients_forward"] - (phases.get("gradients_head", 0.0) if blocks else 0.0)
+    )
+    return float(backward) / float(phases["gradients_forward"])
 
 
 PHASES = ("load", "forward", "statistics", "solve", "report", "propagate", "activations", "write")

@@ -124,10 +124,10 @@ class Report:
         ``setup`` is what no other phase holds (loading the model and tokenizer, tokenizing the
         calibration text, the checks before any work), so the phases add up to ``seconds``.
         ``communicate`` (several ranks) overlaps the phase each collective happens in, and
-        ``gradients_forward`` (a streamed backward's first forward) is part of ``gradients``: neither
-        is summed.
+        ``gradients_forward`` and ``gradients_head`` (a streamed backward's first forward, and its
+        loss head's backward) are parts of ``gradients``: none of these is summed.
         """
-        apart = ("per_block", "communicate", "gradients_forward")
+        apart = ("per_block", "communicate", "gradients_forward", "gradients_head")
         phases = {k: v for k, v in dataclasses.asdict(self.times).items() if k not in apart}
         phases["allocation"] = sum(float(self.extra.get(name, {}).get("seconds", 0.0)) for name in ALLOCATIONS)
         phases["save"] = float(self.extra.get("write_seconds", 0.0))
@@ -136,6 +136,8 @@ class Report:
             phases["communicate"] = self.times.communicate
         if self.times.gradients_forward:
             phases["gradients_forward"] = self.times.gradients_forward
+        if self.times.gradients_head:
+            phases["gradients_head"] = self.times.gradients_head
         return phases
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class PhaseTimes:
     communicate: float = 0.0  # in collectives (several ranks); also counted in the phase they happen in
     gradients: float = 0.0  # the empirical Fisher's forwards and backwards (--method fisher), before the sweep
     gradients_forward: float = 0.0  # of which a streamed backward's first forward (saving each block's inputs)
+    gradients_head: float = 0.0  # and its loss head's backward (the output head, once per sample)
     per_block: list[float] = field(default_factory=list)  # wall seconds of each block
 
 

@@ -219,7 +219,9 @@ def test_fisher_streamed_prunes_as_in_memory(
                                quiet=True, calibration=calib)  # fmt: skip
         phases[stream] = report.phase_seconds()
     assert 0 < phases[True]["gradients_forward"] < phases[True]["gradients"]  # the backward after its forward
+    assert 0 < phases[True]["gradients_head"] < phases[True]["gradients"] - phases[True]["gradients_forward"]
     assert phases[False]["gradients"] > 0 and "gradients_forward" not in phases[False]
+    assert "gradients_head" not in phases[False]
     streamed, in_memory = saved_tensors(tmp_path / "True"), saved_tensors(tmp_path / "False")
     assert streamed.keys() == in_memory.keys()
     for key, tensor in in_memory.items():

@@ -106,6 +106,7 @@ class StreamedGradients:
     grad_sq: BlockFiles  # each layer's E[g²], float32 [out, in]
     block_output_sq: list[float]  # per block, the mean over real tokens of ‖∂L/∂y‖² (y: the block's output)
     forward_seconds: float = 0.0  # the first forward (every block's inputs saved); the rest is the backward
+    head_seconds: float = 0.0  # of the backward, the loss head's (∂L/∂y of the last block, per sample)
 
 
 def streamed_gradients(
@@ -166,14 +167,16 @@ def streamed_backward(
             source.unload(i, block)
         forward = time.perf_counter() - t0
         samples = calib.batches(1)  # as the capture ran them: each sample's padding cut off
+        t1 = time.perf_counter()
         grads = _head_gradients(model, blocks, samples, captured, hidden, source, (device, compute))
+        head = time.perf_counter() - t1
         files = BlockFiles(folder, blocks_name, list(layers))
         sums = _backward(
             blocks, blocks_name, layers, captured, grads, samples, files, source, (device, compute), home, config, ranks
         )
     finally:
         move_outside(model, blocks, home)
-    return StreamedGradients(files, sums, forward)
+    return StreamedGradients(files, sums, forward, head)
 
 
 def backward_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:

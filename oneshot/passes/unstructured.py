@@ -280,6 +280,7 @@ def _grad_sq(
         if times is not None:
             times.gradients += time.perf_counter() - t0
             times.gradients_forward += found.forward_seconds
+            times.gradients_head += found.head_seconds
         return found.grad_sq
     device = resolve_device(config.device)
     fisher = empirical_fisher(model, calib, layers, quiet=config.quiet, ranks=ranks, device=device)
