@@ -155,16 +155,18 @@ def streamed_backward(
         captured, store = capture_calls(model, blocks, calib, config, io, 1)  # block 0 stays loaded
         hidden = {b: store.get(b) for b in range(len(store))}
         for i in tqdm(range(len(blocks)), desc="fisher forward", unit="block", disable=config.quiet or None):
-            if i:
-                source.load(i, blocks[i])
-            block = blocks[i].to(device)
-            save_file({str(b): h.contiguous() for b, h in hidden.items()}, str(_inputs(folder, i)))
-            with computed_in(block, compute), torch.no_grad():
-                hidden = {
-                    b: captured.calls[b][i].run(block, h, device, compute).to("cpu", dtype) for b, h in hidden.items()
-                }
-            block.to(home)
-            source.unload(i, block)
+            with computed_in(blocks[i], compute):  # the weights read in the computing dtype, freed in it
+                if i:
+                    source.load(i, blocks[i])
+                block = blocks[i].to(device)
+                save_file({str(b): h.contiguous() for b, h in hidden.items()}, str(_inputs(folder, i)))
+                with torch.no_grad():
+                    hidden = {
+                        b: captured.calls[b][i].run(block, h, device, compute).to("cpu", dtype)
+                        for b, h in hidden.items()
+                    }
+                block.to(home)
+                source.unload(i, block)
         forward = time.perf_counter() - t0
         samples = calib.batches(1)  # as the capture ran them: each sample's padding cut off
         t1 = time.perf_counter()
@@ -194,7 +196,12 @@ def backward_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | No
 
 
 def computed_in(block: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
-    """``block`` held in float32 inside the ``with`` when ``dtype`` says so (:func:`backward_dtype`)."""
+    """``block`` held in float32 inside the ``with`` when ``dtype`` says so (:func:`backward_dtype`).
+
+    Entered while the block is on the meta device and left after it is freed again, the casts cost
+    nothing: the shards' tensors are read into float32 parameters (one conversion, as a cast would
+    be) and nothing is cast back.
+    """
     return in_float32(block) if dtype == torch.float32 else contextlib.nullcontext()
 
 
@@ -313,37 +320,38 @@ def _backward(
     for i in tqdm(
         reversed(range(len(blocks))), total=len(blocks), desc=desc, unit="block", disable=config.quiet or None
     ):
-        source.load(i, blocks[i])
-        block = blocks[i].to(device)
-        prefix = f"{blocks_name}.{i}."
-        mine = {name: module for name, module in layers.items() if name.startswith(prefix)}
-        leaves = [leaf for leaf, _ in weight_leaves(mine)]
-        acc = [torch.zeros(leaf.shape, dtype=torch.float32, device=device) for leaf in leaves]
-        inputs = load_file(str(_inputs(files.folder, i)))
-        with computed_in(block, compute), gradients_only_for(block, leaves):
-            for b in sorted(grads):
-                g = grads[b].to(device, compute)
-                mask = samples[b][1]
-                real = g if mask is None else g[mask.bool().to(device)]
-                sums[i] += float(real.double().square().sum())
-                if not leaves and not i:
-                    continue
-                x = inputs[str(b)].to(device, compute).requires_grad_(i > 0)
-                with torch.enable_grad():
-                    y = captured.calls[b][i].run(block, x, device, compute)
-                    found = torch.autograd.grad(y, leaves + ([x] if i else []), grad_outputs=g)
-                for a, grad in zip(acc, found, strict=False):
-                    add_square(a, grad)
-                if i:
-                    grads[b] = found[-1].detach().cpu()
-        if ranks is not None:
-            for a in acc:
-                ranks.all_reduce(a)
-        results = {name: mean.contiguous().cpu() for name, mean in layer_means(mine, leaves, acc, nsamples).items()}
-        save_file(results, str(files.path(i)))
-        _inputs(files.folder, i).unlink()
-        block.to(home)
-        source.unload(i, block)
+        with computed_in(blocks[i], compute):  # the weights read in the computing dtype, freed in it
+            source.load(i, blocks[i])
+            block = blocks[i].to(device)
+            prefix = f"{blocks_name}.{i}."
+            mine = {name: module for name, module in layers.items() if name.startswith(prefix)}
+            leaves = [leaf for leaf, _ in weight_leaves(mine)]
+            acc = [torch.zeros(leaf.shape, dtype=torch.float32, device=device) for leaf in leaves]
+            inputs = load_file(str(_inputs(files.folder, i)))
+            with gradients_only_for(block, leaves):
+                for b in sorted(grads):
+                    g = grads[b].to(device, compute)
+                    mask = samples[b][1]
+                    real = g if mask is None else g[mask.bool().to(device)]
+                    sums[i] += float(real.double().square().sum())
+                    if not leaves and not i:
+                        continue
+                    x = inputs[str(b)].to(device, compute).requires_grad_(i > 0)
+                    with torch.enable_grad():
+                        y = captured.calls[b][i].run(block, x, device, compute)
+                        found = torch.autograd.grad(y, leaves + ([x] if i else []), grad_outputs=g)
+                    for a, grad in zip(acc, found, strict=False):
+                        add_square(a, grad)
+                    if i:
+                        grads[b] = found[-1].detach().cpu()
+            if ranks is not None:
+                for a in acc:
+                    ranks.all_reduce(a)
+            results = {name: mean.contiguous().cpu() for name, mean in layer_means(mine, leaves, acc, nsamples).items()}
+            save_file(results, str(files.path(i)))
+            _inputs(files.folder, i).unlink()
+            block.to(home)
+            source.unload(i, block)
     if ranks is not None:
         ranks.all_reduce(sums)
     return [float(v) / max(real_tokens, 1) for v in sums]
