@@ -292,3 +292,18 @@ def test_the_loss_head_is_cast_for_the_backward_and_back(tiny_model: Callable[[s
         assert head.weight.dtype == torch.bfloat16
     after = dict(model.named_parameters())
     assert all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_the_scale_table_gives_the_backward_with_and_without_the_loss_head() -> None:
+    """``benchmarks.scale``: (gradients - first forward) / first forward, and the same without the head."""
+    from benchmarks.scale import backward_over_forward, table
+
+    phases = {"gradients": 10.0, "gradients_forward": 2.0, "gradients_head": 1.0}
+    row = {"checkpoint": "c", "checkpoint_bytes": 1e9, "blocks": 8, "method": "fisher", "tokens": 64, "seconds": 20.0,
+           "seconds_per_block": 1.0, "peak_rss_bytes": 5e8, "written_bytes": 1e9, "phase_seconds": phases}  # fmt: skip
+    assert backward_over_forward(row) == 4.0 and backward_over_forward(row, blocks=True) == 3.5
+    header, rule, line = table([row]).splitlines()
+    assert header.endswith("| backward / forward | blocks' backward / forward |") and line.endswith("| 4.00 | 3.50 |")
+    assert header.count("|") == rule.count("|") == line.count("|")
+    plain = {**row, "phase_seconds": {"gradients": 0.0}}
+    assert "backward" not in table([plain]).splitlines()[0]
