@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,8 +145,10 @@ def _streamed(
     mask: torch.Tensor,
     scratch: Path,
     keep: list[nn.Module] | None = None,
-) -> object:
-    """The streamed backward of the checkpoint at ``folder``, its every prunable layer (the skeleton into ``keep``)."""
+    only: str = "",
+) -> Any:
+    """The streamed backward of the checkpoint at ``folder``, its every prunable layer (the skeleton into ``keep``;
+    with ``only``, the layers whose names contain it)."""
     from oneshot.checkpoint import Checkpoint, build_skeleton
     from oneshot.engine import prunable_modules
     from oneshot.passes.backward import streamed_backward
@@ -155,7 +158,7 @@ def _streamed(
     source = StreamingSource(Checkpoint(folder), skeleton)
     source.load_stem(skeleton)
     config = oneshot.PruneConfig(method="fisher", sparsity=0.5)
-    layers = prunable_modules(skeleton, config)
+    layers = {name: m for name, m in prunable_modules(skeleton, config).items() if only in name}
     calib = CalibrationSet(ids, mask)
     if keep is not None:
         keep.append(skeleton)
@@ -307,3 +310,19 @@ def test_the_scale_table_gives_the_backward_with_and_without_the_loss_head() -> 
     assert header.count("|") == rule.count("|") == line.count("|")
     plain = {**row, "phase_seconds": {"gradients": 0.0}}
     assert "backward" not in table([plain]).splitlines()[0]
+
+
+def test_a_block_without_measured_layers_still_passes_the_gradient_down(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path
+) -> None:
+    """Only block 0's layers measured: every later block has no weights to square but its input's
+    gradient still goes down, so block 0's E[g²] and every block's ‖∂L/∂y‖² are the full run's."""
+    model = tiny_model("llama").to(torch.float64)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask = _ids(2)
+    full = _streamed(tmp_path / "ckpt", torch.float64, ids, mask, tmp_path / "a")
+    first = _streamed(tmp_path / "ckpt", torch.float64, ids, mask, tmp_path / "b", only="layers.0.")
+    assert 0 < len(first.grad_sq) < len(full.grad_sq) and all(".layers.0." in n for n in first.grad_sq)
+    for name in first.grad_sq:
+        assert torch.equal(first.grad_sq[name], full.grad_sq[name]), name
+    assert first.block_output_sq == full.block_output_sq
