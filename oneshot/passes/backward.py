@@ -49,6 +49,9 @@ from oneshot.passes.reconstruct import in_float32
 
 log = logging.getLogger(__name__)
 
+#: The half-precision dtypes a CPU computes in float32 (:func:`backward_dtype`).
+HALF = (torch.bfloat16, torch.float16)
+
 
 @runtime_checkable
 class HeadSource(Protocol):
@@ -189,10 +192,11 @@ def backward_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | No
     backward's products above all: on the project's 2-core CPU one LLaMA block of width 1024 on 128
     tokens ran its forward 4x and its forward and backward 42x slower in bf16 than in float32, and a
     32000-token output head's backward as slowly. Each block, and the head for the loss, is cast for
-    the computation and back (bf16 / fp16 values are exact in float32); the saved inputs stay in the
-    block's dtype. A GPU computes in the block's dtype.
+    the computation and back (bf16 / fp16 values are exact in float32); what is held for every sample
+    (the saved inputs, the gradients handed down) stays in the block's dtype, so the CPU holds no more
+    than a GPU run would. A GPU computes in the block's dtype.
     """
-    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
+    return torch.float32 if device.type == "cpu" and dtype in HALF else None
 
 
 def computed_in(block: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
@@ -236,7 +240,7 @@ def _head_gradients(
                 assert ids is not None
                 with _blocks_replaced(blocks, captured, leaf), torch.enable_grad():
                     (grads[b],) = torch.autograd.grad(own_loss(model, ids, mask), [leaf])
-                grads[b] = grads[b].detach().cpu()
+                grads[b] = grads[b].detach().to("cpu", y.dtype)  # held for every sample: the model's dtype
     finally:
         source.unload_head(model)
     return grads
@@ -256,9 +260,8 @@ def _head_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None)
         skip |= {id(p) for p in stem.parameters()}
     if isinstance(head, nn.Module):
         skip -= {id(p) for p in head.parameters()}
-    half = (torch.bfloat16, torch.float16)
     cast = [
-        (p, p.dtype) for p in model.parameters() if id(p) not in skip and p.device.type != "meta" and p.dtype in half
+        (p, p.dtype) for p in model.parameters() if id(p) not in skip and p.device.type != "meta" and p.dtype in HALF
     ]
     for p, _ in cast:
         p.data = p.data.to(dtype)
@@ -343,7 +346,7 @@ def _backward(
                     for a, grad in zip(acc, found, strict=False):
                         add_square(a, grad)
                     if i:
-                        grads[b] = found[-1].detach().cpu()
+                        grads[b] = found[-1].detach().to("cpu", inputs[str(b)].dtype)  # as the head's
             if ranks is not None:
                 for a in acc:
                     ranks.all_reduce(a)
