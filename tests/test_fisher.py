@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +339,37 @@ def test_a_block_without_measured_layers_still_passes_the_gradient_down(
     for name in first.grad_sq:
         assert torch.equal(first.grad_sq[name], full.grad_sq[name]), name
     assert first.block_output_sq == full.block_output_sq
+
+
+def test_each_samples_gradients_are_summed_with_the_heap_reused(
+    tiny_model: Callable[[str], nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-sample loops (every block's forward, the loss head, every block's backward) run inside
+    :func:`oneshot.memory.heap_reused`: a streamed run's footprint-first allocator would otherwise map and
+    fault in every sample's weight-sized gradients afresh."""
+    from oneshot.passes import backward
+
+    model = tiny_model("llama").to(torch.float64)
+    model.save_pretrained(tmp_path / "ckpt")
+    depth, entered, squares = 0, 0, []
+
+    @contextlib.contextmanager
+    def spy() -> Iterator[None]:
+        nonlocal depth, entered
+        depth, entered = depth + 1, entered + 1
+        try:
+            yield
+        finally:
+            depth -= 1
+
+    def add_square(acc: torch.Tensor, grad: torch.Tensor) -> None:
+        squares.append(depth)
+        acc.addcmul_(grad.float(), grad.float())
+
+    monkeypatch.setattr(backward, "heap_reused", spy)
+    monkeypatch.setattr(backward, "add_square", add_square)
+    ids, mask = _ids(2)
+    _streamed(tmp_path / "ckpt", torch.float64, ids, mask, tmp_path / "scratch")
+    blocks = model.config.num_hidden_layers
+    assert entered == 2 * blocks + 1
+    assert squares and set(squares) == {1}

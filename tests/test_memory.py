@@ -72,6 +72,79 @@ def test_footprint_mode_hands_every_block_sized_buffer_back() -> None:
     assert int(moving["faults"]) < 3 * pages
 
 
+_HEAP_PROBE = """
+import json, resource, sys, torch
+from oneshot.memory import allocator_state, heap_reused, tune_allocator
+setting = tune_allocator(footprint=True) if sys.argv[1] == "footprint" else None
+
+def faults(numel):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        t = torch.empty(numel)
+        t.fill_(1.0)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+with heap_reused():
+    inside = faults(2 << 20)
+after = faults(2 << 20)
+print(json.dumps({"setting": setting, "inside": inside, "after": after, "state": allocator_state()}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_heap_reused_keeps_buffers_inside_and_hands_them_back_after() -> None:
+    """Footprint first (streaming): inside ``heap_reused`` an 8 MB buffer freed serves the next one (faulted in
+    once); after it, the footprint thresholds again (every buffer faulted in afresh), and the report's state
+    unchanged."""
+    done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, "footprint"], capture_output=True, text=True, check=True)
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = (8 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert probe["state"] == probe["setting"] == "glibc mmap threshold 4 MiB, trim threshold 128 KiB"
+    assert int(probe["inside"]) < 3 * pages
+    assert int(probe["after"]) > 10 * pages
+
+
+class _ThresholdLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.trims = 0
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims += 1
+        return 1
+
+
+@pytest.mark.parametrize(
+    ("tuned", "switched"),
+    [
+        (None, False),
+        ("glibc mmap threshold 1024 MiB, trim threshold 256 MiB", False),
+        ("glibc mmap threshold 4 MiB, trim threshold 128 KiB", True),
+    ],
+)
+def test_heap_reused_switches_only_a_process_tuned_footprint_first(
+    monkeypatch: pytest.MonkeyPatch, tuned: str | None, switched: bool
+) -> None:
+    libc = _ThresholdLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_tuned", tuned)
+    with pytest.raises(RuntimeError, match="inside"), memory.heap_reused():
+        inside = list(libc.calls)
+        raise RuntimeError("inside")
+    if not switched:
+        assert libc.calls == [] and libc.trims == 0
+        return
+    assert sorted(inside) == sorted([(-3, memory.MMAP_THRESHOLD), (-1, memory.TRIM_THRESHOLD)])
+    after = libc.calls[len(inside) :]
+    assert sorted(after) == sorted([(-3, memory.FOOTPRINT_MMAP_THRESHOLD), (-1, memory.FOOTPRINT_TRIM_THRESHOLD)])
+    assert libc.trims == 1 and memory.allocator_state() == tuned  # even when the body raised
+
+
 @pytest.mark.parametrize(
     "env",
     [

@@ -45,6 +45,7 @@ from oneshot.engine import SweepIO, blocks_home, capture_calls, move_outside, re
 from oneshot.errors import ModelError
 from oneshot.gradients import add_square, gradients_only_for, layer_means, own_loss
 from oneshot.layers import find_blocks, weight_leaves
+from oneshot.memory import heap_reused
 from oneshot.passes.reconstruct import in_float32
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def streamed_backward(
                     source.load(i, blocks[i])
                 block = blocks[i].to(device)
                 save_file({str(b): h.contiguous() for b, h in hidden.items()}, str(_inputs(folder, i)))
-                with torch.no_grad():
+                with torch.no_grad(), heap_reused():
                     hidden = {
                         b: captured.calls[b][i].run(block, h, device, compute).to("cpu", dtype)
                         for b, h in hidden.items()
@@ -233,7 +234,7 @@ def _head_gradients(
     move_outside(model, blocks, device)
     grads: dict[int, torch.Tensor] = {}
     try:
-        with _head_in(model, blocks, compute):
+        with _head_in(model, blocks, compute), heap_reused():
             for b, y in final.items():
                 leaf = y.to(device, compute).requires_grad_(True)
                 ids, mask = (None if t is None else t.to(device) for t in samples[b])
@@ -331,7 +332,7 @@ def _backward(
             leaves = [leaf for leaf, _ in weight_leaves(mine)]
             acc = [torch.zeros(leaf.shape, dtype=torch.float32, device=device) for leaf in leaves]
             inputs = load_file(str(_inputs(files.folder, i)))
-            with gradients_only_for(block, leaves):
+            with gradients_only_for(block, leaves), heap_reused():  # each sample's gradients: the last's buffers
                 for b in sorted(grads):
                     g = grads[b].to(device, compute)
                     mask = samples[b][1]
