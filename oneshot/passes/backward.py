@@ -234,7 +234,7 @@ def _head_gradients(
     move_outside(model, blocks, device)
     grads: dict[int, torch.Tensor] = {}
     try:
-        with _head_in(model, blocks, compute), heap_reused():
+        with _head_in(model, blocks, compute):
             for b, y in final.items():
                 leaf = y.to(device, compute).requires_grad_(True)
                 ids, mask = (None if t is None else t.to(device) for t in samples[b])
@@ -332,7 +332,7 @@ def _backward(
             leaves = [leaf for leaf, _ in weight_leaves(mine)]
             acc = [torch.zeros(leaf.shape, dtype=torch.float32, device=device) for leaf in leaves]
             inputs = load_file(str(_inputs(files.folder, i)))
-            with gradients_only_for(block, leaves), heap_reused():  # each sample's gradients: the last's buffers
+            with gradients_only_for(block, leaves), heap_reused():  # each sample's weight gradients: the last's buffers
                 for b in sorted(grads):
                     g = grads[b].to(device, compute)
                     mask = samples[b][1]
