@@ -140,6 +140,36 @@ def backward_over_forward(row: dict[str, Any], blocks: bool = False) -> float:
     return float(backward) / float(phases["gradients_forward"])
 
 
+def backward_summary(rows: list[dict[str, Any]]) -> str:
+    """The streamed backwards' cost over repeated runs of one configuration (checkpoint, method, tokens):
+    the median and the range of each run's ratio, and of its seconds per block forward and backward."""
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["phase_seconds"].get("gradients_forward"):
+            runs.setdefault((r["checkpoint"], r["method"], r["tokens"]), []).append(r)
+    if not runs:
+        return ""
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    lines = [
+        "| checkpoint | method | tokens | runs | blocks' backward / forward | backward / forward "
+        "| forward s / block | blocks' backward s / block | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (checkpoint, method, tokens), mine in runs.items():
+        forward = [r["phase_seconds"]["gradients_forward"] / r["blocks"] for r in mine]
+        blocks = [backward_over_forward(r, blocks=True) for r in mine]
+        lines.append(
+            f"| {checkpoint} | {method} | {tokens} | {len(mine)} | {spread(blocks)} "
+            f"| {spread([backward_over_forward(r) for r in mine])} | {spread(forward)} "
+            f"| {spread([f * b for f, b in zip(forward, blocks, strict=True)])} "
+            f"| {spread([r['peak_rss_bytes'] / 1e9 for r in mine])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 PHASES = ("load", "forward", "statistics", "solve", "report", "propagate", "activations", "write")
 
 
@@ -207,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="scale_streaming")
     parser.add_argument("--include", type=Path, default=None, help="a results JSON whose rows come first")
     parser.add_argument("--device", default="auto", help="the runs' --device (auto: CUDA when present)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each configuration (a row each; streamed backwards summarised)"
+    )
     args = parser.parse_args(argv)
 
     calib = shared_file("austen", "emma.txt")
@@ -224,9 +257,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             counts = [args.nsamples] + ([int(t) for t in args.tokens_sweep.split(",") if t] if n == 0 else [])
             for nsamples in counts:
-                rows.append(run_one(folder, method, nsamples, args.seqlen, args.workdir, calib, args.device))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-                (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, indent=2))
+                for _ in range(args.repeat):
+                    rows.append(run_one(folder, method, nsamples, args.seqlen, args.workdir, calib, args.device))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+                    (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, indent=2))
         if not args.keep_checkpoints and n < len(shapes) - 1:
             shutil.rmtree(folder)
     text = (
@@ -235,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine_line()}\n\n" + table(rows) + "\nSeconds per block by phase (`other`: the median "
         "block's wall time minus the phases' means; phases absent from older rows count as 0):\n\n" + phase_table(rows)
     )
+    summary = backward_summary(rows)
+    if summary:
+        text += "\nStreamed backwards over their runs (median, min-max):\n\n" + summary
     write_results(args.name, {"machine": machine(), "rows": rows}, text)
     plot(rows, RESULTS / f"{args.name}.png")
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)

@@ -373,3 +373,22 @@ def test_each_samples_gradients_are_summed_with_the_heap_reused(
     blocks = model.config.num_hidden_layers
     assert entered == 2 * blocks  # not the loss head: its logits (samples x tokens x vocabulary) stay footprint first
     assert squares and set(squares) == {1}
+
+
+def test_the_scale_summary_gives_the_median_and_range_of_repeated_runs() -> None:
+    """``benchmarks.scale --repeat``: per configuration the median and range of the runs' ratios and seconds."""
+    from benchmarks.scale import backward_summary
+
+    def row(forward: float, gradients: float, rss: float, tokens: int = 64) -> dict[str, object]:
+        phases = {"gradients": gradients, "gradients_forward": forward, "gradients_head": 1.0}
+        return {"checkpoint": "c", "blocks": 2, "method": "fisher", "tokens": tokens, "peak_rss_bytes": rss * 1e9,
+                "phase_seconds": phases}  # fmt: skip
+
+    rows = [row(2.0, 9.0, 0.5), row(2.0, 11.0, 0.7), row(4.0, 13.0, 0.6), row(1.0, 5.0, 0.4, tokens=32)]
+    lines = backward_summary(rows).splitlines()
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    # blocks' ratios 3.0, 4.0, 2.0; with the head 3.5, 4.5, 2.25; forward 1, 1, 2 s per block; backward 3, 4, 4
+    assert lines[2] == "| c | fisher | 64 | 3 | 3.00 (2.00-4.00) | 3.50 (2.25-4.50) | 1.00 (1.00-2.00) " \
+        "| 4.00 (3.00-4.00) | 0.60 (0.50-0.70) |"  # fmt: skip
+    assert lines[3].startswith("| c | fisher | 32 | 1 | 3.00 (3.00-3.00) |")
+    assert backward_summary([{**rows[0], "phase_seconds": {"gradients": 0.0}}]) == ""
