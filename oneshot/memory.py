@@ -122,12 +122,13 @@ def heap_reused() -> Iterator[None]:
 
     For a loop that allocates and frees the same weight-sized buffers many times in a process tuned
     footprint first (a streamed run, :func:`tune_allocator`): each sample's weight gradients in a
-    streamed backward (46 MB per sample for a float32 LLaMA block of width 1024) were mapped and
-    faulted in afresh, about 10,000 page faults per sample; kept in the heap, a 24-block streamed
-    backward of 32 x 128 tokens went from 3.34x to 2.74x its forward on the project's 2-core CPU
-    (``benchmarks/results/scale_streamed_backward.md``), its peak unchanged. Inside, glibc's speed
-    thresholds; on leaving, the footprint ones and :func:`release_freed_memory`, so what the loop
-    freed goes back before the next block is read. Where buffers are activation-sized it did not
+    streamed backward (43 MB per sample for a float32 LLaMA block of width 1024) were mapped and
+    faulted in afresh. Inside, the faults per sample fell from 5,459 to 745 and the per-sample step
+    from 3.69x to 3.48x a no-graph forward (32 samples of 128 tokens; 8 of 512: 9,030 to 2,343 and
+    3.33x to 3.12x), the medians of rounds alternated in one process on the project's 2-core CPU
+    (``benchmarks/results/backward_heap.md``). Inside, glibc's speed thresholds; on leaving, the
+    footprint ones and :func:`release_freed_memory`, so what the loop freed goes back before the
+    next block is read. Where buffers are activation-sized it did not
     pay: around a whole block of a streamed Wanda / SparseGPT sweep no faster and a 15% higher peak;
     around the loss head's backward (logits of samples x tokens x vocabulary) 30% faster but a
     peak of 1.48 GB instead of 1.17 (8 samples of 1024 tokens, 32000 tokens in the vocabulary).

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from oneshot.distributed import Ranks
 from oneshot.engine import RefitBatches
 from oneshot.gradients import gradients_only_for
-from oneshot.layers import as_matrix, from_matrix, is_conv1d, weight_dtype, weight_leaves
+from oneshot.layers import as_matrix, from_matrix, input_width, is_conv1d, output_width, weight_dtype, weight_leaves
 from oneshot.methods.quantspec import QuantResult
 from oneshot.quantized import QuantizedLayer, compress
 
@@ -57,6 +57,28 @@ def in_float32(block: nn.Module) -> Iterator[None]:
         yield
     finally:
         block.to(dtype)
+
+
+#: Device bytes a block refit holds per refitted weight: the float32 weight, its gradient, Adam's two
+#: moments and the best pass's copy (4 bytes each), and its keep mask (1 byte).
+REFIT_BYTES_PER_WEIGHT = 4 * 5 + 1
+
+
+def refit_bytes(block: nn.Module, linears: dict[str, nn.Module], tokens: int) -> int:
+    """Estimated peak device bytes of :func:`refit_block` on ``block`` with batches of ``tokens`` tokens.
+
+    The block in float32 (4 bytes per parameter), plus :data:`REFIT_BYTES_PER_WEIGHT` - 4 more per
+    refitted weight (gradient, Adam's moments, the best pass's copy, the keep mask), plus the Adam
+    step's two temporaries of the largest weight, plus one batch's graph: every layer's float32
+    input and output, ``4 · tokens · Σ (in + out)``, which counts an input several layers share once
+    per layer and every token at every expert (an upper bound for a sparse mixture). The
+    calibration inputs and the dense targets stay on the host.
+    """
+    leaves = [leaf.numel() for leaf, _ in weight_leaves(linears)]
+    block_floats = sum(p.numel() for p in block.parameters())
+    widths = sum(input_width(m) + output_width(m) for m in linears.values())
+    step = 2 * 4 * max(leaves, default=0)
+    return 4 * block_floats + (REFIT_BYTES_PER_WEIGHT - 4) * sum(leaves) + step + 4 * tokens * widths
 
 
 def _squared(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -143,7 +165,9 @@ def _fit(
     local = sum(float(_squared(t.float(), m)) for t, m in zip(batches.targets, batches.token_masks, strict=True))
     denominator, _ = summed((local, 0.0), ranks)
     steps = len(batches.targets) if ranks is None else max(ranks.all_gather_object(len(batches.targets)))
-    optimizer = torch.optim.Adam(params, lr=lr)
+    # per tensor, not foreach: a block's few large weights take no longer, and a foreach step's
+    # temporaries (a second copy of every weight) would count in the refit's peak
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=False)
     errors = [output_error(batches, ranks)]
     best = [p.detach().clone() for p in params]
     for _ in range(epochs):
@@ -161,10 +185,13 @@ def _fit(
             if after_step is not None:
                 with torch.no_grad():
                     after_step()
+        optimizer.zero_grad(set_to_none=True)  # the gradients are not held while the error is measured
         error = output_error(batches, ranks)
         if error < errors[-1]:
             errors.append(error)
-            best = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for saved, p in zip(best, params, strict=True):
+                    saved.copy_(p)  # in place: never two copies
         else:  # undo the pass, take smaller steps
             with torch.no_grad():
                 for p, saved in zip(params, best, strict=True):
