@@ -392,3 +392,53 @@ def test_the_scale_summary_gives_the_median_and_range_of_repeated_runs() -> None
         "| 4.00 (3.00-4.00) | 0.60 (0.50-0.70) |"  # fmt: skip
     assert lines[3].startswith("| c | fisher | 32 | 1 | 3.00 (3.00-3.00) |")
     assert backward_summary([{**rows[0], "phase_seconds": {"gradients": 0.0}}]) == ""
+
+
+@pytest.mark.parametrize("repeat", [None, 2])
+def test_the_scale_benchmark_runs_each_configuration_repeat_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repeat: int | None
+) -> None:
+    """``benchmarks.scale`` (its runs stubbed): a row per run, one run each by default, the summary in the table."""
+    import json
+
+    import benchmarks.common
+    from benchmarks import scale
+
+    calls: list[int] = []
+
+    def run_one(folder: Path, method: str, nsamples: int, *rest: Any) -> dict[str, object]:
+        calls.append(nsamples)
+        phases = {"gradients": 9.0, "gradients_forward": 2.0, "gradients_head": 1.0}
+        return {"checkpoint": folder.name, "checkpoint_bytes": 1e9, "blocks": 2, "method": method, "tokens": nsamples,
+                "seconds": 12.0, "seconds_per_block": 5.0, "phase_seconds": phases, "peak_rss_bytes": 5e8,
+                "written_bytes": 1e9}  # fmt: skip
+
+    monkeypatch.setattr(scale, "RESULTS", tmp_path)
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(scale, "run_one", run_one)
+
+    def ensure_checkpoint(workdir: Path, hidden: int, layers: int, *rest: Any) -> Path:
+        (workdir / f"c{layers}").mkdir(exist_ok=True)
+        return workdir / f"c{layers}"
+
+    monkeypatch.setattr(scale, "ensure_checkpoint", ensure_checkpoint)
+    monkeypatch.setattr(scale, "plot", lambda rows, path: None)
+    argv = [
+        "--shapes",
+        "64x2,64x3",
+        "--methods",
+        "fisher",
+        "--nsamples",
+        "4",
+        "--workdir",
+        str(tmp_path),
+        "--name",
+        "t",
+    ]
+    scale.main(argv + ([] if repeat is None else ["--repeat", str(repeat)]))
+    runs = repeat or 1
+    assert calls == [4] * 2 * runs
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["checkpoint"] for r in rows] == ["c2"] * runs + ["c3"] * runs
+    text = (tmp_path / "t.md").read_text()
+    assert f"| c2 | fisher | 4 | {runs} | 3.00 (3.00-3.00) |" in text and not (tmp_path / "t.partial.json").exists()

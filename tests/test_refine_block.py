@@ -187,6 +187,7 @@ def test_refit_bytes_counts_the_float32_block_the_optimizer_and_one_batchs_graph
     # parameters 12 + 4 + 8 + 2 + 2 = 28; refitted weights 12 + 8 = 20; widths (3 + 4) + (4 + 2) = 13
     assert refit_bytes(block, linears, 10) == 4 * 28 + 17 * 20 + 8 * 12 + 4 * 10 * 13
     assert refit_bytes(block, {"0": block[2]}, 1) == 4 * 28 + 17 * 8 + 8 * 8 + 4 * 6
+    assert refit_bytes(block, {}, 10) == 4 * 28  # nothing refitted: the float32 block alone
 
 
 _REFIT_PEAK = """
@@ -211,3 +212,31 @@ def test_a_block_refit_peaks_near_its_estimate() -> None:
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["weights"] > 11_000_000 and row["host_allocator"]  # footprint first: the RSS follows the buffers
     assert 0.9 * row["estimate_bytes"] < row["peak_bytes"] < 1.25 * row["estimate_bytes"], row
+
+
+def test_the_refit_holds_no_gradients_while_measuring_and_steps_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pass's error is measured with the gradients freed, and Adam steps one weight at a time (a foreach
+    step's temporaries would be a second copy of every weight at the peak)."""
+    from oneshot.passes import reconstruct
+
+    _, pruned, batches, _ = _block_batches()
+    weights = [pruned[0].weight, pruned[2].weight]
+    held: list[bool] = []
+    measure = reconstruct.output_error
+
+    def output_error(*args: object, **kwargs: object) -> float:
+        held.append(any(w.grad is not None for w in weights))
+        return measure(*args, **kwargs)  # type: ignore[arg-type]
+
+    options: list[dict[str, object]] = []
+    adam = torch.optim.Adam
+
+    def optimizer(params: object, **kwargs: object) -> torch.optim.Optimizer:
+        options.append(kwargs)
+        return adam(params, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconstruct, "output_error", output_error)
+    monkeypatch.setattr(reconstruct.torch.optim, "Adam", optimizer)
+    errors = refit_block(pruned, {"0": pruned[0], "2": pruned[2]}, batches, epochs=3, lr=1e-2)
+    assert len(held) == 4 and not any(held) and len(errors) > 1
+    assert options == [{"lr": 1e-2, "foreach": False}]
