@@ -128,12 +128,11 @@ def heap_reused() -> Iterator[None]:
     3.33x to 3.12x), the medians of rounds alternated in one process on the project's 2-core CPU
     (``benchmarks/results/backward_heap.md``). Inside, glibc's speed thresholds; on leaving, the
     footprint ones and :func:`release_freed_memory`, so what the loop freed goes back before the
-    next block is read. Where buffers are activation-sized it did not
-    pay: around a whole block of a streamed Wanda / SparseGPT sweep no faster and a 15% higher peak;
-    around the loss head's backward (logits of samples x tokens x vocabulary) 30% faster but a
-    peak of 1.48 GB instead of 1.17 (8 samples of 1024 tokens, 32000 tokens in the vocabulary).
-    Nothing changes in a process not tuned footprint first (tuned for speed, untuned, or the
-    user's allocator).
+    next block is read. Where the buffers are activation-sized it did not pay: around a whole block
+    of a streamed Wanda / SparseGPT sweep no faster and a 12-16% higher peak; around the loss head's
+    backward (logits of samples x tokens x vocabulary) 30% faster but a peak of 1.48 GB instead of
+    1.17 (8 samples of 1024 tokens, 32000 tokens in the vocabulary). Nothing changes in a process
+    not tuned footprint first (tuned for speed, untuned, or the user's allocator).
     """
     libc = _libc()
     if _tuned != _setting(footprint=True) or libc is None:
