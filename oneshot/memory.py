@@ -96,7 +96,6 @@ def tune_allocator(footprint: bool = False) -> str | None:
     process over (glibc's moving threshold, once fixed, cannot be restored).
     """
     global _tuned
-    mmap, trim = _thresholds(footprint)
     setting = _setting(footprint)
     if _tuned == setting:
         return _tuned
@@ -109,7 +108,7 @@ def tune_allocator(footprint: bool = False) -> str | None:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return None
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, mmap) and libc.mallopt(_M_TRIM_THRESHOLD, trim)):
+    if not _set_thresholds(libc, footprint):
         return None
     _tuned = setting
     return _tuned
@@ -146,11 +145,11 @@ def heap_reused() -> Iterator[None]:
         release_freed_memory()
 
 
-def _set_thresholds(libc: ctypes.CDLL, footprint: bool) -> None:
-    """Set a mode's glibc thresholds (the process already took one, so glibc accepts them)."""
+def _set_thresholds(libc: ctypes.CDLL, footprint: bool) -> bool:
+    """Set a mode's glibc thresholds; whether glibc accepted them (the trim threshold is not tried if
+    the mmap one was refused)."""
     mmap, trim = _thresholds(footprint)
-    libc.mallopt(_M_MMAP_THRESHOLD, mmap)
-    libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap) and libc.mallopt(_M_TRIM_THRESHOLD, trim))
 
 
 def _thresholds(footprint: bool) -> tuple[int, int]:

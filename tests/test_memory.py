@@ -105,17 +105,23 @@ def test_heap_reused_keeps_buffers_inside_and_hands_them_back_after() -> None:
     assert int(probe["after"]) > 10 * 4 * pages
 
 
-class _ThresholdLibc:
+class _CountingLibc:
     def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
         self.trims = 0
+
+    def malloc_trim(self, pad: int) -> int:
+        assert pad == 0
+        self.trims += 1
+        return 1
+
+
+class _ThresholdLibc(_CountingLibc):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
-        return 1
-
-    def malloc_trim(self, pad: int) -> int:
-        self.trims += 1
         return 1
 
 
@@ -173,16 +179,6 @@ def test_allocator_left_alone_without_mallopt(monkeypatch: pytest.MonkeyPatch) -
     assert memory.tune_allocator() is None and memory.allocator_state() == "default"
     monkeypatch.setattr(memory, "_libc", lambda: None)  # not Linux / no C library found
     assert memory.tune_allocator() is None
-
-
-class _CountingLibc:
-    def __init__(self) -> None:
-        self.trims = 0
-
-    def malloc_trim(self, pad: int) -> int:
-        assert pad == 0
-        self.trims += 1
-        return 1
 
 
 @pytest.mark.parametrize(
