@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import command_line, machine, machine_line, write_results
+from benchmarks.synthetic import llama_config
 from oneshot.gradients import add_square, gradients_only_for
 from oneshot.memory import heap_reused, tune_allocator
 
@@ -36,15 +37,11 @@ def _faults() -> int:
 
 def measure(hidden: int, nsamples: int, seqlen: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     """Seconds and page faults per sample of the backward step, with and without the heap reused."""
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     setting = tune_allocator(footprint=True)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=(int(hidden * 2.75) + 127) // 128 * 128, num_attention_heads=16,
-        num_key_value_heads=4, num_hidden_layers=1,
-    )  # fmt: skip
+    config = llama_config(hidden, 1)  # the synthetic checkpoints' shape: intermediate ≈ 2.75 × hidden, 16 / 4 heads
     config._attn_implementation = "sdpa"
     block = LlamaDecoderLayer(config, 0)
     positions = torch.arange(seqlen)[None]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import command_line, machine, machine_line, write_results
+from benchmarks.synthetic import llama_config
 from oneshot.engine import RefitBatches
 from oneshot.memory import tune_allocator
 from oneshot.passes.reconstruct import refit_block, refit_bytes
@@ -47,7 +48,6 @@ def measure(
     lr: float = 1e-3, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Refit one LLaMA block of the given shape; its peak memory, the estimate and the seconds per epoch."""
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     where = torch.device(device)
@@ -55,10 +55,7 @@ def measure(
     # so the resident size follows what is allocated
     allocator = tune_allocator(footprint=True) if where.type == "cpu" else None
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        num_hidden_layers=1, max_position_embeddings=max(seqlen, 2048),
-    )  # fmt: skip
+    config = llama_config(hidden, 1, intermediate=intermediate, heads=heads, kv_heads=kv_heads)
     config._attn_implementation = "sdpa"
     block = LlamaDecoderLayer(config, 0).to(dtype)
     with torch.no_grad():
